@@ -1,0 +1,1819 @@
+/*
+ * NAME
+ *   mail.ts - the mudmail engine: connection slots, the SMTP stage machine, the CLI
+ *
+ * SYNOPSIS
+ *   const mail = new MailEngine({ maildir: "maildir", relay: "smtp.example.org:587" });
+ *   const id = await mail.send({ from, to, subject, text });
+ *   mail.tick();           // check_smtp(): from the host's own one-minute loop, or
+ *   mail.start();          // the engine's own timer; await mail.flush(); await mail.stop();
+ *
+ *   node dist/mail.js [--flush [--force] | --queue [--json] | --send -f FROM RCPT...] [OPTIONS]
+ *
+ * DESCRIPTION
+ *   The talker's mail subsystem in one event loop. A tick (every 60 s, and at once when
+ *   mail is queued through the engine) reads outgoing/ once, and opens connections into a
+ *   fixed number of slots while slots are free and mail is waiting, giving up for the tick
+ *   after two failed connects. Each Slot is the talker's miscconn: one socket, a Stage that
+ *   only moves forward (0 banner, 1 EHLO/HELO, 2 MAIL, 3 RCPT, 4 DATA, 5 body, then back to
+ *   2 for the next message on the same connection), a timer armed on entering each stage,
+ *   and a queue of the replies it waits for, so pipelined commands and their replies pair up
+ *   whatever the packet boundaries. A Delivery is one claimed queue file: its recipients and
+ *   the outcome of each; a Job is the part of a delivery that goes to one destination in
+ *   one transaction.
+ *
+ *   Data walks one way: queue file -> claim -> Job -> Slot (stages) -> outcome per recipient
+ *   -> Spool (complete | rewrite + release | quarantine) -> log line and event.
+ *
+ * DIAGNOSTICS
+ *   One log line per recipient outcome, shaped like Postfix's smtp(8) lines; events "sent",
+ *   "deferred", "bounced" for the host program, and "error" (only when it has a listener).
+ *   A message that cannot be parsed is moved to corrupt/ with the reason logged. A session
+ *   that fails defers what it was carrying; a message is never lost and never in two folders.
+ *
+ * BUGS
+ *   MX routing is basic (no per-destination dead-host cache, no backoff): the delivery
+ *   issue brings the rest. TLS and AUTH are parsed but not used yet.
+ */
+
+import { EventEmitter } from "node:events";
+import * as fs from "node:fs";
+import * as net from "node:net";
+import * as os from "node:os";
+import * as path from "node:path";
+import * as dns from "node:dns";
+import { randomBytes } from "node:crypto";
+import { fileURLToPath } from "node:url";
+import {
+  ReplyParser, classify, dsnStatus, expectedReply, makeReply, parseEhlo, printable, replyText,
+  type Extensions, type Reply,
+} from "./smtp-codes.js";
+import {
+  Spool, CorruptMessageError, addressProblem, measureWire, wireChunks, errno,
+  type Bookkeeping, type HeaderFacts, type QueuedMessage, type Wire,
+} from "./queue.js";
+
+export const VERSION = "0.1.0";
+
+/* ------------------------------------------------------------------------------------ */
+/* Options                                                                               */
+
+export type TlsMode = "none" | "may" | "encrypt" | "verify";
+
+/** Every flag of SPEC section 3 in camelCase; later issues give the rest their behaviour. */
+export interface MailOptions {
+  maildir?: string;
+  relay?: string | null;
+  port?: number;
+  resolver?: string | null;
+  maxConnections?: number;
+  helo?: string;
+  tls?: TlsMode;
+  tlsCa?: string | null;
+  auth?: string | null;
+  /** A file to append log lines to, or a function that takes each line; default stderr. */
+  log?: string | ((line: string) => void) | null;
+  connectTimeout?: number;
+  heloTimeout?: number;
+  mailTimeout?: number;
+  rcptTimeout?: number;
+  dataInitTimeout?: number;
+  dataXferTimeout?: number;
+  dataDoneTimeout?: number;
+  quitTimeout?: number;
+  minBackoff?: number;
+  maxBackoff?: number;
+  maxQueueLifetime?: number;
+  fallbackRelay?: string | null;
+  inetInterfaces?: string[] | null;
+  bestMxRelay?: string | null;
+  ignoreMxLookupError?: boolean;
+  disableDnsLookups?: boolean;
+  skipQuitResponse?: boolean;
+  notifyClasses?: string[];
+  postmaster?: string | null;
+  debugPeer?: string[];
+  delayWarning?: number | null;
+  /** Recipients per transaction (smtp_destination_recipient_limit). */
+  recipientLimit?: number;
+  /** Connections per destination (default_destination_concurrency_limit). */
+  destinationConcurrencyLimit?: number;
+  /** Seconds between ticks when the engine keeps its own timer. */
+  tickInterval?: number;
+  /** fsync queue files when they are written (default true). */
+  fsync?: boolean;
+}
+
+type Resolved = Required<Omit<MailOptions, "log">> & { log: MailOptions["log"] };
+
+const DEFAULTS: Resolved = {
+  maildir: "./maildir", relay: null, port: 25, resolver: null, maxConnections: 5,
+  helo: os.hostname(), tls: "may", tlsCa: null, auth: null, log: null,
+  connectTimeout: 30, heloTimeout: 300, mailTimeout: 300, rcptTimeout: 300,
+  dataInitTimeout: 120, dataXferTimeout: 180, dataDoneTimeout: 600, quitTimeout: 300,
+  minBackoff: 300, maxBackoff: 4000, maxQueueLifetime: 432000,
+  fallbackRelay: null, inetInterfaces: null, bestMxRelay: null, ignoreMxLookupError: false,
+  disableDnsLookups: false, skipQuitResponse: true, notifyClasses: ["resource", "software"],
+  postmaster: null, debugPeer: [], delayWarning: null,
+  recipientLimit: 50, destinationConcurrencyLimit: 20, tickInterval: 60, fsync: true,
+};
+
+/** A bad option: names the flag, exits 2 from the command line. */
+export class UsageError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+function checkOptions(input: MailOptions): Resolved {
+  const o = { ...DEFAULTS } as Resolved;
+  for (const [key, value] of Object.entries(input)) if (value !== undefined) (o as Record<string, unknown>)[key] = value;
+  const positive = (key: keyof MailOptions, flag: string, max = 1e9) => {
+    const v = o[key] as unknown;
+    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0 || v > max) {
+      throw new UsageError(`${flag}: expected a positive number${max < 1e9 ? ` up to ${max}` : ""}, got ${JSON.stringify(v)}`);
+    }
+  };
+  positive("maxConnections", "--max-connections", 1000);
+  if (!Number.isInteger(o.maxConnections)) throw new UsageError(`--max-connections: expected a whole number, got ${o.maxConnections}`);
+  positive("port", "--port", 65535);
+  for (const [key, flag] of TIMEOUT_FLAGS) positive(key, flag);
+  positive("minBackoff", "--min-backoff");
+  positive("maxBackoff", "--max-backoff");
+  positive("maxQueueLifetime", "--max-queue-lifetime");
+  positive("recipientLimit", "recipientLimit");
+  positive("destinationConcurrencyLimit", "destinationConcurrencyLimit");
+  positive("tickInterval", "tickInterval");
+  if (o.maxBackoff < o.minBackoff) throw new UsageError(`--max-backoff (${o.maxBackoff}) is less than --min-backoff (${o.minBackoff})`);
+  if (!["none", "may", "encrypt", "verify"].includes(o.tls)) throw new UsageError(`--tls: expected none, may, encrypt or verify, got ${JSON.stringify(o.tls)}`);
+  for (const [key, flag] of [["relay", "--relay"], ["fallbackRelay", "--fallback-relay"], ["bestMxRelay", "--best-mx-relay"]] as const) {
+    if (o[key] != null) parseHostPort(String(o[key]), flag, 25);
+  }
+  if (o.resolver != null) parseHostPort(o.resolver, "--resolver", 53, true);
+  if (o.delayWarning != null) positive("delayWarning", "--delay-warning");
+  if (!o.helo || /[\s<>\x00-\x1f]/.test(o.helo)) throw new UsageError(`--helo: not a host name: ${JSON.stringify(o.helo)}`);
+  if (o.postmaster != null && addressProblem(o.postmaster)) throw new UsageError(`--postmaster: ${addressProblem(o.postmaster)}`);
+  const classes = ["bounce", "delay", "protocol", "resource", "software", "policy"];
+  for (const c of o.notifyClasses) if (!classes.includes(c)) throw new UsageError(`--notify-classes: unknown class ${JSON.stringify(c)} (expected ${classes.join(", ")})`);
+  if (o.auth != null && !o.auth.includes(":")) throw new UsageError("--auth: expected USER:PASS");
+  if (o.disableDnsLookups && !o.relay) throw new UsageError("--disable-dns-lookups needs --relay: without DNS, mail can only go to a relay");
+  return o;
+}
+
+const TIMEOUT_FLAGS: ReadonlyArray<readonly [keyof MailOptions, string]> = [
+  ["connectTimeout", "--connect-timeout"], ["heloTimeout", "--helo-timeout"], ["mailTimeout", "--mail-timeout"],
+  ["rcptTimeout", "--rcpt-timeout"], ["dataInitTimeout", "--data-init-timeout"], ["dataXferTimeout", "--data-xfer-timeout"],
+  ["dataDoneTimeout", "--data-done-timeout"], ["quitTimeout", "--quit-timeout"],
+];
+
+/** HOST[:PORT] or [IPv6]:PORT. */
+export function parseHostPort(text: string, flag: string, defaultPort: number, ipOnly = false): { host: string; port: number } {
+  const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:\s\[\]]+))(?::(\d{1,5}))?$/.exec(text) ?? /^([0-9A-Fa-f:]+:[0-9A-Fa-f:]*)$/.exec(text);
+  if (!m) throw new UsageError(`${flag}: expected HOST[:PORT], got ${JSON.stringify(text)}`);
+  const host = m[1] ?? m[2];
+  const port = m[3] ? Number(m[3]) : defaultPort;
+  if (!(port >= 1 && port <= 65535)) throw new UsageError(`${flag}: port out of range in ${JSON.stringify(text)}`);
+  if (ipOnly && !net.isIP(host)) throw new UsageError(`${flag}: expected an IP address, got ${JSON.stringify(host)}`);
+  if (!ipOnly && !net.isIP(host) && !/^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$/.test(host)) {
+    throw new UsageError(`${flag}: not a host name: ${JSON.stringify(host)}`);
+  }
+  return { host, port };
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Errors and outcomes                                                                   */
+
+/** One error type: what failed, for which message, with which host, and the server's words. */
+export class MailError extends Error {
+  constructor(
+    message: string,
+    readonly code: string,
+    readonly details: { queueId?: string; host?: string; stage?: string; command?: string; response?: string } = {},
+  ) {
+    super(message);
+    this.name = "MailError";
+  }
+}
+
+export type Status = "sent" | "deferred" | "bounced";
+
+/** What happened to one recipient in one attempt; the payload of the sent/deferred/bounced events. */
+export interface Outcome {
+  queueId: string;
+  recipient: string;
+  status: Status;
+  /** SMTP reply code, or 0 when no server said anything (connect failure, timeout). */
+  code: number;
+  /** RFC 3463 status, "2.0.0", "4.4.1", ... */
+  dsn: string;
+  /** The server's words or our reason, as in the log line. */
+  text: string;
+  relay: string;
+}
+
+export interface FlushSummary {
+  sent: number;
+  deferred: number;
+  bounced: number;
+  corrupt: number;
+  /** Messages and recipients handled in the pass. */
+  messages: number;
+  recipients: number;
+  seconds: number;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The log                                                                               */
+
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+/** Postfix-shaped log lines: "<Mmm dd hh:mm:ss> <host> mudmail/<proc>[<pid>]: <text>". */
+class MailLog {
+  private readonly sink: (line: string) => void;
+  private readonly stream: fs.WriteStream | null = null;
+  private readonly host = os.hostname().split(".")[0];
+  private stampSecond = -1;
+  private stamp = "";
+
+  constructor(target: MailOptions["log"]) {
+    if (typeof target === "function") {
+      this.sink = target;
+    } else if (typeof target === "string") {
+      const stream = fs.createWriteStream(target, { flags: "a", mode: 0o600 });
+      stream.on("error", (err) => process.stderr.write(`mudmail: cannot write log ${target}: ${err.message}\n`));
+      this.stream = stream;
+      this.sink = (line) => stream.write(line + "\n");
+    } else {
+      this.sink = (line) => process.stderr.write(line + "\n");
+    }
+  }
+
+  write(proc: "smtp" | "qmgr", text: string): void {
+    const now = Date.now();
+    const second = Math.floor(now / 1000);
+    if (second !== this.stampSecond) {
+      const d = new Date(now);
+      const pad = (n: number) => String(n).padStart(2, "0");
+      this.stamp = `${MONTHS[d.getMonth()]} ${String(d.getDate()).padStart(2, " ")} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+      this.stampSecond = second;
+    }
+    this.sink(`${this.stamp} ${this.host} mudmail/${proc}[${process.pid}]: ${text}`);
+  }
+
+  async close(): Promise<void> {
+    if (this.stream) await new Promise<void>((resolve) => this.stream!.end(resolve));
+  }
+}
+
+/** Postfix's delay format: two significant decimals below 10 s, fewer above. */
+function seconds(ms: number): string {
+  const s = Math.max(0, ms) / 1000;
+  if (s >= 100) return String(Math.round(s));
+  if (s >= 10) return String(Math.round(s * 10) / 10);
+  if (s < 0.01) return "0";
+  return String(Math.round(s * 100) / 100);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Stages                                                                                */
+
+/** The seed's stages, in the order a session walks them; only RSET and QUIT come back. */
+export enum Stage { Connect = -1, Banner = 0, Helo = 1, Mail = 2, Rcpt = 3, Data = 4, Body = 5, Dot = 6, Rset = 7, Quit = 8 }
+
+/** Per stage: which timeout bounds it, and how errors name it (as Postfix's smtp_proto.c does). */
+const STAGES: Record<Stage, { timeout: keyof MailOptions | null; seconds?: number; label: string; command: string }> = {
+  [Stage.Connect]: { timeout: "connectTimeout", label: "connecting", command: "CONNECT" },
+  [Stage.Banner]: { timeout: "heloTimeout", label: "receiving the initial server greeting", command: "CONNECT" },
+  [Stage.Helo]: { timeout: "heloTimeout", label: "performing the EHLO handshake", command: "EHLO" },
+  [Stage.Mail]: { timeout: "mailTimeout", label: "sending MAIL FROM", command: "MAIL" },
+  [Stage.Rcpt]: { timeout: "rcptTimeout", label: "sending RCPT TO", command: "RCPT" },
+  [Stage.Data]: { timeout: "dataInitTimeout", label: "sending DATA command", command: "DATA" },
+  [Stage.Body]: { timeout: "dataXferTimeout", label: "sending message body", command: "DATA" },
+  [Stage.Dot]: { timeout: "dataDoneTimeout", label: "sending end of data -- message may be sent more than once", command: "DOT" },
+  [Stage.Rset]: { timeout: null, seconds: 20, label: "sending RSET", command: "RSET" },
+  [Stage.Quit]: { timeout: "quitTimeout", label: "sending QUIT", command: "QUIT" },
+};
+
+/** "in reply to RCPT TO command", Postfix's phrase for whose reply it was. */
+const IN_REPLY_TO: Partial<Record<Stage, string>> = {
+  [Stage.Banner]: "in reply to the initial greeting", [Stage.Helo]: "in reply to EHLO command",
+  [Stage.Mail]: "in reply to MAIL FROM command", [Stage.Rcpt]: "in reply to RCPT TO command",
+  [Stage.Data]: "in reply to DATA command", [Stage.Dot]: "in reply to end of DATA command",
+  [Stage.Rset]: "in reply to RSET command",
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* Deliveries and jobs                                                                   */
+
+/** One claimed queue file and what has become of each of its recipients in this attempt. */
+class Delivery {
+  readonly outcomes = new Map<string, Outcome>();
+  openJobs = 0;
+  constructor(
+    readonly msg: QueuedMessage,
+    readonly wire: Wire,
+    readonly prefix: Buffer,
+    readonly claimedAt: number,
+    readonly book: Bookkeeping | null,
+  ) {}
+}
+
+/** The recipients of one delivery that go to one destination in one transaction. */
+class Job {
+  /** When a slot began its transaction, and how long that slot took to connect and greet. */
+  startedAt = 0;
+  setupMs = 0;
+  constructor(readonly delivery: Delivery, readonly destination: Destination, readonly recipients: string[]) {}
+}
+
+/** Where jobs go: the relay, or a domain's mail exchangers. */
+class Destination {
+  readonly jobs: Job[] = [];
+  readonly waiters: Array<(job: Job | null) => void> = [];
+  slots = 0;
+  /** Set for the rest of the tick once connecting failed twice: its jobs are deferred. */
+  deadReason: string | null = null;
+  lastError: string | null = null;
+  constructor(readonly key: string, readonly hosts: () => Promise<Array<{ host: string; port: number }>>) {}
+}
+
+/** A transaction in flight on a slot. */
+class Txn {
+  readonly accepted: string[] = [];
+  mailOk = false;
+  /** The DATA reply was 354 and the body has been (or is being) sent. */
+  inBody = false;
+  settled = false;
+  constructor(readonly job: Job) {}
+}
+
+type Expect =
+  | { kind: "banner" | "ehlo" | "helo" | "rset" | "quit" }
+  | { kind: "mail" | "data" | "dot"; txn: Txn }
+  | { kind: "rcpt"; txn: Txn; rcpt: string };
+
+const STAGE_OF: Record<Expect["kind"], Stage> = {
+  banner: Stage.Banner, ehlo: Stage.Helo, helo: Stage.Helo, mail: Stage.Mail, rcpt: Stage.Rcpt,
+  data: Stage.Data, dot: Stage.Dot, rset: Stage.Rset, quit: Stage.Quit,
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* The slot: the talker's miscconn                                                       */
+
+class Slot {
+  stage: Stage = Stage.Connect;
+  /** The seed's ready flag: the slot may write its next command. */
+  ready = false;
+  private socket: net.Socket | null = null;
+  private readonly parser = new ReplyParser();
+  private readonly expects: Expect[] = [];
+  private readonly txns: Txn[] = [];
+  private timer: NodeJS.Timeout | null = null;
+  private timerMs = 0;
+  private timerStage: Stage = Stage.Connect;
+  private ext: Extensions | null = null;
+  private closed = false;
+  private quitting = false;
+  /** host[ip]:port, for log lines; "none" until connected. */
+  relay = "none";
+  private peer = "";
+  private connectedAt = 0;
+  private setupMs = 0;
+  delivered = 0;
+  private heloFallback = false;
+
+  constructor(private readonly engine: MailEngine, readonly destination: Destination) {}
+
+  /** do_smtp_connect(): resolves the destination and connects to each address until one answers. */
+  async open(): Promise<void> {
+    this.connectedAt = Date.now();
+    let hosts: Array<{ host: string; port: number }>;
+    try {
+      hosts = await this.destination.hosts();
+    } catch (err) {
+      this.engine.slotFailedEarly(this, (err as Error).message);
+      return;
+    }
+    let lastError = "no mail exchanger";
+    for (const target of hosts) {
+      if (this.engine.stopping) break;
+      try {
+        this.socket = await this.connect(target.host, target.port);
+        this.peer = `${target.host}[${this.socket.remoteAddress}]`;
+        this.relay = `${this.peer}:${target.port}`;
+        this.attach();
+        return;
+      } catch (err) {
+        lastError = (err as Error).message;
+      }
+    }
+    this.engine.slotFailedEarly(this, lastError);
+  }
+
+  private connect(host: string, port: number): Promise<net.Socket> {
+    const ms = this.engine.timeoutMs(Stage.Connect);
+    return new Promise((resolve, reject) => {
+      const socket = net.connect({ host, port });
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new Error(`connect to ${host}:${port}: Connection timed out`));
+      }, ms);
+      socket.once("connect", () => {
+        clearTimeout(timer);
+        socket.removeAllListeners("error");
+        resolve(socket);
+      });
+      socket.once("error", (err: NodeJS.ErrnoException & { address?: string }) => {
+        clearTimeout(timer);
+        socket.destroy();
+        reject(new Error(`connect to ${host}[${err.address ?? host}]:${port}: ${describeSocketError(err)}`));
+      });
+    });
+  }
+
+  private attach(): void {
+    const socket = this.socket!;
+    socket.setNoDelay(true);
+    socket.on("data", (chunk: Buffer) => this.readable(chunk));
+    socket.on("error", (err: NodeJS.ErrnoException) => this.lost(describeSocketError(err)));
+    socket.on("close", () => this.lost("Connection closed"));
+    this.expect({ kind: "banner" });
+  }
+
+  /* The readable handler: replies in, stage and ready flag forward. */
+
+  private readable(chunk: Buffer): void {
+    for (const reply of this.parser.push(chunk)) {
+      if (this.closed) return;
+      this.reply(reply);
+    }
+  }
+
+  private reply(reply: Reply): void {
+    const expect = this.expects.shift();
+    if (!expect) {
+      if (this.quitting) return;
+      this.fail(`host ${this.peer} sent an unexpected reply: ${printable(replyText(reply))}`, reply);
+      return;
+    }
+    const stage = STAGE_OF[expect.kind];
+    if (reply.code === 421 && expect.kind !== "quit") {
+      this.fail(`host ${this.peer} said: ${printable(replyText(reply))} (${IN_REPLY_TO[stage]})`, reply);
+      return;
+    }
+    if (reply.code >= 600 || !expectedReply(STAGES[stage].command, reply)) {
+      if (expect.kind === "quit") return this.close();
+      this.fail(`host ${this.peer} broke the protocol: ${printable(replyText(reply))} (${IN_REPLY_TO[stage] ?? STAGES[stage].label})`, reply);
+      return;
+    }
+    this.armNext();
+    switch (expect.kind) {
+      case "banner": return this.onBanner(reply);
+      case "ehlo": return this.onEhlo(reply);
+      case "helo": return this.onHelo(reply);
+      case "mail": return this.onMail(expect.txn, reply);
+      case "rcpt": return this.onRcpt(expect.txn, expect.rcpt, reply);
+      case "data": return this.onData(expect.txn, reply);
+      case "dot": return this.onDot(expect.txn, reply);
+      case "rset": return this.onRset(reply);
+      case "quit": return this.close();
+    }
+  }
+
+  private onBanner(reply: Reply): void {
+    if (classify(reply) !== "ok") {
+      this.fail(`host ${this.peer} refused to talk to me: ${printable(replyText(reply))}`, reply);
+      return;
+    }
+    this.stage = Stage.Helo;
+    this.send(`EHLO ${this.engine.options.helo}\r\n`, { kind: "ehlo" });
+  }
+
+  private onEhlo(reply: Reply): void {
+    if (classify(reply) === "permanent" && !this.heloFallback) {
+      this.heloFallback = true;
+      this.send(`HELO ${this.engine.options.helo}\r\n`, { kind: "helo" });
+      return;
+    }
+    if (classify(reply) !== "ok") {
+      this.fail(`host ${this.peer} refused to talk to me: ${printable(replyText(reply))} (${IN_REPLY_TO[Stage.Helo]})`, reply);
+      return;
+    }
+    this.ext = parseEhlo(reply);
+    this.sessionReady();
+  }
+
+  private onHelo(reply: Reply): void {
+    if (classify(reply) !== "ok") {
+      this.fail(`host ${this.peer} refused to talk to me: ${printable(replyText(reply))} (in reply to HELO command)`, reply);
+      return;
+    }
+    this.ext = parseEhlo(makeReply(250, [""]));
+    this.sessionReady();
+  }
+
+  private sessionReady(): void {
+    this.setupMs = Date.now() - this.connectedAt;
+    this.engine.slotReady(this);
+    this.nextJob();
+  }
+
+  /* Stage 2: the next message on this connection, or QUIT when there is none. */
+
+  private nextJob(): void {
+    this.stage = Stage.Mail;
+    this.ready = true;
+    this.disarm();
+    this.engine.jobFor(this.destination, (job) => {
+      if (this.closed) {
+        if (job) this.engine.jobReturned(job);
+        return;
+      }
+      if (job) this.startTxn(job);
+      else this.quit();
+    });
+  }
+
+  private startTxn(job: Job): void {
+    const txn = new Txn(job);
+    const { delivery } = job;
+    const limit = this.ext?.size;
+    if (limit && delivery.wire.size > limit) {
+      this.settleAll(txn, this.outcome(job, "bounced", 552, "5.3.4",
+        `message size ${delivery.wire.size} exceeds size limit ${limit} of server ${this.peer}`));
+      return this.nextJob();
+    }
+    this.ready = false;
+    this.txns.push(txn);
+    job.startedAt = Date.now();
+    job.setupMs = this.setupMs;
+    this.setupMs = 0;
+    const mail = this.mailCommand(delivery);
+    if (this.ext?.pipelining) {
+      const lines = [mail, ...job.recipients.map((r) => `RCPT TO:<${r}>\r\n`), "DATA\r\n"];
+      this.write(lines.join(""));
+      this.expect({ kind: "mail", txn });
+      for (const rcpt of job.recipients) this.expect({ kind: "rcpt", txn, rcpt });
+      this.expect({ kind: "data", txn });
+    } else {
+      this.send(mail, { kind: "mail", txn });
+    }
+  }
+
+  private mailCommand(delivery: Delivery): string {
+    let params = "";
+    if (this.ext?.size != null) params += ` SIZE=${delivery.wire.size}`;
+    if (delivery.wire.eightBit && this.ext?.eightBitMime) params += " BODY=8BITMIME";
+    return `MAIL FROM:<${delivery.msg.sender}>${params}\r\n`;
+  }
+
+  private onMail(txn: Txn, reply: Reply): void {
+    if (classify(reply) === "ok") {
+      txn.mailOk = true;
+      this.stage = Stage.Rcpt;
+      if (!this.ext?.pipelining) this.send(`RCPT TO:<${txn.job.recipients[0]}>\r\n`, { kind: "rcpt", txn, rcpt: txn.job.recipients[0] });
+      return;
+    }
+    this.settleAll(txn, this.replyOutcome(txn.job, reply, Stage.Mail));
+    if (!this.ext?.pipelining) this.rset();
+  }
+
+  private onRcpt(txn: Txn, rcpt: string, reply: Reply): void {
+    if (txn.mailOk) {
+      if (classify(reply) === "ok") txn.accepted.push(rcpt);
+      else this.settleOne(txn, rcpt, this.replyOutcome(txn.job, reply, Stage.Rcpt));
+    }
+    if (this.ext?.pipelining) return;
+    const next = txn.job.recipients[txn.job.recipients.indexOf(rcpt) + 1];
+    if (next !== undefined) this.send(`RCPT TO:<${next}>\r\n`, { kind: "rcpt", txn, rcpt: next });
+    else if (txn.accepted.length > 0) this.send("DATA\r\n", { kind: "data", txn });
+    else {
+      this.finishTxn(txn);
+      this.rset();
+    }
+  }
+
+  private onData(txn: Txn, reply: Reply): void {
+    const sendable = txn.mailOk && txn.accepted.length > 0;
+    if (reply.code !== 354) {
+      // DATA refused: the recipients it had accepted share the refusal.
+      if (!txn.settled) this.settleAll(txn, this.replyOutcome(txn.job, reply, Stage.Data));
+      return this.rset();
+    }
+    if (!sendable) {
+      // RFC 2920: DATA was accepted although no recipient was; send an empty message and reset.
+      this.finishTxn(txn);
+      this.send(".\r\n", { kind: "dot", txn });
+      return;
+    }
+    txn.inBody = true;
+    this.stage = Stage.Body;
+    this.arm(Stage.Body);
+    const wire = txn.job.delivery.wire;
+    if (wire.bytes) {
+      this.write(wire.bytes);
+      this.endOfData(txn);
+    } else {
+      this.streamBody(txn).catch((err) => this.fail(`error reading queue file ${txn.job.delivery.msg.id}: ${(err as Error).message}`));
+    }
+  }
+
+  private async streamBody(txn: Txn): Promise<void> {
+    const socket = this.socket!;
+    const chunks = wireChunks(this.engine.spool, txn.job.delivery.msg, txn.job.delivery.prefix);
+    try {
+      for await (const chunk of chunks) {
+        if (this.closed) return;
+        this.arm(Stage.Body);
+        if (!socket.write(chunk)) await new Promise<void>((resolve) => {
+          const done = () => { socket.off("drain", done); socket.off("close", done); resolve(); };
+          socket.on("drain", done);
+          socket.on("close", done);
+        });
+      }
+    } finally {
+      await chunks.return(undefined);
+    }
+    if (!this.closed) this.endOfData(txn);
+  }
+
+  /** The terminator is on its way: wait for the reply, and with PIPELINING send the next envelope behind it. */
+  private endOfData(txn: Txn): void {
+    this.stage = Stage.Dot;
+    this.expect({ kind: "dot", txn });
+    if (this.ext?.pipelining) {
+      const job = this.engine.jobNow(this.destination);
+      if (job) this.startTxn(job);
+    }
+  }
+
+  private onDot(txn: Txn, reply: Reply): void {
+    if (!txn.inBody) {
+      // The empty message of a transaction without recipients: its reply means nothing.
+      this.rset();
+      return;
+    }
+    const cls = classify(reply);
+    if (cls === "ok") {
+      this.delivered++;
+      this.settleAccepted(txn, this.outcome(txn.job, "sent", reply.code, dsnStatus(reply), printable(replyText(reply))));
+    } else {
+      this.settleAccepted(txn, this.replyOutcome(txn.job, reply, Stage.Dot));
+    }
+    if (this.txns.length === 0 && this.expects.length === 0) this.nextJob();
+  }
+
+  private rset(): void {
+    this.stage = Stage.Rset;
+    this.send("RSET\r\n", { kind: "rset" });
+  }
+
+  private onRset(reply: Reply): void {
+    if (classify(reply) !== "ok") {
+      this.fail(`host ${this.peer} said: ${printable(replyText(reply))} (in reply to RSET command)`, reply);
+      return;
+    }
+    this.nextJob();
+  }
+
+  private quit(): void {
+    this.quitting = true;
+    this.stage = Stage.Quit;
+    if (this.engine.options.skipQuitResponse) {
+      this.write("QUIT\r\n");
+      this.close();
+    } else {
+      this.send("QUIT\r\n", { kind: "quit" });
+    }
+  }
+
+  /* The writable side: commands go out when the slot is ready; the body respects drain. */
+
+  private send(line: string, expect: Expect): void {
+    this.ready = false;
+    this.write(line);
+    this.expect(expect);
+  }
+
+  private write(data: string | Buffer): void {
+    if (this.closed || !this.socket) return;
+    this.socket.write(data);
+  }
+
+  private expect(e: Expect): void {
+    this.expects.push(e);
+    if (this.expects.length === 1) this.arm(STAGE_OF[e.kind]);
+  }
+
+  /** Entering a stage arms its timer; the head of the reply queue says which stage we wait in. */
+  private armNext(): void {
+    const head = this.expects[0];
+    if (head) this.arm(STAGE_OF[head.kind]);
+    else this.disarm();
+  }
+
+  private arm(stage: Stage): void {
+    const ms = this.engine.timeoutMs(stage);
+    this.timerStage = stage;
+    if (this.timer && this.timerMs === ms) {
+      this.timer.refresh();
+      return;
+    }
+    this.disarm();
+    this.timerMs = ms;
+    this.timer = setTimeout(() => this.fail(`conversation with ${this.peer} timed out while ${STAGES[this.timerStage].label}`), ms);
+  }
+
+  private disarm(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  /* Outcomes */
+
+  private outcome(job: Job, status: Status, code: number, dsn: string, text: string): Omit<Outcome, "recipient"> {
+    return { queueId: job.delivery.msg.id, status, code, dsn, text, relay: this.relay };
+  }
+
+  private replyOutcome(job: Job, reply: Reply, stage: Stage): Omit<Outcome, "recipient"> {
+    const cls = classify(reply);
+    const status: Status = cls === "permanent" ? "bounced" : cls === "ok" ? "sent" : "deferred";
+    return this.outcome(job, status, reply.code, dsnStatus(reply), `host ${this.peer} said: ${printable(replyText(reply))} (${IN_REPLY_TO[stage]})`);
+  }
+
+  private settleOne(txn: Txn, rcpt: string, outcome: Omit<Outcome, "recipient">): void {
+    this.engine.recordOutcome(txn.job, { ...outcome, recipient: rcpt });
+  }
+
+  private settleAccepted(txn: Txn, outcome: Omit<Outcome, "recipient">): void {
+    for (const rcpt of txn.accepted) this.settleOne(txn, rcpt, outcome);
+    this.finishTxn(txn);
+  }
+
+  /** Every recipient of the job not yet settled gets this outcome; the job is done. */
+  private settleAll(txn: Txn, outcome: Omit<Outcome, "recipient">): void {
+    for (const rcpt of txn.job.recipients) {
+      if (!txn.job.delivery.outcomes.has(rcpt)) this.settleOne(txn, rcpt, outcome);
+    }
+    this.finishTxn(txn);
+  }
+
+  private finishTxn(txn: Txn): void {
+    if (txn.settled) return;
+    txn.settled = true;
+    const i = this.txns.indexOf(txn);
+    if (i >= 0) this.txns.splice(i, 1);
+    this.engine.jobDone(txn.job);
+  }
+
+  /* The end of a session */
+
+  /** The connection dropped: what is pending is deferred, naming the stage it dropped in. */
+  private lost(why: string): void {
+    if (this.closed) return;
+    if (this.quitting || (this.expects.length === 0 && this.txns.length === 0 && this.ready)) return this.close();
+    const partial = this.parser.end();
+    const stage = this.expects[0] ? STAGE_OF[this.expects[0].kind] : this.stage;
+    const detail = partial ? ` (${printable(replyText(partial))})` : "";
+    this.fail(`lost connection with ${this.peer || this.destination.key} while ${STAGES[stage].label}${detail}: ${why}`);
+  }
+
+  /** A failure of the session: every transaction in flight is deferred with the reason. */
+  fail(reason: string, reply?: Reply): void {
+    if (this.closed) return;
+    const failedEarly = this.stage <= Stage.Helo && this.delivered === 0;
+    this.closed = true;
+    this.disarm();
+    this.socket?.destroy();
+    const code = reply && reply.code < 600 ? reply.code : 0;
+    const dsn = reply && reply.code < 600 && classify(reply) === "temporary" ? dsnStatus(reply) : "4.4.2";
+    for (const txn of [...this.txns]) {
+      for (const rcpt of txn.job.recipients) {
+        if (!txn.job.delivery.outcomes.has(rcpt)) this.settleOne(txn, rcpt, this.outcome(txn.job, "deferred", code, dsn, reason));
+      }
+      this.finishTxn(txn);
+    }
+    this.expects.length = 0;
+    if (failedEarly) this.engine.slotFailedEarly(this, reason);
+    else this.engine.slotClosed(this);
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.disarm();
+    const socket = this.socket;
+    if (socket) {
+      socket.end();
+      // Do not wait for the server's 221 or FIN: the slot is free now; the socket goes when it goes.
+      setTimeout(() => socket.destroy(), 2000).unref();
+    }
+    this.engine.slotClosed(this);
+  }
+
+  /** stop(): abandon the session; what it carried goes back to the queue. */
+  abort(): void {
+    this.fail(`delivery stopped: mudmail is shutting down`);
+  }
+}
+
+function describeSocketError(err: NodeJS.ErrnoException): string {
+  switch (err.code) {
+    case "ECONNREFUSED": return "Connection refused";
+    case "ECONNRESET": return "Connection reset by peer";
+    case "ETIMEDOUT": return "Connection timed out";
+    case "EHOSTUNREACH": return "No route to host";
+    case "ENETUNREACH": return "Network is unreachable";
+    case "EPIPE": return "Broken pipe";
+    case "ENOTFOUND": return "Host not found";
+    default: return err.message;
+  }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The engine                                                                            */
+
+export interface SendMessage {
+  from: string;
+  to: string | string[];
+  cc?: string | string[];
+  subject?: string;
+  text?: string;
+  /** Extra header fields, added as given. */
+  headers?: Record<string, string>;
+  /** A complete message (header lines, blank line, body) instead of subject/text. */
+  raw?: string | Buffer;
+}
+
+export interface MailEngineEvents {
+  sent: [Outcome];
+  deferred: [Outcome];
+  bounced: [Outcome];
+  error: [MailError];
+}
+
+export class MailEngine extends EventEmitter {
+  readonly options: Resolved;
+  readonly spool: Spool;
+  stopping = false;
+  private readonly log: MailLog;
+  private readonly slots = new Set<Slot>();
+  private readonly destinations = new Map<string, Destination>();
+  /** Queue ids read from outgoing/ (or queued here) and not yet claimed. */
+  private backlog: string[] = [];
+  private backlogHead = 0;
+  /** Every id this pass has seen: waiting, in flight, or tried and put back. */
+  private known = new Set<string>();
+  private booked = new Set<string>();
+  private preparing = 0;
+  private queuedJobs = 0;
+  private scanning: Promise<void> | null = null;
+  private lastScan = 0;
+  private failedConnects = 0;
+  private initialized: Promise<void> | null = null;
+  private timer: NodeJS.Timeout | null = null;
+  private watcher: fs.FSWatcher | null = null;
+  private tickScheduled = false;
+  private active = false;
+  private counts: FlushSummary = emptySummary();
+  private idleWaiters: Array<() => void> = [];
+  private lockFile: string | null = null;
+  private spoolReady: Promise<void> | null = null;
+
+  constructor(options: MailOptions = {}) {
+    super();
+    this.options = checkOptions(options);
+    this.spool = new Spool(this.options.maildir, { fsync: this.options.fsync });
+    this.log = new MailLog(this.options.log);
+  }
+
+  /** Queues a message (get_mailqueue_file + compose); delivery starts at once when the engine runs. */
+  async send(message: SendMessage): Promise<string> {
+    const content = composeMessage(message, this.options.helo);
+    this.spoolReady ??= this.spool.init().then(() => undefined);
+    await this.spoolReady;
+    const id = await this.spool.create(content);
+    if (this.active && !this.stopping) {
+      this.enqueue(id);
+      this.scheduleTick();
+    }
+    return id;
+  }
+
+  /** check_smtp(): read outgoing/ once and open connections into free slots. */
+  tick(): void {
+    this.active = true;
+    this.runTick().catch((err) => this.report(err as Error));
+  }
+
+  /** Keeps the engine's own timer (every tickInterval seconds) and watches outgoing/ for drops. */
+  start(): void {
+    if (this.timer) return;
+    this.stopping = false;
+    this.tick();
+    this.timer = setInterval(() => this.tick(), this.options.tickInterval * 1000);
+    this.timer.unref?.();
+    this.watch();
+  }
+
+  /** One pass: send everything waiting, wait for every slot to finish, resolve with the counts. */
+  async flush(): Promise<FlushSummary> {
+    const started = Date.now();
+    this.counts = emptySummary();
+    this.active = true;
+    await this.runTick();
+    await this.idle();
+    const summary = { ...this.counts, seconds: (Date.now() - started) / 1000 };
+    if (!this.timer) this.active = false;
+    return summary;
+  }
+
+  /** Graceful stop: no new connections; active sessions are abandoned and their messages go back to outgoing/. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    this.watcher?.close();
+    this.watcher = null;
+    for (const slot of [...this.slots]) slot.abort();
+    for (const dest of this.destinations.values()) this.dropJobs(dest, null);
+    await this.idle();
+    this.active = false;
+    this.releaseLock();
+    await this.log.close();
+  }
+
+  /** Live numbers for a progress line. */
+  get progress(): FlushSummary & { busySlots: number; waiting: number } {
+    return { ...this.counts, busySlots: this.slots.size, waiting: this.backlog.length - this.backlogHead + this.queuedJobs };
+  }
+
+  override emit(event: string | symbol, ...args: unknown[]): boolean {
+    // An "error" nobody listens to must not throw inside the host's event loop.
+    if (event === "error" && this.listenerCount("error") === 0) return false;
+    return super.emit(event, ...args);
+  }
+
+  /* Ticks and scans */
+
+  private async runTick(): Promise<void> {
+    await this.init();
+    if (this.stopping) return;
+    this.failedConnects = 0;
+    for (const dest of this.destinations.values()) dest.deadReason = null;
+    this.forgetTried();
+    await this.scan();
+    this.pump();
+    this.fillSlots();
+  }
+
+  private init(): Promise<void> {
+    this.initialized ??= (async () => {
+      await this.spool.init();
+      this.takeLock();
+      const { recovered } = await this.spool.init({ recover: true });
+      for (const id of recovered) this.log.write("qmgr", `${id}: requeued from outgoing_active/ after an unclean stop`);
+    })();
+    return this.initialized;
+  }
+
+  private scheduleTick(): void {
+    if (this.tickScheduled) return;
+    this.tickScheduled = true;
+    setImmediate(() => {
+      this.tickScheduled = false;
+      this.pump();
+      this.fillSlots();
+    });
+  }
+
+  /** One read of outgoing/: new names join the backlog; names already seen this pass are skipped. */
+  private scan(): Promise<void> {
+    this.scanning ??= (async () => {
+      this.lastScan = Date.now();
+      try {
+        const { ids, booked, badNames } = await this.spool.scan("outgoing");
+        for (const id of booked) this.booked.add(id);
+        for (const id of ids) this.enqueue(id);
+        for (const name of badNames) await this.quarantine(name, "outgoing", "file name is not a queue id");
+      } finally {
+        this.scanning = null;
+      }
+    })();
+    return this.scanning;
+  }
+
+  private enqueue(id: string): void {
+    if (this.known.has(id)) return;
+    this.known.add(id);
+    this.backlog.push(id);
+  }
+
+  /** A new pass: ids tried and put back in the last one may be tried again. */
+  private forgetTried(): void {
+    const keep = new Set<string>();
+    for (let i = this.backlogHead; i < this.backlog.length; i++) keep.add(this.backlog[i]);
+    for (const dest of this.destinations.values()) for (const job of dest.jobs) keep.add(job.delivery.msg.id);
+    for (const id of this.inFlight) keep.add(id);
+    this.known = keep;
+  }
+
+  private readonly inFlight = new Set<string>();
+
+  private watch(): void {
+    try {
+      this.watcher = fs.watch(path.join(this.options.maildir, "outgoing"), (_event, name) => {
+        if (!name || name.startsWith(".") || this.known.has(String(name))) return;
+        this.rescanSoon();
+      });
+      this.watcher.on("error", () => { this.watcher?.close(); this.watcher = null; });
+      this.watcher.unref?.();
+    } catch {
+      // No watching (some file systems): the tick still finds what other programs drop in.
+    }
+  }
+
+  private rescanTimer: NodeJS.Timeout | null = null;
+
+  private rescanSoon(): void {
+    if (this.rescanTimer || this.stopping) return;
+    this.rescanTimer = setTimeout(() => {
+      this.rescanTimer = null;
+      this.scan().then(() => { this.pump(); this.fillSlots(); }, (err) => this.report(err as Error));
+    }, 100);
+    this.rescanTimer.unref?.();
+  }
+
+  /* Preparing jobs: claim, read the envelope, measure, split by destination */
+
+  private get readahead(): number {
+    return this.options.maxConnections * 4 + 8;
+  }
+
+  /** Keeps a few jobs ready ahead of the slots, so a slot never waits on the disk between messages. */
+  private pump(): void {
+    while (!this.stopping && this.backlogHead < this.backlog.length && this.preparing + this.queuedJobs < this.readahead) {
+      const id = this.backlog[this.backlogHead++];
+      if (this.backlogHead > 4096 && this.backlogHead * 2 > this.backlog.length) {
+        this.backlog = this.backlog.slice(this.backlogHead);
+        this.backlogHead = 0;
+      }
+      this.preparing++;
+      this.prepare(id)
+        .catch((err) => this.report(err as Error))
+        .finally(() => {
+          this.preparing--;
+          this.pump();
+          this.fillSlots();
+          this.checkIdle();
+        });
+    }
+    if (this.backlogHead >= this.backlog.length && this.preparing === 0 && !this.scanning) this.noMoreJobs();
+  }
+
+  private async prepare(id: string): Promise<void> {
+    const hasBook = this.booked.has(id);
+    if (!(await this.spool.claim(id, "outgoing", hasBook))) return;
+    this.inFlight.add(id);
+    const claimedAt = Date.now();
+    let msg: QueuedMessage;
+    let wire: Wire;
+    let prefix: Buffer = Buffer.alloc(0);
+    try {
+      msg = await this.spool.open(id);
+      wire = await measureWire(this.spool, msg, (facts) => (prefix = addedHeaders(facts, msg, this.options.helo)));
+    } catch (err) {
+      this.inFlight.delete(id);
+      if (err instanceof CorruptMessageError) return this.quarantine(id, "outgoing_active", err.reason);
+      await this.spool.release(id).catch(() => undefined);
+      throw new MailError(`${id}: cannot read queue file: ${(err as Error).message}`, "EQUEUE", { queueId: id });
+    }
+    const book = hasBook ? await this.spool.readBookkeeping(id, "outgoing_active") : null;
+    this.booked.delete(id);
+    const delivery = new Delivery(msg, wire, prefix, claimedAt, book);
+    this.log.write("qmgr", `${id}: from=<${msg.sender}>, size=${msg.size}, nrcpt=${msg.recipients.length} (queue active)`);
+    this.counts.messages++;
+    this.counts.recipients += msg.recipients.length;
+    for (const job of this.splitJobs(delivery)) {
+      delivery.openJobs++;
+      this.queueJob(job);
+    }
+  }
+
+  private splitJobs(delivery: Delivery): Job[] {
+    const byDestination = new Map<Destination, string[]>();
+    for (const rcpt of delivery.msg.recipients) {
+      const dest = this.destinationOf(rcpt);
+      byDestination.set(dest, [...(byDestination.get(dest) ?? []), rcpt]);
+    }
+    const jobs: Job[] = [];
+    const limit = this.options.recipientLimit;
+    for (const [dest, rcpts] of byDestination) {
+      for (let i = 0; i < rcpts.length; i += limit) jobs.push(new Job(delivery, dest, rcpts.slice(i, i + limit)));
+    }
+    return jobs;
+  }
+
+  private destinationOf(rcpt: string): Destination {
+    const key = this.options.relay ? `relay:${this.options.relay}` : rcpt.slice(rcpt.lastIndexOf("@") + 1).toLowerCase();
+    let dest = this.destinations.get(key);
+    if (!dest) {
+      dest = new Destination(key, this.options.relay ? () => this.relayHosts() : () => this.mxHosts(key));
+      this.destinations.set(key, dest);
+    }
+    return dest;
+  }
+
+  private async relayHosts(): Promise<Array<{ host: string; port: number }>> {
+    return [parseHostPort(this.options.relay!, "--relay", 25)];
+  }
+
+  /** MX hosts by preference (equal ones shuffled), or the domain itself when it has none. */
+  private async mxHosts(domain: string): Promise<Array<{ host: string; port: number }>> {
+    const port = this.options.port;
+    if (domain.startsWith("[")) return [{ host: domain.slice(1, -1).replace(/^IPv6:/i, ""), port }];
+    const resolver = new dns.promises.Resolver({ timeout: 10_000, tries: 2 });
+    if (this.options.resolver) {
+      const { host, port: dnsPort } = parseHostPort(this.options.resolver, "--resolver", 53, true);
+      resolver.setServers([net.isIPv6(host) ? `[${host}]:${dnsPort}` : `${host}:${dnsPort}`]);
+    }
+    try {
+      const mx = await resolver.resolveMx(domain);
+      if (mx.length === 1 && (mx[0].exchange === "" || mx[0].exchange === ".")) throw new Error(`domain ${domain} does not accept mail (null MX)`);
+      return mx.map((r) => ({ r, key: r.priority + Math.random() / 2 }))
+        .sort((a, b) => a.key - b.key)
+        .map(({ r }) => ({ host: r.exchange, port }));
+    } catch (err) {
+      const code = errno(err);
+      if (code === "ENODATA") return [{ host: domain, port }];
+      if (code === "ENOTFOUND") throw new Error(`Host or domain name not found. Name service error for name=${domain} type=MX: Host not found`);
+      throw err;
+    }
+  }
+
+  private queueJob(job: Job): void {
+    const dest = job.destination;
+    if (this.stopping) return this.jobDone(job);
+    if (dest.deadReason) {
+      this.deferUnsent(job, `delivery temporarily suspended: ${dest.deadReason}`);
+      return;
+    }
+    const waiter = dest.waiters.shift();
+    if (waiter) return waiter(job);
+    dest.jobs.push(job);
+    this.queuedJobs++;
+  }
+
+  /** The next job for a slot of this destination, now or when one is ready; null when there will be none. */
+  jobFor(dest: Destination, give: (job: Job | null) => void): void {
+    const job = this.jobNow(dest);
+    if (job) return give(job);
+    if (this.stopping || (this.backlogHead >= this.backlog.length && this.preparing === 0 && !this.scanning && !this.mayRescan())) return give(null);
+    dest.waiters.push(give);
+    this.pump();
+  }
+
+  /** While the backlog ran dry, files may have been dropped in: read outgoing/ again, at most once a second. */
+  private mayRescan(): boolean {
+    if (this.stopping || Date.now() - this.lastScan < 1000) return false;
+    this.scan().then(() => { this.pump(); this.fillSlots(); }, (err) => this.report(err as Error));
+    return true;
+  }
+
+  jobNow(dest: Destination): Job | null {
+    const job = dest.jobs.shift() ?? null;
+    if (job) {
+      this.queuedJobs--;
+      this.pump();
+    }
+    return job;
+  }
+
+  private noMoreJobs(): void {
+    for (const dest of this.destinations.values()) {
+      for (const waiter of dest.waiters.splice(0)) waiter(null);
+    }
+  }
+
+  /** A job a closing slot could not start goes back to the front of its destination's queue. */
+  jobReturned(job: Job): void {
+    job.destination.jobs.unshift(job);
+    this.queuedJobs++;
+    this.fillSlots();
+  }
+
+  /* Slots */
+
+  /** check_misc_connects(): open connections while slots are free and jobs wait, until two connects fail. */
+  private fillSlots(): void {
+    if (this.stopping) return;
+    for (const dest of this.destinations.values()) {
+      while (
+        this.slots.size < this.options.maxConnections && this.failedConnects < 2 &&
+        dest.slots < this.options.destinationConcurrencyLimit && dest.jobs.length > dest.slots
+      ) {
+        const slot = new Slot(this, dest);
+        this.slots.add(slot);
+        dest.slots++;
+        void slot.open();
+      }
+      if (this.failedConnects >= 2 && dest.slots === 0 && dest.jobs.length > 0) {
+        // The tick gave up connecting: what waits for this destination is deferred until the next one.
+        dest.deadReason ??= dest.lastError ?? this.lastConnectError ?? "too many failed connections";
+        this.dropJobs(dest, `delivery temporarily suspended: ${dest.deadReason}`);
+      }
+    }
+    this.checkIdle();
+  }
+
+  private lastConnectError: string | null = null;
+
+  slotReady(_slot: Slot): void {
+    // do_smtp_connect() succeeded: the C code resets its tries here.
+    this.failedConnects = 0;
+  }
+
+  slotFailedEarly(slot: Slot, reason: string): void {
+    this.failedConnects++;
+    slot.destination.lastError = reason;
+    this.lastConnectError = reason;
+    this.slotClosed(slot);
+  }
+
+  slotClosed(slot: Slot): void {
+    if (!this.slots.delete(slot)) return;
+    slot.destination.slots--;
+    this.fillSlots();
+  }
+
+  /** Jobs queued for a destination no slot will serve now are deferred (or, on stop, put back untried). */
+  private dropJobs(dest: Destination, reason: string | null): void {
+    const jobs = dest.jobs.splice(0);
+    this.queuedJobs -= jobs.length;
+    for (const job of jobs) {
+      if (reason) this.deferUnsent(job, reason);
+      else this.jobDone(job);
+    }
+    for (const waiter of dest.waiters.splice(0)) waiter(null);
+  }
+
+  private deferUnsent(job: Job, reason: string): void {
+    job.startedAt = Date.now();
+    for (const rcpt of job.recipients) {
+      if (!job.delivery.outcomes.has(rcpt)) {
+        this.recordOutcome(job, { queueId: job.delivery.msg.id, recipient: rcpt, status: "deferred", code: 0, dsn: "4.4.1", text: reason, relay: "none" });
+      }
+    }
+    this.jobDone(job);
+  }
+
+  timeoutMs(stage: Stage): number {
+    const row = STAGES[stage];
+    return (row.timeout ? (this.options[row.timeout] as number) : row.seconds!) * 1000;
+  }
+
+  /* Outcomes: log line, event, and the queue file's fate */
+
+  recordOutcome(job: Job, outcome: Outcome): void {
+    const delivery = job.delivery;
+    delivery.outcomes.set(outcome.recipient, outcome);
+    const now = Date.now();
+    const started = job.startedAt || now;
+    // Postfix's delays=a/b/c/d: before the queue manager, in it, connection setup, transmission.
+    const a = delivery.claimedAt - delivery.msg.arrival;
+    const b = started - delivery.claimedAt;
+    const c = job.setupMs;
+    const d = now - started;
+    this.log.write("smtp",
+      `${outcome.queueId}: to=<${outcome.recipient}>, relay=${outcome.relay}, delay=${seconds(now - delivery.msg.arrival)}, ` +
+      `delays=${seconds(a)}/${seconds(b)}/${seconds(c)}/${seconds(d)}, dsn=${outcome.dsn}, status=${outcome.status} (${outcome.text})`);
+    this.emit(outcome.status, outcome);
+  }
+
+  jobDone(job: Job): void {
+    const delivery = job.delivery;
+    if (--delivery.openJobs > 0) return;
+    this.settle(delivery).catch((err) => this.report(err as Error)).finally(() => {
+      this.inFlight.delete(delivery.msg.id);
+      this.checkIdle();
+    });
+  }
+
+  /** All jobs of a delivery are done: remove it, or put it back with the recipients still pending. */
+  private async settle(delivery: Delivery): Promise<void> {
+    const { msg } = delivery;
+    const outcomes = [...delivery.outcomes.values()];
+    if (outcomes.length === 0) {
+      // Never tried (the engine is stopping): back as it was, no attempt counted.
+      await this.spool.release(msg.id, "outgoing");
+      if (delivery.book) this.booked.add(msg.id);
+      return;
+    }
+    const pending = msg.recipients.filter((r) => delivery.outcomes.get(r)?.status !== "sent" && delivery.outcomes.get(r)?.status !== "bounced");
+    if (pending.length === 0) {
+      await this.spool.complete(msg.id);
+      this.log.write("qmgr", `${msg.id}: removed`);
+      if (outcomes.some((o) => o.status === "bounced")) this.counts.bounced++;
+      else this.counts.sent++;
+      return;
+    }
+    if (pending.length < msg.recipients.length) await this.spool.rewriteRecipients(msg, pending);
+    const last = outcomes.filter((o) => o.status === "deferred").pop();
+    const book: Bookkeeping = {
+      attempts: (delivery.book?.attempts ?? 0) + 1,
+      nextAttempt: null,
+      lastError: last ? last.text : "delivery deferred",
+    };
+    await this.spool.release(msg.id, "outgoing", book);
+    this.booked.add(msg.id);
+    this.counts.deferred++;
+  }
+
+  private async quarantine(id: string, from: "outgoing" | "outgoing_active", reason: string): Promise<void> {
+    const moved = await this.spool.quarantine(id, from, reason);
+    this.log.write("qmgr", `${id}: corrupt queue file moved to corrupt/${moved}: ${printable(reason)}`);
+    this.counts.corrupt++;
+    this.emit("error", new MailError(`${id}: corrupt queue file: ${reason}`, "ECORRUPT", { queueId: id }));
+  }
+
+  private report(err: Error): void {
+    const error = err instanceof MailError ? err : new MailError(err.message, "EINTERNAL");
+    this.log.write("qmgr", `warning: ${printable(error.message, 1000)}`);
+    this.emit("error", error);
+  }
+
+  /* Idle: the pass is over when nothing waits, nothing is read ahead, no slot is busy */
+
+  private isIdle(): boolean {
+    return this.slots.size === 0 && this.preparing === 0 && this.inFlight.size === 0 && !this.scanning &&
+      (this.stopping || (this.backlogHead >= this.backlog.length && this.queuedJobs === 0));
+  }
+
+  private checkIdle(): void {
+    if (!this.isIdle()) return;
+    for (const waiter of this.idleWaiters.splice(0)) waiter();
+  }
+
+  private idle(): Promise<void> {
+    if (this.isIdle()) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /* The maildir lock: one engine sends from a spool at a time */
+
+  private takeLock(): void {
+    const file = path.join(this.options.maildir, ".mudmail.lock");
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        fs.writeFileSync(file, `${process.pid}\n`, { flag: "wx", mode: 0o600 });
+        this.lockFile = file;
+        LOCKED_HERE.add(path.resolve(file));
+        process.once("exit", () => this.releaseLock());
+        return;
+      } catch (err) {
+        if (errno(err) !== "EEXIST") throw err;
+        const pid = Number(fs.readFileSync(file, "utf8").trim());
+        if (pid && pid !== process.pid && processAlive(pid)) {
+          throw new MailError(`another mudmail (pid ${pid}) is sending from ${this.options.maildir}; remove ${file} if it is not running`, "ELOCKED");
+        }
+        if (pid === process.pid && LOCKED_HERE.has(path.resolve(file))) {
+          throw new MailError(`another MailEngine in this process is sending from ${this.options.maildir}`, "ELOCKED");
+        }
+        fs.unlinkSync(file);
+      }
+    }
+  }
+
+  private releaseLock(): void {
+    if (!this.lockFile) return;
+    LOCKED_HERE.delete(path.resolve(this.lockFile));
+    try { fs.unlinkSync(this.lockFile); } catch { /* already gone */ }
+    this.lockFile = null;
+    this.initialized = null;
+  }
+}
+
+const LOCKED_HERE = new Set<string>();
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return errno(err) === "EPERM";
+  }
+}
+
+function emptySummary(): FlushSummary {
+  return { sent: 0, deferred: 0, bounced: 0, corrupt: 0, messages: 0, recipients: 0, seconds: 0 };
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Composing                                                                             */
+
+/** RFC 5322 date: "Mon, 23 Nov 2026 15:44:09 +0000" in local time. */
+export function rfc5322Date(date = new Date()): string {
+  const days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+  const pad = (n: number) => String(n).padStart(2, "0");
+  const offset = -date.getTimezoneOffset();
+  const sign = offset >= 0 ? "+" : "-";
+  const abs = Math.abs(offset);
+  return `${days[date.getDay()]}, ${date.getDate()} ${MONTHS[date.getMonth()]} ${date.getFullYear()} ` +
+    `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())} ${sign}${pad(Math.floor(abs / 60))}${pad(abs % 60)}`;
+}
+
+/** The header fields SPEC section 2 has the engine add when the message lacks them. */
+function addedHeaders(facts: HeaderFacts, msg: QueuedMessage, helo: string): Buffer {
+  let text = "";
+  if (!facts.hasDate) text += `Date: ${rfc5322Date(new Date(msg.arrival))}\r\n`;
+  if (!facts.hasMessageId) text += `Message-ID: <${msg.id}.${randomBytes(6).toString("hex")}@${helo}>\r\n`;
+  if (!facts.hasFrom) text += `From: ${msg.sender === "" ? `MAILER-DAEMON@${helo}` : msg.sender}\r\n`;
+  if (!facts.startsWithHeader) text += "\r\n";
+  return Buffer.from(text);
+}
+
+function addressList(value: string | string[] | undefined): string[] {
+  if (value === undefined) return [];
+  return (Array.isArray(value) ? value : [value]).flatMap((v) => v.split(/[,\s]+/)).filter(Boolean);
+}
+
+/** Encodes a header value as an RFC 2047 word when it is not plain ASCII. */
+function headerValue(value: string): string {
+  // eslint-disable-next-line no-control-regex
+  const clean = value.replace(/[\r\n]+/g, " ");
+  // eslint-disable-next-line no-control-regex
+  return /^[\x20-\x7e]*$/.test(clean) ? clean : `=?UTF-8?B?${Buffer.from(clean).toString("base64")}?=`;
+}
+
+/** A queue file for send(): envelope lines, then a complete message. */
+export function composeMessage(message: SendMessage, helo: string): Buffer {
+  const to = addressList(message.to);
+  const cc = addressList(message.cc);
+  const from = message.from.replace(/^<|>$/g, "");
+  if (from !== "" && addressProblem(from)) throw new MailError(`bad sender ${JSON.stringify(message.from)}: ${addressProblem(from)}`, "EENVELOPE");
+  if (to.length + cc.length === 0) throw new MailError("no recipients", "EENVELOPE");
+  for (const rcpt of [...to, ...cc]) {
+    const problem = addressProblem(rcpt);
+    if (problem) throw new MailError(`bad recipient ${JSON.stringify(rcpt)}: ${problem}`, "EENVELOPE");
+  }
+  const envelope = `${from === "" ? "<>" : from}\n${[...to, ...cc].map((r) => r.replace(/^<|>$/g, "")).join(", ")}\n`;
+  if (message.raw !== undefined) return Buffer.concat([Buffer.from(envelope), Buffer.from(message.raw)]);
+  const text = message.text ?? "";
+  const eightBit = /[^\x00-\x7f]/.test(text);
+  const headers = [
+    `From: ${from || `MAILER-DAEMON@${helo}`}`,
+    `To: ${to.join(", ")}`,
+    ...(cc.length ? [`Cc: ${cc.join(", ")}`] : []),
+    `Subject: ${headerValue(message.subject ?? "")}`,
+    `Date: ${rfc5322Date()}`,
+    `Message-ID: <${Date.now()}.${randomBytes(8).toString("hex")}@${helo}>`,
+    "MIME-Version: 1.0",
+    `Content-Type: text/plain; charset=${eightBit ? "utf-8" : "us-ascii"}`,
+    `Content-Transfer-Encoding: ${eightBit ? "8bit" : "7bit"}`,
+    ...Object.entries(message.headers ?? {}).map(([k, v]) => `${k.replace(/[^\x21-\x39\x3b-\x7e]/g, "")}: ${headerValue(v)}`),
+  ];
+  const body = text.replace(/\r?\n/g, "\n");
+  return Buffer.from(`${envelope}${headers.join("\n")}\n\n${body}${body.endsWith("\n") || body === "" ? "" : "\n"}`);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The command line                                                                      */
+
+type FlagKind = "bool" | "int" | "string" | "list";
+interface FlagSpec { kind: FlagKind; key?: keyof MailOptions; help: string; arg?: string }
+
+const MODE_FLAGS: Record<string, FlagSpec> = {
+  "--flush": { kind: "bool", help: "one pass: send every message that is due, wait, print a summary, exit" },
+  "--force": { kind: "bool", help: "with --flush: deferred messages count as due" },
+  "--queue": { kind: "bool", help: "list the queue like mailq" },
+  "--json": { kind: "bool", help: "with --queue: the JSON listing" },
+  "--send": { kind: "bool", help: "compose a message from standard input and queue it; prints the queue id" },
+  "-f": { kind: "string", arg: "FROM", help: "with --send: the envelope sender and From:" },
+  "-s": { kind: "string", arg: "SUBJECT", help: "with --send: the Subject:" },
+  "--notify": { kind: "string", arg: "LIST", help: "with --send: DSN NOTIFY, never or success,failure,delay" },
+  "--ret": { kind: "string", arg: "full|hdrs", help: "with --send: DSN RET" },
+  "--serve": { kind: "bool", help: "run the built-in SMTP receiver for the local mailboxes in users/" },
+  "--demo": { kind: "bool", help: "on loopback only: receiver, queue, flush, show where it landed" },
+  "--help": { kind: "bool", help: "this text" },
+  "--version": { kind: "bool", help: "the version" },
+  "--listen": { kind: "string", arg: "HOST:PORT", help: "--serve: where to listen (127.0.0.1:2525)" },
+  "--hostname": { kind: "string", arg: "NAME", help: "--serve: the name in the greeting" },
+  "--max-size": { kind: "int", arg: "BYTES", help: "--serve: message size limit (10 MB)" },
+  "--max-recipients": { kind: "int", arg: "N", help: "--serve: recipients per message, 100..1000 (100)" },
+  "--tls-cert": { kind: "string", arg: "FILE", help: "--serve: certificate for STARTTLS" },
+  "--tls-key": { kind: "string", arg: "FILE", help: "--serve: key for STARTTLS" },
+  "--tls-wrapper": { kind: "bool", help: "implicit TLS (port 465)" },
+  "--dkim-domain": { kind: "string", arg: "D", help: "DKIM signing domain" },
+  "--dkim-selector": { kind: "string", arg: "S", help: "DKIM selector" },
+  "--dkim-key": { kind: "string", arg: "FILE", help: "DKIM private key" },
+  "--dkim-keys": { kind: "string", arg: "FILE", help: "DKIM key table (JSON)" },
+  "--dkim-keygen": { kind: "bool", help: "write a new DKIM key and print its DNS record" },
+  "--dkim-algorithm": { kind: "string", arg: "ed25519|rsa", help: "DKIM key type for --dkim-keygen" },
+  "--dkim-print-dns": { kind: "bool", help: "print the DNS record of an existing DKIM key" },
+  "--check-domain": { kind: "string", arg: "D", help: "check MX, SPF, DMARC, DKIM of a domain" },
+  "--source-ip": { kind: "string", arg: "IP", help: "with --check-domain: check this address's PTR" },
+  "--vrfy": { kind: "string", arg: "ADDRESS", help: "ask --relay to verify an address" },
+  "--expn": { kind: "string", arg: "NAME", help: "ask --relay to expand a list" },
+  "--help-server": { kind: "string", arg: "[TOPIC]", help: "ask --relay for HELP" },
+};
+
+const OPTION_FLAGS: Record<string, FlagSpec> = {
+  "--maildir": { kind: "string", key: "maildir", arg: "DIR", help: "the spool (./maildir)" },
+  "--relay": { kind: "string", key: "relay", arg: "HOST[:PORT]", help: "send everything through this smarthost, no MX lookup" },
+  "--port": { kind: "int", key: "port", arg: "N", help: "TCP port for hosts found by MX/A lookup (25)" },
+  "--resolver": { kind: "string", key: "resolver", arg: "IP[:PORT]", help: "DNS server for MX/A lookups (the system's)" },
+  "--max-connections": { kind: "int", key: "maxConnections", arg: "N", help: "connection slots (5)" },
+  "--helo": { kind: "string", key: "helo", arg: "NAME", help: "name sent in EHLO/HELO (the host name)" },
+  "--tls": { kind: "string", key: "tls", arg: "MODE", help: "none, may, encrypt or verify (may; verify with --auth)" },
+  "--tls-ca": { kind: "string", key: "tlsCa", arg: "FILE", help: "extra CA bundle for --tls verify" },
+  "--auth": { kind: "string", key: "auth", arg: "USER:PASS", help: "SMTP AUTH to the relay; MUDMAIL_AUTH is preferred" },
+  "--log": { kind: "string", key: "log", arg: "FILE", help: "where log lines go (standard error)" },
+  "--connect-timeout": { kind: "int", key: "connectTimeout", arg: "S", help: "smtp_connect_timeout (30)" },
+  "--helo-timeout": { kind: "int", key: "heloTimeout", arg: "S", help: "smtp_helo_timeout (300)" },
+  "--mail-timeout": { kind: "int", key: "mailTimeout", arg: "S", help: "smtp_mail_timeout (300)" },
+  "--rcpt-timeout": { kind: "int", key: "rcptTimeout", arg: "S", help: "smtp_rcpt_timeout (300)" },
+  "--data-init-timeout": { kind: "int", key: "dataInitTimeout", arg: "S", help: "smtp_data_init_timeout (120)" },
+  "--data-xfer-timeout": { kind: "int", key: "dataXferTimeout", arg: "S", help: "smtp_data_xfer_timeout (180)" },
+  "--data-done-timeout": { kind: "int", key: "dataDoneTimeout", arg: "S", help: "smtp_data_done_timeout (600)" },
+  "--quit-timeout": { kind: "int", key: "quitTimeout", arg: "S", help: "smtp_quit_timeout (300)" },
+  "--min-backoff": { kind: "int", key: "minBackoff", arg: "S", help: "minimal_backoff_time (300)" },
+  "--max-backoff": { kind: "int", key: "maxBackoff", arg: "S", help: "maximal_backoff_time (4000)" },
+  "--max-queue-lifetime": { kind: "int", key: "maxQueueLifetime", arg: "S", help: "maximal_queue_lifetime (432000)" },
+  "--fallback-relay": { kind: "string", key: "fallbackRelay", arg: "HOST[:PORT]", help: "fallback_relay" },
+  "--inet-interfaces": { kind: "list", key: "inetInterfaces", arg: "LIST", help: "inet_interfaces, for mail-loop detection" },
+  "--best-mx-relay": { kind: "string", key: "bestMxRelay", arg: "HOST[:PORT]", help: "best_mx_transport" },
+  "--ignore-mx-lookup-error": { kind: "bool", key: "ignoreMxLookupError", help: "ignore_mx_lookup_error" },
+  "--disable-dns-lookups": { kind: "bool", key: "disableDnsLookups", help: "disable_dns_lookups (needs --relay)" },
+  "--skip-quit-response": { kind: "bool", key: "skipQuitResponse", help: "smtp_skip_quit_response (on)" },
+  "--no-skip-quit-response": { kind: "bool", help: "wait for the reply to QUIT" },
+  "--notify-classes": { kind: "list", key: "notifyClasses", arg: "LIST", help: "notify_classes (resource,software)" },
+  "--postmaster": { kind: "string", key: "postmaster", arg: "ADDRESS", help: "error_notice_recipient" },
+  "--debug-peer": { kind: "list", key: "debugPeer", arg: "HOST|IP|CIDR", help: "debug_peer_list (repeatable)" },
+  "--delay-warning": { kind: "int", key: "delayWarning", arg: "HOURS", help: "delay_warning_time (off)" },
+};
+
+export function usage(): string {
+  const rows = (table: Record<string, FlagSpec>) => Object.entries(table)
+    .map(([flag, spec]) => `  ${`${flag}${spec.arg ? ` ${spec.arg}` : ""}`.padEnd(34)} ${spec.help}`).join("\n");
+  return `mudmail ${VERSION} - an outgoing-mail engine for programs that live in one event loop
+
+Usage: node dist/mail.js [MODE] [OPTIONS]
+  (no mode)                          run: flush now, then every 60 s and when mail is queued;
+                                     SIGINT/SIGTERM stop gracefully
+  --send -f FROM [-s SUBJECT] RCPT...  compose from standard input and queue
+
+Modes and their flags:
+${rows(MODE_FLAGS)}
+
+Options:
+${rows(OPTION_FLAGS)}
+
+Exit status: 0 when the run or pass worked (deferred and bounced mail is a normal outcome),
+2 for a usage or configuration error, 1 for anything else.
+`;
+}
+
+interface Parsed { modes: Record<string, string | boolean>; options: MailOptions; rest: string[] }
+
+export function parseArgs(argv: string[]): Parsed {
+  const modes: Record<string, string | boolean> = {};
+  const options: Record<string, unknown> = {};
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    let arg = argv[i];
+    let inline: string | undefined;
+    const eq = arg.indexOf("=");
+    if (arg.startsWith("--") && eq > 0) {
+      inline = arg.slice(eq + 1);
+      arg = arg.slice(0, eq);
+    }
+    const spec = MODE_FLAGS[arg] ?? OPTION_FLAGS[arg];
+    if (!spec) {
+      if (arg.startsWith("-") && arg !== "-") throw new UsageError(`unknown flag ${arg} (see --help)`);
+      rest.push(arg);
+      continue;
+    }
+    let value: string | boolean = true;
+    if (spec.kind !== "bool") {
+      if (inline !== undefined) value = inline;
+      else if (arg === "--help-server" && (argv[i + 1] === undefined || argv[i + 1].startsWith("-"))) value = "";
+      else if (i + 1 < argv.length) value = argv[++i];
+      else throw new UsageError(`${arg}: missing value ${spec.arg ?? ""}`.trim());
+    } else if (inline !== undefined) {
+      throw new UsageError(`${arg} takes no value`);
+    }
+    if (arg === "--no-skip-quit-response") { options.skipQuitResponse = false; continue; }
+    if (!spec.key) {
+      if (spec.kind === "int") value = String(intValue(arg, String(value)));
+      modes[arg] = value;
+      continue;
+    }
+    if (spec.kind === "int") options[spec.key] = intValue(arg, String(value));
+    else if (spec.kind === "list") {
+      const list = String(value).split(/[,\s]+/).filter(Boolean);
+      options[spec.key] = spec.key === "debugPeer" ? [...((options[spec.key] as string[]) ?? []), ...list] : list;
+    } else options[spec.key] = value;
+  }
+  return { modes, options: options as MailOptions, rest };
+}
+
+function intValue(flag: string, text: string): number {
+  if (!/^\d+$/.test(text)) throw new UsageError(`${flag}: expected a whole number, got ${JSON.stringify(text)}`);
+  return Number(text);
+}
+
+async function readStdin(): Promise<Buffer> {
+  const chunks: Uint8Array[] = [];
+  for await (const chunk of process.stdin) chunks.push(chunk as Uint8Array);
+  return Buffer.concat(chunks);
+}
+
+/** `node dist/mail.js ...`: returns the exit status. */
+export async function main(argv: string[]): Promise<number> {
+  let parsed: Parsed;
+  let engine: MailEngine;
+  try {
+    parsed = parseArgs(argv);
+    const { modes, options } = parsed;
+    if (modes["--help"]) { process.stdout.write(usage()); return 0; }
+    if (modes["--version"]) { process.stdout.write(`mudmail ${VERSION}\n`); return 0; }
+    if (options.auth == null && process.env.MUDMAIL_AUTH) options.auth = process.env.MUDMAIL_AUTH;
+    else if (options.auth != null) process.stderr.write("mudmail: warning: --auth shows the password in the process table; prefer MUDMAIL_AUTH\n");
+    if (options.auth != null && !argv.includes("--tls") && !argv.some((a) => a.startsWith("--tls="))) options.tls = "verify";
+    if (modes["--max-recipients"] !== undefined) {
+      const n = Number(modes["--max-recipients"]);
+      if (n < 100 || n > 1000) throw new UsageError(`--max-recipients: expected 100..1000, got ${n}`);
+    }
+    if (modes["--listen"] !== undefined) parseHostPort(String(modes["--listen"]), "--listen", 2525);
+    for (const flag of ["--force", "--json"]) {
+      const needs = flag === "--force" ? "--flush" : "--queue";
+      if (modes[flag] && !modes[needs]) throw new UsageError(`${flag} goes with ${needs}`);
+    }
+    const chosen = ["--flush", "--queue", "--send", "--serve", "--demo", "--dkim-keygen", "--dkim-print-dns", "--check-domain", "--vrfy", "--expn", "--help-server"]
+      .filter((m) => modes[m] !== undefined);
+    if (chosen.length > 1) throw new UsageError(`choose one mode, not ${chosen.join(" and ")}`);
+    if (!modes["--send"] && parsed.rest.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(parsed.rest[0])}`);
+    engine = new MailEngine(options);
+    const mode = chosen[0];
+    if (mode && !["--flush", "--queue", "--send"].includes(mode)) {
+      process.stderr.write(`mudmail: ${mode} is not in this version yet\n`);
+      return 1;
+    }
+    if (mode === "--send") {
+      if (typeof modes["-f"] !== "string") throw new UsageError("--send needs -f FROM");
+      if (parsed.rest.length === 0) throw new UsageError("--send needs at least one recipient");
+      for (const rcpt of parsed.rest) {
+        const problem = addressProblem(rcpt);
+        if (problem) throw new UsageError(`--send: bad recipient ${JSON.stringify(rcpt)}: ${problem}`);
+      }
+      const sender = modes["-f"];
+      if (sender !== "" && sender !== "<>" && addressProblem(sender)) throw new UsageError(`-f: bad sender ${JSON.stringify(sender)}: ${addressProblem(sender)}`);
+      const text = (await readStdin()).toString("utf8");
+      const id = await engine.send({ from: sender === "<>" ? "" : sender, to: parsed.rest, subject: typeof modes["-s"] === "string" ? modes["-s"] : "", text });
+      process.stdout.write(`${id}\n`);
+      return 0;
+    }
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`mudmail: ${err.message}\n`);
+      return 2;
+    }
+    throw err;
+  }
+  const { modes } = parsed;
+  if (modes["--queue"]) return listQueue(engine, Boolean(modes["--json"]));
+  if (modes["--flush"]) return flushOnce(engine);
+  return runDaemon(engine);
+}
+
+async function flushOnce(engine: MailEngine): Promise<number> {
+  const live = process.stderr.isTTY ? setInterval(() => {
+    const p = engine.progress;
+    process.stderr.write(`\rmudmail: ${p.sent} sent, ${p.deferred} deferred, ${p.bounced} bounced, ${p.corrupt} corrupt; ${p.busySlots} connections, ${p.waiting} waiting `);
+  }, 200) : null;
+  const stopOnSignal = () => { void engine.stop(); };
+  process.once("SIGINT", stopOnSignal);
+  process.once("SIGTERM", stopOnSignal);
+  try {
+    const s = await engine.flush();
+    if (live) { clearInterval(live); process.stderr.write("\r\x1b[K"); }
+    process.stdout.write(`mudmail: flush: ${s.sent} sent, ${s.deferred} deferred, ${s.bounced} bounced, ${s.corrupt} corrupt ` +
+      `(${s.messages} messages, ${s.recipients} recipients, ${s.seconds.toFixed(2)} s)\n`);
+    await engine.stop();
+    return 0;
+  } finally {
+    if (live) clearInterval(live);
+    process.off("SIGINT", stopOnSignal);
+    process.off("SIGTERM", stopOnSignal);
+  }
+}
+
+async function runDaemon(engine: MailEngine): Promise<number> {
+  engine.on("error", () => undefined); // already logged
+  engine.start();
+  // The engine's own timer is unref'd (an embedder's process may exit); the daemon stays up.
+  const keepAlive = setInterval(() => undefined, 1 << 30);
+  await new Promise<void>((resolve) => {
+    const stop = () => {
+      process.off("SIGINT", stop);
+      process.off("SIGTERM", stop);
+      void engine.stop().then(resolve);
+    };
+    process.on("SIGINT", stop);
+    process.on("SIGTERM", stop);
+  });
+  clearInterval(keepAlive);
+  return 0;
+}
+
+export interface QueueEntry {
+  id: string;
+  state: "queued" | "active" | "deferred" | "corrupt";
+  sender: string | null;
+  recipients: string[];
+  size: number;
+  queuedAt: string;
+  attempts: number;
+  nextAttempt: string | null;
+  lastError: string | null;
+}
+
+/** Every message in the spool, oldest first: the data of --queue and --queue --json. */
+export async function queueEntries(spool: Spool): Promise<QueueEntry[]> {
+  await spool.init();
+  const states = [["outgoing", "queued"], ["outgoing_active", "active"], ["deferred", "deferred"], ["corrupt", "corrupt"]] as const;
+  const entries: QueueEntry[] = [];
+  for (const [folder, state] of states) {
+    const { ids, badNames } = await spool.scan(folder);
+    for (const id of [...ids, ...(folder === "corrupt" ? badNames : [])]) {
+      const book = await spool.readBookkeeping(id, folder);
+      const base = { id, state, attempts: book?.attempts ?? 0, nextAttempt: book?.nextAttempt ? new Date(book.nextAttempt).toISOString() : null, lastError: book?.lastError ?? null };
+      try {
+        const msg = await spool.open(id, folder);
+        entries.push({ ...base, sender: msg.sender, recipients: msg.recipients, size: msg.size, queuedAt: new Date(msg.arrival).toISOString() });
+      } catch (err) {
+        if (errno(err) === "ENOENT") continue; // sent or moved while we listed
+        const st = await fs.promises.stat(spool.pathOf(folder, id)).catch(() => null);
+        if (!st) continue;
+        entries.push({ ...base, sender: null, recipients: [], size: st.size, queuedAt: new Date(st.mtimeMs).toISOString(),
+          lastError: base.lastError ?? (err as Error).message });
+      }
+    }
+  }
+  return entries.sort((a, b) => a.queuedAt.localeCompare(b.queuedAt) || compareIds(a.id, b.id));
+}
+
+function compareIds(a: string, b: string): number {
+  const [as, asub] = a.split(".").map(Number);
+  const [bs, bsub] = b.split(".").map(Number);
+  return as - bs || asub - bsub || a.localeCompare(b);
+}
+
+async function listQueue(engine: MailEngine, json: boolean): Promise<number> {
+  const entries = await queueEntries(engine.spool);
+  if (json) {
+    process.stdout.write(JSON.stringify(entries, null, 2) + "\n");
+    return 0;
+  }
+  if (entries.length === 0) {
+    process.stdout.write("Mail queue is empty\n");
+    return 0;
+  }
+  const mark = { queued: " ", active: "*", deferred: " ", corrupt: "!" } as const;
+  let out = "-Queue ID-        --Size-- ---Arrival Time--- -Sender/Recipient-------\n";
+  let bytes = 0;
+  for (const e of entries) {
+    bytes += e.size;
+    const d = new Date(e.queuedAt);
+    const when = `${d.toString().slice(0, 10)} ${d.toTimeString().slice(0, 8)}`;
+    out += `${(e.id + mark[e.state]).padEnd(17)} ${String(e.size).padStart(8)} ${when}  ${e.sender === null ? "?" : e.sender || "MAILER-DAEMON"}\n`;
+    const status = e.state === "corrupt" ? `corrupt: ${e.lastError ?? ""}` : e.lastError ? `${e.lastError}` : "";
+    const extra = e.attempts ? ` [attempts ${e.attempts}${e.nextAttempt ? `, next ${e.nextAttempt}` : ""}]` : "";
+    if (status || extra) out += `${" ".repeat(17)} (${printable(status, 200)}${extra})\n`;
+    for (const r of e.recipients) out += `${" ".repeat(46)}${r}\n`;
+    out += "\n";
+  }
+  out += `-- ${Math.ceil(bytes / 1024)} Kbytes in ${entries.length} Request${entries.length === 1 ? "" : "s"}.\n`;
+  process.stdout.write(out);
+  return 0;
+}
+
+function isMain(): boolean {
+  if (!process.argv[1]) return false;
+  try {
+    return fs.realpathSync(process.argv[1]) === fs.realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return false;
+  }
+}
+
+if (isMain()) {
+  main(process.argv.slice(2)).then(
+    (status) => { process.exitCode = status; },
+    (err: Error) => {
+      process.stderr.write(`mudmail: ${err.message}\n`);
+      process.exitCode = err instanceof UsageError ? 2 : 1;
+    },
+  );
+}

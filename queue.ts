@@ -1,0 +1,742 @@
+/*
+ * NAME
+ *   queue.ts - the spool: queue files, their folders, their envelope, their body on the wire
+ *
+ * SYNOPSIS
+ *   const spool = new Spool("maildir");
+ *   await spool.init({ recover: true });       // create folders; outgoing_active/ -> outgoing/
+ *   const id = await spool.create(bytes);      // get_mailqueue_file(): tmp/ then outgoing/<id>
+ *   for (const id of await spool.scan()) ...   // one directory read per pass
+ *   await spool.claim(id); const msg = await spool.open(id);
+ *   for await (const chunk of wireChunks(msg, prefix)) socket.write(chunk);
+ *   await spool.complete(id) | release(id, book) | quarantine(id, why) | rewriteRecipients(...)
+ *
+ * DESCRIPTION
+ *   The only code that creates, renames or deletes spool files. A message is one file whose
+ *   name is its queue id, <unix seconds>.<subtime>, in exactly one folder at any instant:
+ *
+ *     tmp/<pid>.<n>         being written by create(); not yet a message. Nothing reads it.
+ *     outgoing/<id>         queued: waiting for a connection slot.
+ *     outgoing_active/<id>  claimed by a slot (rename from outgoing/). A crash leaves it here;
+ *                           init({ recover: true }) renames it back to outgoing/.
+ *     deferred/<id>         failed for now; waits for its next attempt.
+ *     corrupt/<id>          could not be parsed; kept for a human, never retried.
+ *
+ *   Beside a message may stand its bookkeeping, .<id> (JSON: attempts, next attempt, last
+ *   error), in the same folder. It follows the message on every move, after it; init()
+ *   puts an orphaned one back beside its message, or removes it when the message is gone.
+ *
+ *   Commit points: create() writes and fsyncs tmp/, then link()s into outgoing/ (link never
+ *   overwrites, so two writers can never take the same id); claim() is one rename;
+ *   complete() is one unlink; a rewrite of the recipient line goes through tmp/ and a rename
+ *   over the claimed file. Moves that could meet a name already taken (release, defer,
+ *   quarantine) link and unlink, so nothing is ever overwritten.
+ *
+ *   The body goes on the wire through wireChunks(): the file is read in CHUNK pieces (a
+ *   small message in one read, and that read is all), every bare CR or LF becomes CRLF,
+ *   lines starting with "." are stuffed, and the end is CRLF.CRLF exactly once.
+ *
+ * DIAGNOSTICS
+ *   open() rejects with a CorruptMessageError saying what is wrong with the file; the caller
+ *   quarantines it. Other errors are the file system's, with the queue id in the message.
+ *
+ * BUGS
+ *   Only the first 1 MiB of a file may hold the envelope lines.
+ */
+
+import * as fs from "node:fs";
+import * as path from "node:path";
+
+export const FOLDERS = ["tmp", "outgoing", "outgoing_active", "deferred", "corrupt", "users", "journal"] as const;
+export type Folder = "outgoing" | "outgoing_active" | "deferred" | "corrupt";
+
+/** One read of the queue file: a small message in one go, a large one in pieces this size. */
+export const CHUNK = 64 * 1024;
+/** The envelope lines must end within this many bytes of the file's start. */
+const MAX_ENVELOPE = 1024 * 1024;
+/** Queue ids other programs may use: no dot first (those are skipped), nothing a log line could choke on. */
+const QUEUE_ID = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/;
+
+/** Delivery bookkeeping, kept in .<id> beside the message. */
+export interface Bookkeeping {
+  attempts: number;
+  /** Epoch ms of the next attempt, or null when due now. */
+  nextAttempt: number | null;
+  lastError: string | null;
+}
+
+export class CorruptMessageError extends Error {
+  constructor(readonly queueId: string, readonly reason: string) {
+    super(`${queueId}: corrupt queue file: ${reason}`);
+    this.name = "CorruptMessageError";
+  }
+}
+
+/** What the engine needs of a claimed queue file; the content is read on demand. */
+export interface QueuedMessage {
+  id: string;
+  /** Envelope sender, "" for the null sender <>. */
+  sender: string;
+  recipients: string[];
+  /** Arrival, epoch ms: the queue id's seconds (the file's mtime for other names). */
+  arrival: number;
+  /** Bytes of the message lines (line 3 on). */
+  size: number;
+  /** File offset of line 3. */
+  contentOffset: number;
+  /** Start of the message lines, up to CHUNK bytes; all of them when `whole`. */
+  head: Buffer;
+  whole: boolean;
+  folder: Folder;
+}
+
+export class Spool {
+  readonly dir: string;
+  private idSecond = 0;
+  private idSub = 0;
+  private tmpCounter = 0;
+
+  constructor(dir: string, private readonly options: { fsync?: boolean } = {}) {
+    this.dir = dir;
+  }
+
+  pathOf(folder: Folder | "tmp", name: string): string {
+    return path.join(this.dir, folder, name);
+  }
+
+  /** Creates missing folders (mode 0700); with recover, returns crashed claims to outgoing/. */
+  async init(opts: { recover?: boolean } = {}): Promise<{ recovered: string[] }> {
+    await fs.promises.mkdir(this.dir, { recursive: true, mode: 0o700 });
+    await Promise.all(FOLDERS.map((f) => fs.promises.mkdir(path.join(this.dir, f), { recursive: true, mode: 0o700 })));
+    const recovered: string[] = [];
+    if (opts.recover) {
+      for (const name of await fs.promises.readdir(path.join(this.dir, "outgoing_active"))) {
+        if (name.startsWith(".")) continue;
+        await this.move(name, "outgoing_active", "outgoing");
+        recovered.push(name);
+      }
+      await this.repairBookkeeping();
+      await this.sweepTmp();
+    }
+    return { recovered };
+  }
+
+  /**
+   * get_mailqueue_file(): writes a new queue file and returns its id. The name is
+   * <seconds>.<subtime> with subtime counting up within a second, without limit; a name
+   * taken in any folder (by this or another program) is skipped.
+   */
+  async create(content: Buffer | string): Promise<string> {
+    const tmpName = `${process.pid}.${this.tmpCounter++}.${Date.now()}`;
+    const tmpPath = this.pathOf("tmp", tmpName);
+    await writeExclusive(tmpPath, content, this.options.fsync !== false);
+    try {
+      for (;;) {
+        const id = this.nextId();
+        if (await this.idTaken(id)) continue;
+        try {
+          await fs.promises.link(tmpPath, this.pathOf("outgoing", id));
+          return id;
+        } catch (err) {
+          if (errno(err) !== "EEXIST") throw err;
+        }
+      }
+    } finally {
+      await fs.promises.unlink(tmpPath).catch(() => undefined);
+    }
+  }
+
+  private nextId(): string {
+    const now = Math.floor(Date.now() / 1000);
+    // A clock that steps back keeps counting in the last second used: ids never repeat.
+    if (now > this.idSecond) {
+      this.idSecond = now;
+      this.idSub = 0;
+    }
+    return `${this.idSecond}.${this.idSub++}`;
+  }
+
+  private async idTaken(id: string): Promise<boolean> {
+    const checks = (["outgoing_active", "deferred", "corrupt"] as const).map((f) =>
+      fs.promises.access(this.pathOf(f, id)).then(() => true, () => false));
+    return (await Promise.all(checks)).some(Boolean);
+  }
+
+  /**
+   * One read of a folder: the queue ids in it (dot files skipped) and which of them have
+   * bookkeeping. Names no queue id can have are reported apart, for quarantine.
+   */
+  async scan(folder: Folder = "outgoing"): Promise<{ ids: string[]; booked: Set<string>; badNames: string[] }> {
+    const ids: string[] = [];
+    const booked = new Set<string>();
+    const badNames: string[] = [];
+    const dir = await fs.promises.opendir(path.join(this.dir, folder), { bufferSize: 256 });
+    for await (const entry of dir) {
+      const name = entry.name;
+      if (name.startsWith(".")) {
+        booked.add(name.slice(1));
+      } else if (QUEUE_ID.test(name)) {
+        ids.push(name);
+      } else {
+        badNames.push(name);
+      }
+    }
+    return { ids, booked, badNames };
+  }
+
+  /** Takes a queued message for a slot. False when someone else took it first. */
+  async claim(id: string, from: Folder = "outgoing", hasBookkeeping = false): Promise<boolean> {
+    try {
+      await fs.promises.rename(this.pathOf(from, id), this.pathOf("outgoing_active", id));
+    } catch (err) {
+      if (errno(err) === "ENOENT") return false;
+      throw err;
+    }
+    if (hasBookkeeping) await this.moveBookkeeping(id, from, "outgoing_active");
+    return true;
+  }
+
+  /** Delivered (or given up on): the message leaves the queue. */
+  async complete(id: string): Promise<void> {
+    await fs.promises.unlink(this.pathOf("outgoing_active", id));
+    await fs.promises.unlink(this.pathOf("outgoing_active", `.${id}`)).catch(() => undefined);
+  }
+
+  /**
+   * Puts a claimed message back, to outgoing/ or deferred/, with its bookkeeping when
+   * given. Returns the id it now has (a new one only if its name was taken meanwhile).
+   */
+  async release(id: string, to: "outgoing" | "deferred" = "outgoing", book?: Bookkeeping): Promise<string> {
+    if (book) await this.writeBookkeeping(id, "outgoing_active", book);
+    return this.move(id, "outgoing_active", to);
+  }
+
+  /** Moves a message that cannot be parsed to corrupt/, with the reason beside it. */
+  async quarantine(id: string, from: Folder, reason: string): Promise<string> {
+    await this.writeBookkeeping(id, from, { attempts: 0, nextAttempt: null, lastError: reason }).catch(() => undefined);
+    return this.move(id, from, "corrupt");
+  }
+
+  /** Rewrites line 2 of a claimed message with the recipients still pending. */
+  async rewriteRecipients(msg: QueuedMessage, pending: string[]): Promise<void> {
+    const tmpPath = this.pathOf("tmp", `${process.pid}.${this.tmpCounter++}.${Date.now()}`);
+    const envelope = Buffer.from(`${msg.sender === "" ? "<>" : msg.sender}\n${pending.join(", ")}\n`);
+    const source = this.pathOf("outgoing_active", msg.id);
+    try {
+      const out = await fs.promises.open(tmpPath, "wx", 0o600);
+      try {
+        await out.write(envelope);
+        const input = await fs.promises.open(source, "r");
+        try {
+          const buf = Buffer.allocUnsafe(CHUNK);
+          for (let pos = msg.contentOffset; ;) {
+            const { bytesRead } = await input.read(buf, 0, CHUNK, pos);
+            if (bytesRead === 0) break;
+            await out.write(buf.subarray(0, bytesRead));
+            pos += bytesRead;
+          }
+        } finally {
+          await input.close();
+        }
+        if (this.options.fsync !== false) await out.sync();
+      } finally {
+        await out.close();
+      }
+      await fs.promises.rename(tmpPath, source);
+    } catch (err) {
+      await fs.promises.unlink(tmpPath).catch(() => undefined);
+      throw err;
+    }
+    msg.recipients = pending;
+  }
+
+  async readBookkeeping(id: string, folder: Folder): Promise<Bookkeeping | null> {
+    try {
+      const parsed = JSON.parse(await fs.promises.readFile(this.pathOf(folder, `.${id}`), "utf8")) as Partial<Bookkeeping>;
+      return {
+        attempts: Number.isSafeInteger(parsed.attempts) ? Number(parsed.attempts) : 0,
+        nextAttempt: typeof parsed.nextAttempt === "number" ? parsed.nextAttempt : null,
+        lastError: typeof parsed.lastError === "string" ? parsed.lastError : null,
+      };
+    } catch {
+      return null;
+    }
+  }
+
+  private async writeBookkeeping(id: string, folder: Folder, book: Bookkeeping): Promise<void> {
+    const tmpPath = this.pathOf("tmp", `${process.pid}.${this.tmpCounter++}.${Date.now()}`);
+    await writeExclusive(tmpPath, JSON.stringify(book) + "\n", false);
+    await fs.promises.rename(tmpPath, this.pathOf(folder, `.${id}`));
+  }
+
+  private async moveBookkeeping(id: string, from: Folder, to: Folder): Promise<void> {
+    await fs.promises.rename(this.pathOf(from, `.${id}`), this.pathOf(to, `.${id}`)).catch((err) => {
+      if (errno(err) !== "ENOENT") throw err;
+    });
+  }
+
+  /**
+   * The one place that moves a message between folders. Never overwrites: if the name is
+   * taken in the target folder, the message gets a fresh id there.
+   */
+  async move(id: string, from: Folder, to: Folder): Promise<string> {
+    let target = id;
+    for (;;) {
+      try {
+        await fs.promises.link(this.pathOf(from, id), this.pathOf(to, target));
+        break;
+      } catch (err) {
+        if (errno(err) !== "EEXIST") throw err;
+        target = this.nextId();
+      }
+    }
+    await fs.promises.unlink(this.pathOf(from, id));
+    if (target === id) {
+      await this.moveBookkeeping(id, from, to);
+    } else {
+      await fs.promises.rename(this.pathOf(from, `.${id}`), this.pathOf(to, `.${target}`)).catch(() => undefined);
+    }
+    return target;
+  }
+
+  /** After a crash: bookkeeping files whose message moved on are put beside it again. */
+  private async repairBookkeeping(): Promise<void> {
+    const folders: Folder[] = ["outgoing", "outgoing_active", "deferred", "corrupt"];
+    const listing = new Map<Folder, Set<string>>();
+    for (const f of folders) listing.set(f, new Set(await fs.promises.readdir(path.join(this.dir, f))));
+    for (const f of folders) {
+      for (const name of listing.get(f)!) {
+        if (!name.startsWith(".") || listing.get(f)!.has(name.slice(1))) continue;
+        const id = name.slice(1);
+        const home = folders.find((g) => listing.get(g)!.has(id));
+        if (home) await this.moveBookkeeping(id, f, home);
+        else await fs.promises.unlink(this.pathOf(f, name)).catch(() => undefined);
+      }
+    }
+  }
+
+  /** Files left in tmp/ by a crash of this program are not messages yet: remove old ones. */
+  private async sweepTmp(): Promise<void> {
+    const cutoff = Date.now() - 3600_000;
+    for (const name of await fs.promises.readdir(path.join(this.dir, "tmp"))) {
+      const file = this.pathOf("tmp", name);
+      const st = await fs.promises.stat(file).catch(() => null);
+      if (st && st.mtimeMs < cutoff) await fs.promises.unlink(file).catch(() => undefined);
+    }
+  }
+
+  /**
+   * Reads and checks a message's envelope and the start of its content: one open, one
+   * read and one close for a message up to CHUNK bytes.
+   */
+  async open(id: string, folder: Folder = "outgoing_active"): Promise<QueuedMessage> {
+    const file = this.pathOf(folder, id);
+    const fd = await fsOpen(file);
+    try {
+      let buf = Buffer.allocUnsafe(CHUNK);
+      let length = await fsRead(fd, buf, 0);
+      let whole = length < CHUNK;
+      let fileSize = length;
+      if (!whole) {
+        fileSize = (await fsFstat(fd)).size;
+        whole = fileSize <= CHUNK;
+      }
+      let envelope = findEnvelope(buf, length, length >= fileSize);
+      if (!envelope && !whole) {
+        const more = Buffer.allocUnsafe(Math.min(fileSize, MAX_ENVELOPE));
+        buf.copy(more, 0, 0, length);
+        length += await fsReadFully(fd, more, length);
+        buf = more;
+        envelope = findEnvelope(buf, length, length >= fileSize);
+      }
+      if (!envelope) throw new CorruptMessageError(id, describeMissingEnvelope(buf, length, fileSize));
+      const sender = parseSender(id, buf.toString("utf8", 0, envelope.senderEnd));
+      const recipients = parseRecipients(id, buf.toString("utf8", envelope.senderEnd + 1, envelope.recipientsEnd));
+      const contentOffset = envelope.recipientsEnd + 1;
+      const head = buf.subarray(contentOffset, Math.min(length, contentOffset + CHUNK));
+      return {
+        id, sender, recipients, folder,
+        arrival: await arrivalOf(id, fd),
+        size: fileSize - contentOffset,
+        contentOffset,
+        head,
+        whole: contentOffset + head.length >= fileSize,
+      };
+    } finally {
+      fsClose(fd);
+    }
+  }
+
+  /** Reads the content from `offset` (relative to line 3) in CHUNK pieces. */
+  async *content(msg: QueuedMessage): AsyncGenerator<Buffer> {
+    if (msg.whole) {
+      yield msg.head;
+      return;
+    }
+    const fd = await fsOpen(this.pathOf(msg.folder, msg.id));
+    try {
+      let position = msg.contentOffset;
+      for (;;) {
+        const buf = Buffer.allocUnsafe(CHUNK);
+        const n = await fsRead(fd, buf, position);
+        if (n === 0) return;
+        position += n;
+        yield buf.subarray(0, n);
+      }
+    } finally {
+      fsClose(fd);
+    }
+  }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The envelope lines                                                                    */
+
+function findEnvelope(buf: Buffer, length: number, atEof: boolean): { senderEnd: number; recipientsEnd: number } | null {
+  const view = buf.subarray(0, length);
+  const first = view.indexOf(0x0a);
+  if (first < 0) return null;
+  let second = view.indexOf(0x0a, first + 1);
+  if (second < 0) {
+    // A file that ends right after the recipient line, without a newline, has no message
+    // lines; it is still a message (an empty one).
+    if (!atEof) return null;
+    second = length;
+  }
+  return { senderEnd: stripCR(buf, first), recipientsEnd: second };
+}
+
+function stripCR(buf: Buffer, lf: number): number {
+  return lf > 0 && buf[lf - 1] === 0x0d ? lf - 1 : lf;
+}
+
+function describeMissingEnvelope(buf: Buffer, length: number, fileSize: number): string {
+  if (fileSize === 0) return "empty file, no sender line";
+  if (buf.subarray(0, length).indexOf(0x0a) < 0) {
+    return length >= MAX_ENVELOPE ? "sender line longer than 1 MiB" : "no recipient line";
+  }
+  return "recipient line longer than 1 MiB";
+}
+
+function parseSender(id: string, line: string): string {
+  const text = line.replace(/\r$/, "").trim();
+  if (text === "" || text === "<>") return "";
+  const problem = addressProblem(text);
+  if (problem) throw new CorruptMessageError(id, `bad sender ${JSON.stringify(text)}: ${problem}`);
+  return stripBrackets(text);
+}
+
+function parseRecipients(id: string, line: string): string[] {
+  const tokens = splitRecipients(line.replace(/\r$/, ""));
+  if (tokens === null) throw new CorruptMessageError(id, "unbalanced quotes or brackets in the recipient line");
+  if (tokens.length === 0) throw new CorruptMessageError(id, "no recipients");
+  const recipients: string[] = [];
+  for (const token of tokens) {
+    const problem = addressProblem(token);
+    if (problem) throw new CorruptMessageError(id, `bad recipient ${JSON.stringify(token)}: ${problem}`);
+    const address = stripBrackets(token);
+    if (!recipients.includes(address)) recipients.push(address);
+  }
+  return recipients;
+}
+
+/** Splits the recipient line on commas and white space outside quotes and brackets. */
+export function splitRecipients(line: string): string[] | null {
+  const tokens: string[] = [];
+  let current = "";
+  let quoted = false;
+  let bracketed = false;
+  for (let i = 0; i < line.length; i++) {
+    const c = line[i];
+    if (quoted) {
+      current += c;
+      if (c === "\\" && i + 1 < line.length) current += line[++i];
+      else if (c === '"') quoted = false;
+    } else if (c === '"') {
+      quoted = true;
+      current += c;
+    } else if (c === "<" && !bracketed) {
+      bracketed = true;
+      current += c;
+    } else if (c === ">" && bracketed) {
+      bracketed = false;
+      current += c;
+    } else if (!bracketed && (c === "," || c === " " || c === "\t")) {
+      if (current) tokens.push(current);
+      current = "";
+    } else {
+      current += c;
+    }
+  }
+  if (quoted || bracketed) return null;
+  if (current) tokens.push(current);
+  return tokens;
+}
+
+function stripBrackets(text: string): string {
+  return text.startsWith("<") && text.endsWith(">") ? text.slice(1, -1) : text;
+}
+
+const ATOM_CHAR = /^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\uffff-]$/u;
+
+/**
+ * Why an envelope address cannot be written into MAIL FROM or RCPT TO, or null when it can:
+ * addr@domain (optionally in <>), a dot-atom or quoted local part, a domain name or an
+ * address literal; no control bytes, no <, > or spaces outside quotes.
+ */
+export function addressProblem(raw: string): string | null {
+  let text = raw;
+  if (text.startsWith("<") || text.endsWith(">")) {
+    if (!(text.startsWith("<") && text.endsWith(">"))) return "unbalanced angle brackets";
+    text = text.slice(1, -1);
+  }
+  // eslint-disable-next-line no-control-regex
+  if (/[\x00-\x1f\x7f]/.test(text)) return "control character in address";
+  if (Buffer.byteLength(text) > 320) return "address longer than 320 octets";
+  const at = text.lastIndexOf("@");
+  if (at < 0) return "not of the form addr@domain";
+  const local = text.slice(0, at);
+  const domain = text.slice(at + 1);
+  if (local === "") return "empty local part";
+  const localProblem = local.startsWith('"') ? quotedLocalProblem(local) : dotAtomProblem(local);
+  if (localProblem) return localProblem;
+  return domainProblem(domain);
+}
+
+function dotAtomProblem(local: string): string | null {
+  for (const atom of local.split(".")) {
+    if (atom === "") return "empty atom in local part (leading, trailing or double dot)";
+    for (const c of atom) if (!ATOM_CHAR.test(c)) return `character ${JSON.stringify(c)} not allowed in local part`;
+  }
+  return null;
+}
+
+function quotedLocalProblem(local: string): string | null {
+  if (local.length < 2 || !local.endsWith('"')) return "bad quoted local part";
+  const inner = local.slice(1, -1);
+  for (let i = 0; i < inner.length; i++) {
+    if (inner[i] === "\\") i++;
+    else if (inner[i] === '"') return "bad quoted local part";
+  }
+  return null;
+}
+
+function domainProblem(domain: string): string | null {
+  if (domain === "") return "empty domain";
+  if (domain.startsWith("[")) {
+    return /^\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]$/.test(domain) ? null : "bad address literal";
+  }
+  if (domain.length > 255) return "domain longer than 255 octets";
+  for (const label of domain.split(".")) {
+    if (!/^[A-Za-z0-9\u0080-\uffff](?:[A-Za-z0-9\u0080-\uffff-]{0,61}[A-Za-z0-9\u0080-\uffff])?$/u.test(label)) {
+      return `bad domain ${JSON.stringify(domain)}`;
+    }
+  }
+  return null;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The content: header facts and the stuffer                                             */
+
+/** What the engine must know of the header block before it sends: what to add, where. */
+export interface HeaderFacts {
+  hasDate: boolean;
+  hasMessageId: boolean;
+  hasFrom: boolean;
+  /** The content starts with a header; false means it is all body and a blank line must precede it. */
+  startsWithHeader: boolean;
+  /** The header block ended within the bytes seen. */
+  complete: boolean;
+}
+
+const HEADER_NAME = /^[\x21-\x39\x3b-\x7e]+:/;
+
+/** Scans the header block across chunks, keeping only the start of the current line. */
+export class HeaderScan {
+  readonly facts: HeaderFacts = { hasDate: false, hasMessageId: false, hasFrom: false, startsWithHeader: false, complete: false };
+  private line = "";
+  private lineStarted = false;
+  private lines = 0;
+
+  push(chunk: Buffer): void {
+    let start = 0;
+    while (!this.facts.complete && start < chunk.length) {
+      const lf = chunk.indexOf(0x0a, start);
+      const end = lf < 0 ? chunk.length : lf;
+      if (this.line.length < 80) this.line += chunk.toString("latin1", start, Math.min(end, start + 80));
+      this.lineStarted = true;
+      if (lf < 0) return;
+      this.endLine();
+      start = lf + 1;
+    }
+  }
+
+  /** End of content: a last line without a newline still counts. */
+  end(): HeaderFacts {
+    if (this.lineStarted) this.endLine();
+    this.facts.complete = true;
+    return this.facts;
+  }
+
+  private endLine(): void {
+    const line = this.line.replace(/\r$/, "");
+    this.line = "";
+    this.lineStarted = false;
+    const first = this.lines++ === 0;
+    if (line === "") {
+      this.facts.complete = true;
+    } else if ((line[0] === " " || line[0] === "\t") && !first) {
+      // a folded continuation of the previous header
+    } else if (HEADER_NAME.test(line)) {
+      if (first) this.facts.startsWithHeader = true;
+      const name = line.slice(0, line.indexOf(":")).toLowerCase();
+      if (name === "date") this.facts.hasDate = true;
+      else if (name === "message-id") this.facts.hasMessageId = true;
+      else if (name === "from") this.facts.hasFrom = true;
+    } else {
+      this.facts.complete = true;
+    }
+  }
+}
+
+const CR = 0x0d, LF = 0x0a, DOT = 0x2e;
+
+/**
+ * The stuffer (the scsh seed's smtp-stuff): CRLF for every bare CR, bare LF or CRLF, a
+ * second dot for a dot at the start of a line, and state carried across chunks so a CR at
+ * the end of one chunk and an LF at the start of the next make one line end.
+ */
+export class Stuffer {
+  private atLineStart = true;
+  private afterCR = false;
+  /** Whether any byte pushed had the high bit set (8BITMIME). */
+  eightBit = false;
+
+  push(chunk: Buffer): Buffer {
+    const out = Buffer.allocUnsafe(chunk.length * 2);
+    let j = 0;
+    let atLineStart = this.atLineStart;
+    let afterCR = this.afterCR;
+    let high = 0;
+    for (let i = 0; i < chunk.length; i++) {
+      const b = chunk[i];
+      if (afterCR) {
+        afterCR = false;
+        if (b === LF) continue;
+      }
+      if (b === CR || b === LF) {
+        out[j++] = CR;
+        out[j++] = LF;
+        atLineStart = true;
+        afterCR = b === CR;
+        continue;
+      }
+      if (atLineStart && b === DOT) out[j++] = DOT;
+      atLineStart = false;
+      high |= b;
+      out[j++] = b;
+    }
+    this.atLineStart = atLineStart;
+    this.afterCR = afterCR;
+    if (high & 0x80) this.eightBit = true;
+    return out.subarray(0, j);
+  }
+
+  /** The end of data: CRLF first when the content did not end with a line end. */
+  end(): Buffer {
+    return Buffer.from(this.atLineStart ? ".\r\n" : "\r\n.\r\n");
+  }
+}
+
+/** Wire bytes of a message: prefix (headers the engine adds), stuffed content, CRLF.CRLF. */
+export interface Wire {
+  /** Octets after DATA, the terminator included (what SIZE= declares). */
+  size: number;
+  eightBit: boolean;
+  /** The whole wire form for a message that was read in one piece, else null (stream it). */
+  bytes: Buffer | null;
+  facts: HeaderFacts;
+}
+
+/**
+ * Measures a message on the wire and, for one read in one piece, builds it. Large
+ * messages are streamed once through the stuffer here to count, and again when sent.
+ */
+export async function measureWire(spool: Spool, msg: QueuedMessage, makePrefix: (facts: HeaderFacts) => Buffer): Promise<Wire> {
+  const scan = new HeaderScan();
+  const stuffer = new Stuffer();
+  if (msg.whole) {
+    scan.push(msg.head);
+    const facts = scan.end();
+    const prefix = makePrefix(facts);
+    const body = stuffer.push(msg.head);
+    const bytes = Buffer.concat([prefix, body, stuffer.end()]);
+    return { size: bytes.length, eightBit: stuffer.eightBit, bytes, facts };
+  }
+  let size = 0;
+  for await (const chunk of spool.content(msg)) {
+    if (!scan.facts.complete) scan.push(chunk);
+    size += stuffer.push(chunk).length;
+  }
+  const facts = scan.end();
+  size += makePrefix(facts).length + stuffer.end().length;
+  return { size, eightBit: stuffer.eightBit, bytes: null, facts };
+}
+
+/** The wire form of a large message, chunk by chunk, read from the file as it is sent. */
+export async function* wireChunks(spool: Spool, msg: QueuedMessage, prefix: Buffer): AsyncGenerator<Buffer> {
+  const stuffer = new Stuffer();
+  yield prefix;
+  for await (const chunk of spool.content(msg)) yield stuffer.push(chunk);
+  yield stuffer.end();
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Small file-system helpers: callback fs, cheaper than fs.promises' FileHandle per call */
+
+async function writeExclusive(file: string, content: Buffer | string, sync: boolean): Promise<void> {
+  const handle = await fs.promises.open(file, "wx", 0o600);
+  try {
+    await handle.writeFile(content);
+    if (sync) await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+function fsOpen(file: string): Promise<number> {
+  return new Promise((resolve, reject) => fs.open(file, "r", (err, fd) => (err ? reject(err) : resolve(fd))));
+}
+
+function fsRead(fd: number, buf: Buffer, position: number, offset = 0): Promise<number> {
+  return new Promise((resolve, reject) =>
+    fs.read(fd, buf, offset, buf.length - offset, position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+async function fsReadFully(fd: number, buf: Buffer, from: number): Promise<number> {
+  let total = 0;
+  while (from + total < buf.length) {
+    const n = await fsRead(fd, buf, from + total, from + total);
+    if (n === 0) break;
+    total += n;
+  }
+  return total;
+}
+
+function fsFstat(fd: number): Promise<fs.Stats> {
+  return new Promise((resolve, reject) => fs.fstat(fd, (err, st) => (err ? reject(err) : resolve(st))));
+}
+
+function fsClose(fd: number): void {
+  fs.close(fd, () => undefined);
+}
+
+async function arrivalOf(id: string, fd: number): Promise<number> {
+  const match = /^(\d{9,11})\./.exec(id);
+  if (match) return Number(match[1]) * 1000;
+  return (await fsFstat(fd)).mtimeMs;
+}
+
+export function errno(err: unknown): string | undefined {
+  return (err as NodeJS.ErrnoException | null)?.code;
+}
