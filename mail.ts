@@ -914,7 +914,7 @@ export class MailEngine extends EventEmitter {
     this.tick();
     this.timer = setInterval(() => this.tick(), this.options.tickInterval * 1000);
     this.timer.unref?.();
-    this.watch();
+    this.init().then(() => { if (this.timer && !this.watcher) this.watch(); }, () => undefined);
   }
 
   /** One pass: send everything waiting, wait for every slot to finish, resolve with the counts. */
@@ -1596,9 +1596,11 @@ export function parseArgs(argv: string[]): Parsed {
     }
     let value: string | boolean = true;
     if (spec.kind !== "bool") {
+      const next = argv[i + 1];
+      const nextIsFlag = next !== undefined && (next in MODE_FLAGS || next in OPTION_FLAGS || next.split("=")[0] in OPTION_FLAGS);
       if (inline !== undefined) value = inline;
-      else if (arg === "--help-server" && (argv[i + 1] === undefined || argv[i + 1].startsWith("-"))) value = "";
-      else if (i + 1 < argv.length) value = argv[++i];
+      else if (arg === "--help-server" && (next === undefined || next.startsWith("-"))) value = "";
+      else if (next !== undefined && !nextIsFlag) value = argv[++i];
       else throw new UsageError(`${arg}: missing value ${spec.arg ?? ""}`.trim());
     } else if (inline !== undefined) {
       throw new UsageError(`${arg} takes no value`);
