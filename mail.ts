@@ -1072,9 +1072,10 @@ export class MailEngine extends EventEmitter {
     if (this.backlogHead >= this.backlog.length && this.preparing === 0 && !this.scanning) this.noMoreJobs();
   }
 
-  private async prepare(id: string): Promise<void> {
-    const hasBook = this.booked.has(id);
-    if (!(await this.spool.claim(id, "outgoing", hasBook))) return;
+  private async prepare(queued: string): Promise<void> {
+    const hasBook = this.booked.has(queued);
+    const id = await this.spool.claim(queued, "outgoing", hasBook);
+    if (id === null) return;
     this.inFlight.add(id);
     const claimedAt = Date.now();
     let msg: QueuedMessage;

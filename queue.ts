@@ -92,6 +92,8 @@ export interface QueuedMessage {
 
 export class Spool {
   readonly dir: string;
+  /** Messages this Spool has claimed and not yet completed or moved on. */
+  private readonly active = new Set<string>();
   private idSecond = 0;
   private idSub = 0;
   private tmpCounter = 0;
@@ -112,8 +114,7 @@ export class Spool {
     if (opts.recover) {
       for (const name of await fs.promises.readdir(path.join(this.dir, "outgoing_active"))) {
         if (name.startsWith(".")) continue;
-        await this.move(name, "outgoing_active", "outgoing");
-        recovered.push(name);
+        recovered.push(await this.move(name, "outgoing_active", "outgoing"));
       }
       await this.repairBookkeeping();
       await this.sweepTmp();
@@ -156,8 +157,16 @@ export class Spool {
     return `${this.idSecond}.${this.idSub++}`;
   }
 
-  private async idTaken(id: string): Promise<boolean> {
-    const checks = (["outgoing_active", "deferred", "corrupt"] as const).map((f) =>
+  /** An id no folder holds now: for a message whose name was taken where it had to go. */
+  private async freshId(): Promise<string> {
+    for (;;) {
+      const id = this.nextId();
+      if (!(await this.idTaken(id, ["outgoing", "outgoing_active", "deferred", "corrupt"]))) return id;
+    }
+  }
+
+  private async idTaken(id: string, folders: Folder[] = ["outgoing_active", "deferred", "corrupt"]): Promise<boolean> {
+    const checks = folders.map((f) =>
       fs.promises.access(this.pathOf(f, id)).then(() => true, () => false));
     return (await Promise.all(checks)).some(Boolean);
   }
@@ -184,20 +193,29 @@ export class Spool {
     return { ids, booked, badNames };
   }
 
-  /** Takes a queued message for a slot. False when someone else took it first. */
-  async claim(id: string, from: Folder = "outgoing", hasBookkeeping = false): Promise<boolean> {
+  /**
+   * Takes a queued message for a slot: one rename. Returns the id it is claimed under, or
+   * null when someone else took it first. The caller holds the spool's lock, so only this
+   * Spool puts files in outgoing_active/: a name it already has there belongs to another
+   * message (dropped by a program that only looked in outgoing/), which first gets a fresh id.
+   */
+  async claim(id: string, from: Folder = "outgoing", hasBookkeeping = false): Promise<string | null> {
+    let name = id;
     try {
-      await fs.promises.rename(this.pathOf(from, id), this.pathOf("outgoing_active", id));
+      if (this.active.has(name)) name = await this.move(name, from, from);
+      await fs.promises.rename(this.pathOf(from, name), this.pathOf("outgoing_active", name));
     } catch (err) {
-      if (errno(err) === "ENOENT") return false;
+      if (errno(err) === "ENOENT") return null;
       throw err;
     }
-    if (hasBookkeeping) await this.moveBookkeeping(id, from, "outgoing_active");
-    return true;
+    this.active.add(name);
+    if (hasBookkeeping) await this.moveBookkeeping(name, from, "outgoing_active");
+    return name;
   }
 
   /** Delivered (or given up on): the message leaves the queue. */
   async complete(id: string): Promise<void> {
+    this.active.delete(id);
     await fs.promises.unlink(this.pathOf("outgoing_active", id));
     await fs.promises.unlink(this.pathOf("outgoing_active", `.${id}`)).catch(() => undefined);
   }
@@ -287,10 +305,11 @@ export class Spool {
         break;
       } catch (err) {
         if (errno(err) !== "EEXIST") throw err;
-        target = this.nextId();
+        target = await this.freshId();
       }
     }
     await fs.promises.unlink(this.pathOf(from, id));
+    if (from === "outgoing_active") this.active.delete(id);
     if (target === id) {
       await this.moveBookkeeping(id, from, to);
     } else {
@@ -351,8 +370,8 @@ export class Spool {
       }
       if (!envelope) throw new CorruptMessageError(id, describeMissingEnvelope(buf, length, fileSize));
       const sender = parseSender(id, buf.toString("utf8", 0, envelope.senderEnd));
-      const recipients = parseRecipients(id, buf.toString("utf8", envelope.senderEnd + 1, envelope.recipientsEnd));
-      const contentOffset = envelope.recipientsEnd + 1;
+      const recipients = parseRecipients(id, buf.toString("utf8", envelope.recipientsStart, envelope.recipientsEnd));
+      const contentOffset = envelope.contentOffset;
       const head = buf.subarray(contentOffset, Math.min(length, contentOffset + CHUNK));
       return {
         id, sender, recipients, folder,
@@ -392,18 +411,25 @@ export class Spool {
 /* ------------------------------------------------------------------------------------ */
 /* The envelope lines                                                                    */
 
-function findEnvelope(buf: Buffer, length: number, atEof: boolean): { senderEnd: number; recipientsEnd: number } | null {
+interface EnvelopeSpan {
+  senderEnd: number;
+  recipientsStart: number;
+  recipientsEnd: number;
+  contentOffset: number;
+}
+
+function findEnvelope(buf: Buffer, length: number, atEof: boolean): EnvelopeSpan | null {
   const view = buf.subarray(0, length);
   const first = view.indexOf(0x0a);
   if (first < 0) return null;
-  let second = view.indexOf(0x0a, first + 1);
+  const second = view.indexOf(0x0a, first + 1);
   if (second < 0) {
     // A file that ends right after the recipient line, without a newline, has no message
     // lines; it is still a message (an empty one).
     if (!atEof) return null;
-    second = length;
+    return { senderEnd: stripCR(buf, first), recipientsStart: first + 1, recipientsEnd: length, contentOffset: length };
   }
-  return { senderEnd: stripCR(buf, first), recipientsEnd: second };
+  return { senderEnd: stripCR(buf, first), recipientsStart: first + 1, recipientsEnd: stripCR(buf, second), contentOffset: second + 1 };
 }
 
 function stripCR(buf: Buffer, lf: number): number {
@@ -550,36 +576,45 @@ export interface HeaderFacts {
 }
 
 const HEADER_NAME = /^[\x21-\x39\x3b-\x7e]+:/;
+const CR = 0x0d, LF = 0x0a, DOT = 0x2e;
 
-/** Scans the header block across chunks, keeping only the start of the current line. */
+/**
+ * Scans the header block across chunks, keeping only the start of the current line. Line
+ * ends are the stuffer's: CR, LF or CRLF, so it sees the lines the server will see.
+ */
 export class HeaderScan {
   readonly facts: HeaderFacts = { hasDate: false, hasMessageId: false, hasFrom: false, startsWithHeader: false, complete: false };
   private line = "";
   private lineStarted = false;
+  private afterCR = false;
   private lines = 0;
 
   push(chunk: Buffer): void {
-    let start = 0;
-    while (!this.facts.complete && start < chunk.length) {
-      const lf = chunk.indexOf(0x0a, start);
-      const end = lf < 0 ? chunk.length : lf;
-      if (this.line.length < 80) this.line += chunk.toString("latin1", start, Math.min(end, start + 80));
-      this.lineStarted = true;
-      if (lf < 0) return;
-      this.endLine();
-      start = lf + 1;
+    for (let i = 0; i < chunk.length && !this.facts.complete; i++) {
+      const b = chunk[i];
+      if (this.afterCR) {
+        this.afterCR = false;
+        if (b === LF) continue;
+      }
+      if (b === CR || b === LF) {
+        this.afterCR = b === CR;
+        this.endLine();
+      } else {
+        this.lineStarted = true;
+        if (this.line.length < 80) this.line += String.fromCharCode(b);
+      }
     }
   }
 
   /** End of content: a last line without a newline still counts. */
   end(): HeaderFacts {
-    if (this.lineStarted) this.endLine();
+    if (this.lineStarted && !this.facts.complete) this.endLine();
     this.facts.complete = true;
     return this.facts;
   }
 
   private endLine(): void {
-    const line = this.line.replace(/\r$/, "");
+    const line = this.line;
     this.line = "";
     this.lineStarted = false;
     const first = this.lines++ === 0;
@@ -598,8 +633,6 @@ export class HeaderScan {
     }
   }
 }
-
-const CR = 0x0d, LF = 0x0a, DOT = 0x2e;
 
 /**
  * The stuffer (the scsh seed's smtp-stuff): CRLF for every bare CR, bare LF or CRLF, a

@@ -169,7 +169,7 @@ export class ReplyParser {
         this.partialLength = 0;
       }
       start = lf + 1;
-      if (lineBytes.length > MAX_REPLY_LINE) {
+      if (lineBytes.length - (lineBytes[lineBytes.length - 1] === 0x0d ? 1 : 0) > MAX_REPLY_LINE) {
         this.fail(replies, `reply line longer than ${MAX_REPLY_LINE} octets`);
         break;
       }
@@ -195,7 +195,9 @@ export class ReplyParser {
   }
 
   private keepPartial(rest: Buffer, replies: Reply[]): void {
-    if (this.partialLength + rest.length > MAX_REPLY_LINE) {
+    // One octet of slack only for the CR of a line whose LF is still on its way.
+    const length = this.partialLength + rest.length;
+    if (length > MAX_REPLY_LINE + 1 || (length === MAX_REPLY_LINE + 1 && rest[rest.length - 1] !== 0x0d)) {
       this.fail(replies, `reply line longer than ${MAX_REPLY_LINE} octets`);
       return;
     }
