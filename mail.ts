@@ -863,8 +863,10 @@ export class MailEngine extends EventEmitter {
   /** Queue ids read from outgoing/ (or queued here) and not yet claimed. */
   private backlog: string[] = [];
   private backlogHead = 0;
-  /** Every id this pass has seen: waiting, in flight, or tried and put back. */
-  private known = new Set<string>();
+  /** Ids waiting in the backlog or claimed: a scan or a watch event must not take them again. */
+  private readonly known = new Set<string>();
+  /** Ids tried and put back in this pass: tried again in the next one, not in this one. */
+  private tried = new Set<string>();
   private booked = new Set<string>();
   private preparing = 0;
   private queuedJobs = 0;
@@ -1005,18 +1007,21 @@ export class MailEngine extends EventEmitter {
   }
 
   private enqueue(id: string): void {
-    if (this.known.has(id)) return;
+    if (this.known.has(id) || this.tried.has(id)) return;
     this.known.add(id);
     this.backlog.push(id);
   }
 
   /** A new pass: ids tried and put back in the last one may be tried again. */
   private forgetTried(): void {
-    const keep = new Set<string>();
-    for (let i = this.backlogHead; i < this.backlog.length; i++) keep.add(this.backlog[i]);
-    for (const dest of this.destinations.values()) for (const job of dest.jobs) keep.add(job.delivery.msg.id);
-    for (const id of this.inFlight) keep.add(id);
-    this.known = keep;
+    this.tried = new Set();
+  }
+
+  /** A claimed message leaves the engine's hands: gone, quarantined, or put back as `putBack`. */
+  private forget(id: string, putBack?: string): void {
+    this.known.delete(id);
+    this.inFlight.delete(id);
+    if (putBack !== undefined) this.tried.add(putBack);
   }
 
   private readonly inFlight = new Set<string>();
@@ -1024,7 +1029,7 @@ export class MailEngine extends EventEmitter {
   private watch(): void {
     try {
       this.watcher = fs.watch(path.join(this.options.maildir, "outgoing"), (_event, name) => {
-        if (!name || name.startsWith(".") || this.known.has(String(name))) return;
+        if (!name || name.startsWith(".") || this.known.has(String(name)) || this.tried.has(String(name))) return;
         this.rescanSoon();
       });
       this.watcher.on("error", () => { this.watcher?.close(); this.watcher = null; });
@@ -1075,7 +1080,9 @@ export class MailEngine extends EventEmitter {
   private async prepare(queued: string): Promise<void> {
     const hasBook = this.booked.has(queued);
     const id = await this.spool.claim(queued, "outgoing", hasBook);
+    if (id !== queued) this.known.delete(queued);
     if (id === null) return;
+    this.known.add(id);
     this.inFlight.add(id);
     const claimedAt = Date.now();
     let msg: QueuedMessage;
@@ -1085,9 +1092,11 @@ export class MailEngine extends EventEmitter {
       msg = await this.spool.open(id);
       wire = await measureWire(this.spool, msg, (facts) => (prefix = addedHeaders(facts, msg, this.options.helo)));
     } catch (err) {
-      this.inFlight.delete(id);
-      if (err instanceof CorruptMessageError) return this.quarantine(id, "outgoing_active", err.reason);
-      await this.spool.release(id).catch(() => undefined);
+      if (err instanceof CorruptMessageError) {
+        this.forget(id);
+        return this.quarantine(id, "outgoing_active", err.reason);
+      }
+      this.forget(id, await this.spool.release(id).catch(() => id));
       throw new MailError(`${id}: cannot read queue file: ${(err as Error).message}`, "EQUEUE", { queueId: id });
     }
     const book = hasBook ? await this.spool.readBookkeeping(id, "outgoing_active") : null;
@@ -1295,21 +1304,27 @@ export class MailEngine extends EventEmitter {
   jobDone(job: Job): void {
     const delivery = job.delivery;
     if (--delivery.openJobs > 0) return;
-    this.settle(delivery).catch((err) => this.report(err as Error)).finally(() => {
-      this.inFlight.delete(delivery.msg.id);
-      this.checkIdle();
-    });
+    this.settle(delivery).then(
+      (putBack) => this.forget(delivery.msg.id, putBack ?? undefined),
+      (err) => {
+        this.forget(delivery.msg.id, delivery.msg.id);
+        this.report(err as Error);
+      },
+    ).finally(() => this.checkIdle());
   }
 
-  /** All jobs of a delivery are done: remove it, or put it back with the recipients still pending. */
-  private async settle(delivery: Delivery): Promise<void> {
+  /**
+   * All jobs of a delivery are done: remove it, or put it back with the recipients still
+   * pending. Returns the id it was put back under, or null when it left the queue.
+   */
+  private async settle(delivery: Delivery): Promise<string | null> {
     const { msg } = delivery;
     const outcomes = [...delivery.outcomes.values()];
     if (outcomes.length === 0) {
       // Never tried (the engine is stopping): back as it was, no attempt counted.
-      await this.spool.release(msg.id, "outgoing");
-      if (delivery.book) this.booked.add(msg.id);
-      return;
+      const id = await this.spool.release(msg.id, "outgoing");
+      if (delivery.book) this.booked.add(id);
+      return id;
     }
     const pending = msg.recipients.filter((r) => delivery.outcomes.get(r)?.status !== "sent" && delivery.outcomes.get(r)?.status !== "bounced");
     if (pending.length === 0) {
@@ -1317,7 +1332,7 @@ export class MailEngine extends EventEmitter {
       this.log.write("qmgr", `${msg.id}: removed`);
       if (outcomes.some((o) => o.status === "bounced")) this.counts.bounced++;
       else this.counts.sent++;
-      return;
+      return null;
     }
     if (pending.length < msg.recipients.length) await this.spool.rewriteRecipients(msg, pending);
     const last = outcomes.filter((o) => o.status === "deferred").pop();
@@ -1326,9 +1341,10 @@ export class MailEngine extends EventEmitter {
       nextAttempt: null,
       lastError: last ? last.text : "delivery deferred",
     };
-    await this.spool.release(msg.id, "outgoing", book);
-    this.booked.add(msg.id);
+    const id = await this.spool.release(msg.id, "outgoing", book);
+    this.booked.add(id);
     this.counts.deferred++;
+    return id;
   }
 
   private async quarantine(id: string, from: "outgoing" | "outgoing_active", reason: string): Promise<void> {
