@@ -243,10 +243,26 @@ class MailLog {
       const stream = fs.createWriteStream(target, { flags: "a", mode: 0o600 });
       stream.on("error", (err) => process.stderr.write(`mudmail: cannot write log ${target}: ${err.message}\n`));
       this.stream = stream;
-      this.sink = (line) => stream.write(line + "\n");
+      this.sink = this.batched((text) => stream.write(text));
     } else {
-      this.sink = (line) => process.stderr.write(line + "\n");
+      this.sink = this.batched((text) => process.stderr.write(text));
     }
+  }
+
+  private pending: string[] = [];
+
+  /** Lines written in one turn of the event loop go out in one write: three lines a message add up. */
+  private batched(write: (text: string) => void): (line: string) => void {
+    return (line) => {
+      if (this.pending.length === 0) setImmediate(() => this.flushLines(write));
+      this.pending.push(line);
+    };
+  }
+
+  private flushLines(write: (text: string) => void): void {
+    const text = this.pending.join("\n") + "\n";
+    this.pending = [];
+    write(text);
   }
 
   write(proc: "smtp" | "qmgr", text: string): void {
@@ -262,7 +278,9 @@ class MailLog {
   }
 
   async close(): Promise<void> {
-    if (this.stream) await new Promise<void>((resolve) => this.stream!.end(resolve));
+    // Lines still batched for this turn go out before the stream ends.
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    if (this.stream && !this.stream.closed) await new Promise<void>((resolve) => this.stream!.end(resolve));
   }
 }
 
@@ -332,6 +350,8 @@ class Destination {
   readonly jobs: Job[] = [];
   readonly waiters: Array<(job: Job | null) => void> = [];
   slots = 0;
+  /** Slots that reached the MAIL stage; until one has, connect one at a time. */
+  readySlots = 0;
   /** Set for the rest of the tick once connecting failed twice: its jobs are deferred. */
   deadReason: string | null = null;
   lastError: string | null = null;
@@ -381,6 +401,8 @@ class Slot {
   private connectedAt = 0;
   private setupMs = 0;
   delivered = 0;
+  /** The engine counted this slot as ready (it reached the MAIL stage once). */
+  wasReady = false;
   private heloFallback = false;
 
   constructor(private readonly engine: MailEngine, readonly destination: Destination) {}
@@ -542,7 +564,9 @@ class Slot {
     if (limit && delivery.wire.size > limit) {
       this.settleAll(txn, this.outcome(job, "bounced", 552, "5.3.4",
         `message size ${delivery.wire.size} exceeds size limit ${limit} of server ${this.peer}`));
-      return this.nextJob();
+      // Behind a pipelined dot the reply still to come moves the slot on; otherwise move on now.
+      if (this.txns.length === 0 && this.expects.length === 0) this.nextJob();
+      return;
     }
     this.ready = false;
     this.txns.push(txn);
@@ -612,8 +636,12 @@ class Slot {
     this.arm(Stage.Body);
     const wire = txn.job.delivery.wire;
     if (wire.bytes) {
+      // The body, its dot and the next envelope leave in one packet: a server that answers
+      // each part in its own write would otherwise wait on our delayed ACK (Nagle, 40 ms).
+      this.socket?.cork();
       this.write(wire.bytes);
       this.endOfData(txn);
+      this.socket?.uncork();
     } else {
       this.streamBody(txn).catch((err) => this.fail(`error reading queue file ${txn.job.delivery.msg.id}: ${(err as Error).message}`));
     }
@@ -1221,7 +1249,10 @@ export class MailEngine extends EventEmitter {
     for (const dest of this.destinations.values()) {
       while (
         this.slots.size < this.options.maxConnections && this.failedConnects < 2 &&
-        dest.slots < this.options.destinationConcurrencyLimit && dest.jobs.length > dest.slots
+        dest.slots < this.options.destinationConcurrencyLimit && dest.jobs.length > dest.slots &&
+        // Until a server of this destination has greeted, probe with one connection, as the
+        // C code's one blocking connect at a time did: a dead host costs two attempts, not five.
+        (dest.readySlots > 0 || dest.slots === 0)
       ) {
         const slot = new Slot(this, dest);
         this.slots.add(slot);
@@ -1239,9 +1270,12 @@ export class MailEngine extends EventEmitter {
 
   private lastConnectError: string | null = null;
 
-  slotReady(_slot: Slot): void {
+  slotReady(slot: Slot): void {
     // do_smtp_connect() succeeded: the C code resets its tries here.
     this.failedConnects = 0;
+    slot.wasReady = true;
+    slot.destination.readySlots++;
+    this.fillSlots();
   }
 
   slotFailedEarly(slot: Slot, reason: string): void {
@@ -1254,6 +1288,7 @@ export class MailEngine extends EventEmitter {
   slotClosed(slot: Slot): void {
     if (!this.slots.delete(slot)) return;
     slot.destination.slots--;
+    if (slot.wasReady) slot.destination.readySlots--;
     this.fillSlots();
   }
 
@@ -1328,7 +1363,7 @@ export class MailEngine extends EventEmitter {
     }
     const pending = msg.recipients.filter((r) => delivery.outcomes.get(r)?.status !== "sent" && delivery.outcomes.get(r)?.status !== "bounced");
     if (pending.length === 0) {
-      await this.spool.complete(msg.id);
+      await this.spool.complete(msg.id, delivery.book !== null);
       this.log.write("qmgr", `${msg.id}: removed`);
       if (outcomes.some((o) => o.status === "bounced")) this.counts.bounced++;
       else this.counts.sent++;
@@ -1385,8 +1420,7 @@ export class MailEngine extends EventEmitter {
       try {
         fs.writeFileSync(file, `${process.pid}\n`, { flag: "wx", mode: 0o600 });
         this.lockFile = file;
-        LOCKED_HERE.add(path.resolve(file));
-        process.once("exit", () => this.releaseLock());
+        lockTaken(path.resolve(file));
         return;
       } catch (err) {
         if (errno(err) !== "EEXIST") throw err;
@@ -1411,7 +1445,20 @@ export class MailEngine extends EventEmitter {
   }
 }
 
+/** Locks this process holds: removed at exit, whatever the engines did. */
 const LOCKED_HERE = new Set<string>();
+
+let exitHookSet = false;
+
+function lockTaken(file: string): void {
+  if (!exitHookSet) {
+    exitHookSet = true;
+    process.once("exit", () => {
+      for (const held of LOCKED_HERE) try { fs.unlinkSync(held); } catch { /* gone */ }
+    });
+  }
+  LOCKED_HERE.add(file);
+}
 
 function processAlive(pid: number): boolean {
   try {
@@ -1440,11 +1487,18 @@ export function rfc5322Date(date = new Date()): string {
     `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())} ${sign}${pad(Math.floor(abs / 60))}${pad(abs % 60)}`;
 }
 
+/** 20261123154409: the arrival time in a Message-ID, as Postfix writes it. */
+function compactDate(d: Date): string {
+  const pad = (n: number) => String(n).padStart(2, "0");
+  return `${d.getUTCFullYear()}${pad(d.getUTCMonth() + 1)}${pad(d.getUTCDate())}${pad(d.getUTCHours())}${pad(d.getUTCMinutes())}${pad(d.getUTCSeconds())}`;
+}
+
 /** The header fields SPEC section 2 has the engine add when the message lacks them. */
 function addedHeaders(facts: HeaderFacts, msg: QueuedMessage, helo: string): Buffer {
   let text = "";
   if (!facts.hasDate) text += `Date: ${rfc5322Date(new Date(msg.arrival))}\r\n`;
-  if (!facts.hasMessageId) text += `Message-ID: <${msg.id}.${randomBytes(6).toString("hex")}@${helo}>\r\n`;
+  // Derived from the queue id alone, so every attempt (and every recipient) sees the same one.
+  if (!facts.hasMessageId) text += `Message-ID: <${compactDate(new Date(msg.arrival))}.${msg.id}@${helo}>\r\n`;
   if (!facts.hasFrom) text += `From: ${msg.sender === "" ? `MAILER-DAEMON@${helo}` : msg.sender}\r\n`;
   if (!facts.startsWithHeader) text += "\r\n";
   return Buffer.from(text);
@@ -1827,7 +1881,10 @@ function isMain(): boolean {
   }
 }
 
-if (isMain()) {
+/** Set by build.mjs in dist/mail.js only: a program that bundles this file never runs the CLI. */
+declare const MUDMAIL_CLI: boolean | undefined;
+
+if (typeof MUDMAIL_CLI !== "undefined" && MUDMAIL_CLI && isMain()) {
   main(process.argv.slice(2)).then(
     (status) => { process.exitCode = status; },
     (err: Error) => {

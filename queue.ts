@@ -214,10 +214,10 @@ export class Spool {
   }
 
   /** Delivered (or given up on): the message leaves the queue. */
-  async complete(id: string): Promise<void> {
+  async complete(id: string, hasBookkeeping = true): Promise<void> {
     this.active.delete(id);
     await fs.promises.unlink(this.pathOf("outgoing_active", id));
-    await fs.promises.unlink(this.pathOf("outgoing_active", `.${id}`)).catch(() => undefined);
+    if (hasBookkeeping) await fs.promises.unlink(this.pathOf("outgoing_active", `.${id}`)).catch(() => undefined);
   }
 
   /**
