@@ -41,13 +41,14 @@ import * as fs from "node:fs";
 import * as net from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
-import * as dns from "node:dns";
 import { randomBytes } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import {
   ReplyParser, classify, dsnStatus, expectedReply, makeReply, parseEhlo, printable, replyText,
   type Extensions, type Reply,
 } from "./smtp-codes.js";
+import { Router, type Hop, type Route } from "./route.js";
+import { composeBounce } from "./bounce.js";
 import {
   Spool, CorruptMessageError, addressProblem, measureWire, wireChunks, errno,
   type Bookkeeping, type HeaderFacts, type QueuedMessage, type Wire,
@@ -102,6 +103,8 @@ export interface MailOptions {
   tickInterval?: number;
   /** fsync queue files when they are written (default true). */
   fsync?: boolean;
+  /** Seconds a DNS query may take per try (two tries); an embedding option, no flag. */
+  dnsTimeout?: number;
 }
 
 type Resolved = Required<Omit<MailOptions, "log">> & { log: MailOptions["log"] };
@@ -115,7 +118,7 @@ const DEFAULTS: Resolved = {
   fallbackRelay: null, inetInterfaces: null, bestMxRelay: null, ignoreMxLookupError: false,
   disableDnsLookups: false, skipQuitResponse: true, notifyClasses: ["resource", "software"],
   postmaster: null, debugPeer: [], delayWarning: null,
-  recipientLimit: 50, destinationConcurrencyLimit: 20, tickInterval: 60, fsync: true,
+  recipientLimit: 50, destinationConcurrencyLimit: 20, tickInterval: 60, fsync: true, dnsTimeout: 5,
 };
 
 /** A bad option: names the flag, exits 2 from the command line. */
@@ -145,6 +148,7 @@ function checkOptions(input: MailOptions): Resolved {
   positive("recipientLimit", "recipientLimit");
   positive("destinationConcurrencyLimit", "destinationConcurrencyLimit");
   positive("tickInterval", "tickInterval");
+  positive("dnsTimeout", "dnsTimeout");
   if (o.maxBackoff < o.minBackoff) throw new UsageError(`--max-backoff (${o.maxBackoff}) is less than --min-backoff (${o.minBackoff})`);
   if (!["none", "may", "encrypt", "verify"].includes(o.tls)) throw new UsageError(`--tls: expected none, may, encrypt or verify, got ${JSON.stringify(o.tls)}`);
   for (const [key, flag] of [["relay", "--relay"], ["fallbackRelay", "--fallback-relay"], ["bestMxRelay", "--best-mx-relay"]] as const) {
@@ -205,12 +209,19 @@ export interface Outcome {
   status: Status;
   /** SMTP reply code, or 0 when no server said anything (connect failure, timeout). */
   code: number;
-  /** RFC 3463 status, "2.0.0", "4.4.1", ... */
+  /** RFC 3463 status, "2.0.0", "4.4.1", ... (the log line's dsn=). */
   dsn: string;
+  /** The same enhanced status code, under the name the events promise. */
+  enhanced: string;
   /** The server's words or our reason, as in the log line. */
   text: string;
+  /** The server's reply alone ("550 5.1.1 <u@d>: Recipient address rejected"), null when no server said anything. */
+  reply: string | null;
   relay: string;
 }
+
+/** An outcome as the code that finds it out knows it; the engine fills in the rest. */
+type OutcomeInput = Omit<Outcome, "enhanced" | "reply"> & { reply?: string | null };
 
 export interface FlushSummary {
   sent: number;
@@ -334,7 +345,50 @@ class Delivery {
     readonly prefix: Buffer,
     readonly claimedAt: number,
     readonly book: Bookkeeping | null,
+    /** The folder it was claimed from, where an untried stop puts it back. */
+    readonly from: "outgoing" | "deferred",
   ) {}
+}
+
+/** Deferred messages by the time they are due: a binary min-heap, so a tick takes only what is due. */
+class DueHeap {
+  private readonly items: Array<{ id: string; due: number }> = [];
+
+  get size(): number {
+    return this.items.length;
+  }
+
+  push(id: string, due: number): void {
+    const items = this.items;
+    items.push({ id, due });
+    for (let i = items.length - 1; i > 0;) {
+      const parent = (i - 1) >> 1;
+      if (items[parent].due <= items[i].due) break;
+      [items[parent], items[i]] = [items[i], items[parent]];
+      i = parent;
+    }
+  }
+
+  /** Removes and returns the earliest entry due at or before `now`, or null. */
+  popDue(now: number): string | null {
+    const items = this.items;
+    if (items.length === 0 || items[0].due > now) return null;
+    const top = items[0];
+    const last = items.pop()!;
+    if (items.length > 0) {
+      items[0] = last;
+      for (let i = 0; ;) {
+        const l = 2 * i + 1, r = l + 1;
+        let m = i;
+        if (l < items.length && items[l].due < items[m].due) m = l;
+        if (r < items.length && items[r].due < items[m].due) m = r;
+        if (m === i) break;
+        [items[m], items[i]] = [items[i], items[m]];
+        i = m;
+      }
+    }
+    return top.id;
+  }
 }
 
 /** The recipients of one delivery that go to one destination in one transaction. */
@@ -345,17 +399,33 @@ class Job {
   constructor(readonly delivery: Delivery, readonly destination: Destination, readonly recipients: string[]) {}
 }
 
-/** Where jobs go: the relay, or a domain's mail exchangers. */
+/** Where jobs go: the relay, or a domain's mail exchangers. Its counters live for one tick. */
 class Destination {
   readonly jobs: Job[] = [];
   readonly waiters: Array<(job: Job | null) => void> = [];
   slots = 0;
   /** Slots that reached the MAIL stage; until one has, connect one at a time. */
   readySlots = 0;
+  /** Connections that got no greeting from any address, this tick: at 2 the tick gives up on it. */
+  failures = 0;
   /** Set for the rest of the tick once connecting failed twice: its jobs are deferred. */
   deadReason: string | null = null;
   lastError: string | null = null;
-  constructor(readonly key: string, readonly hosts: () => Promise<Array<{ host: string; port: number }>>) {}
+  /** The route, looked up once per tick; null until asked, "pending" while DNS answers. */
+  route: Route | "pending" | null = null;
+  constructor(readonly key: string) {}
+
+  get hops(): Hop[] {
+    return this.route && this.route !== "pending" && this.route.ok ? this.route.hops : [];
+  }
+
+  /** A new tick: route and failures are found out afresh. */
+  reset(): void {
+    this.failures = 0;
+    this.deadReason = null;
+    this.lastError = null;
+    this.route = null;
+  }
 }
 
 /** A transaction in flight on a slot. */
@@ -365,7 +435,15 @@ class Txn {
   /** The DATA reply was 354 and the body has been (or is being) sent. */
   inBody = false;
   settled = false;
+  /** Recipients the server had no room for (452 4.5.3): a new transaction takes them at once. */
+  readonly overflow: string[] = [];
+  overflowReply: Reply | null = null;
   constructor(readonly job: Job) {}
+}
+
+/** RFC 5321 section 4.5.3.1.10: "452 too many recipients" asks for another transaction, not a retry later. */
+function tooManyRecipients(reply: Reply): boolean {
+  return reply.code === 452 && (reply.enhanced === "4.5.3" || /too many recipients/i.test(reply.lines.join(" ")));
 }
 
 type Expect =
@@ -386,7 +464,7 @@ class Slot {
   /** The seed's ready flag: the slot may write its next command. */
   ready = false;
   private socket: net.Socket | null = null;
-  private readonly parser = new ReplyParser();
+  private parser = new ReplyParser();
   private readonly expects: Expect[] = [];
   private readonly txns: Txn[] = [];
   private timer: NodeJS.Timeout | null = null;
@@ -407,49 +485,75 @@ class Slot {
 
   constructor(private readonly engine: MailEngine, readonly destination: Destination) {}
 
-  /** do_smtp_connect(): resolves the destination and connects to each address until one answers. */
-  async open(): Promise<void> {
+  /**
+   * do_smtp_connect(): connects to each hop of the route in turn until one greets. A refused
+   * connection, a 4xx or 5xx greeting, a drop or a timeout before the greeting move to the
+   * next hop; once a server has greeted, no error does (the seed's rule, Postfix's too).
+   */
+  open(): void {
     this.connectedAt = Date.now();
-    let hosts: Array<{ host: string; port: number }>;
-    try {
-      hosts = await this.destination.hosts();
-    } catch (err) {
-      this.engine.slotFailedEarly(this, (err as Error).message);
-      return;
-    }
-    let lastError = "no mail exchanger";
-    for (const target of hosts) {
-      if (this.engine.stopping) break;
-      try {
-        this.socket = await this.connect(target.host, target.port);
-        this.peer = `${target.host}[${this.socket.remoteAddress}]`;
-        this.relay = `${this.peer}:${target.port}`;
-        this.attach();
-        return;
-      } catch (err) {
-        lastError = (err as Error).message;
-      }
-    }
-    this.engine.slotFailedEarly(this, lastError);
+    this.hops = [...this.destination.hops];
+    this.connectNext();
   }
 
-  private connect(host: string, port: number): Promise<net.Socket> {
+  private hops: Hop[] = [];
+  private lastError = "no address to connect to";
+
+  private connectNext(): void {
+    const hop = this.hops.shift();
+    if (!hop || this.engine.stopping) {
+      this.closed = true;
+      this.engine.slotFailedEarly(this, this.lastError);
+      return;
+    }
+    this.connect(hop).then((socket) => {
+      if (this.closed) return void socket.destroy();
+      this.socket = socket;
+      this.peer = `${hop.host}[${hop.address}]`;
+      this.relay = `${this.peer}:${hop.port}`;
+      this.attach();
+    }, (err: Error) => {
+      this.lastError = err.message;
+      this.connectNext();
+    });
+  }
+
+  /** Before a greeting: give up on this hop, quietly, and try the next. */
+  private nextHop(reason: string): void {
+    this.lastError = reason;
+    this.disarm();
+    const socket = this.socket;
+    if (socket) {
+      socket.removeAllListeners();
+      socket.on("error", () => undefined);
+      socket.destroy();
+    }
+    this.socket = null;
+    this.parser = new ReplyParser();
+    this.expects.length = 0;
+    this.stage = Stage.Connect;
+    this.relay = "none";
+    this.connectNext();
+  }
+
+  private connect(hop: Hop): Promise<net.Socket> {
     const ms = this.engine.timeoutMs(Stage.Connect);
+    const where = `${hop.host}[${hop.address}]:${hop.port}`;
     return new Promise((resolve, reject) => {
-      const socket = net.connect({ host, port });
+      const socket = net.connect({ host: hop.address, port: hop.port });
       const timer = setTimeout(() => {
         socket.destroy();
-        reject(new Error(`connect to ${host}:${port}: Connection timed out`));
+        reject(new Error(`connect to ${where}: Connection timed out`));
       }, ms);
       socket.once("connect", () => {
         clearTimeout(timer);
         socket.removeAllListeners("error");
         resolve(socket);
       });
-      socket.once("error", (err: NodeJS.ErrnoException & { address?: string }) => {
+      socket.once("error", (err: NodeJS.ErrnoException) => {
         clearTimeout(timer);
         socket.destroy();
-        reject(new Error(`connect to ${host}[${err.address ?? host}]:${port}: ${describeSocketError(err)}`));
+        reject(new Error(`connect to ${where}: ${describeSocketError(err)}`));
       });
     });
   }
@@ -460,6 +564,7 @@ class Slot {
     socket.on("data", (chunk: Buffer) => this.readable(chunk));
     socket.on("error", (err: NodeJS.ErrnoException) => this.lost(describeSocketError(err)));
     socket.on("close", () => this.lost("Connection closed"));
+    this.stage = Stage.Banner;
     this.expect({ kind: "banner" });
   }
 
@@ -606,10 +711,16 @@ class Slot {
   private onRcpt(txn: Txn, rcpt: string, reply: Reply): void {
     if (txn.mailOk) {
       if (classify(reply) === "ok") txn.accepted.push(rcpt);
-      else this.settleOne(txn, rcpt, this.replyOutcome(txn.job, reply, Stage.Rcpt));
+      else if (tooManyRecipients(reply)) {
+        txn.overflow.push(rcpt);
+        txn.overflowReply = reply;
+      } else this.settleOne(txn, rcpt, this.replyOutcome(txn.job, reply, Stage.Rcpt));
     }
     if (this.ext?.pipelining) return;
-    const next = txn.job.recipients[txn.job.recipients.indexOf(rcpt) + 1];
+    const rest = txn.job.recipients.slice(txn.job.recipients.indexOf(rcpt) + 1);
+    // Without pipelining, a full server is not asked again in this transaction.
+    if (txn.overflow.length > 0) txn.overflow.push(...rest.splice(0));
+    const next = rest[0];
     if (next !== undefined) this.send(`RCPT TO:<${next}>\r\n`, { kind: "rcpt", txn, rcpt: next });
     else if (txn.accepted.length > 0) this.send("DATA\r\n", { kind: "data", txn });
     else {
@@ -685,7 +796,8 @@ class Slot {
     const cls = classify(reply);
     if (cls === "ok") {
       this.delivered++;
-      this.settleAccepted(txn, this.outcome(txn.job, "sent", reply.code, dsnStatus(reply), printable(replyText(reply))));
+      const words = printable(replyText(reply));
+      this.settleAccepted(txn, this.outcome(txn.job, "sent", reply.code, dsnStatus(reply), words, words));
     } else {
       this.settleAccepted(txn, this.replyOutcome(txn.job, reply, Stage.Dot));
     }
@@ -760,29 +872,30 @@ class Slot {
 
   /* Outcomes */
 
-  private outcome(job: Job, status: Status, code: number, dsn: string, text: string): Omit<Outcome, "recipient"> {
-    return { queueId: job.delivery.msg.id, status, code, dsn, text, relay: this.relay };
+  private outcome(job: Job, status: Status, code: number, dsn: string, text: string, reply: string | null = null): Omit<OutcomeInput, "recipient"> {
+    return { queueId: job.delivery.msg.id, status, code, dsn, text, relay: this.relay, reply };
   }
 
-  private replyOutcome(job: Job, reply: Reply, stage: Stage): Omit<Outcome, "recipient"> {
+  private replyOutcome(job: Job, reply: Reply, stage: Stage): Omit<OutcomeInput, "recipient"> {
     const cls = classify(reply);
     const status: Status = cls === "permanent" ? "bounced" : cls === "ok" ? "sent" : "deferred";
-    return this.outcome(job, status, reply.code, dsnStatus(reply), `host ${this.peer} said: ${printable(replyText(reply))} (${IN_REPLY_TO[stage]})`);
+    const words = printable(replyText(reply));
+    return this.outcome(job, status, reply.code, dsnStatus(reply), `host ${this.peer} said: ${words} (${IN_REPLY_TO[stage]})`, words);
   }
 
-  private settleOne(txn: Txn, rcpt: string, outcome: Omit<Outcome, "recipient">): void {
+  private settleOne(txn: Txn, rcpt: string, outcome: Omit<OutcomeInput, "recipient">): void {
     this.engine.recordOutcome(txn.job, { ...outcome, recipient: rcpt });
   }
 
-  private settleAccepted(txn: Txn, outcome: Omit<Outcome, "recipient">): void {
+  private settleAccepted(txn: Txn, outcome: Omit<OutcomeInput, "recipient">): void {
     for (const rcpt of txn.accepted) this.settleOne(txn, rcpt, outcome);
     this.finishTxn(txn);
   }
 
   /** Every recipient of the job not yet settled gets this outcome; the job is done. */
-  private settleAll(txn: Txn, outcome: Omit<Outcome, "recipient">): void {
+  private settleAll(txn: Txn, outcome: Omit<OutcomeInput, "recipient">): void {
     for (const rcpt of txn.job.recipients) {
-      if (!txn.job.delivery.outcomes.has(rcpt)) this.settleOne(txn, rcpt, outcome);
+      if (!txn.job.delivery.outcomes.has(rcpt) && !txn.overflow.includes(rcpt)) this.settleOne(txn, rcpt, outcome);
     }
     this.finishTxn(txn);
   }
@@ -792,6 +905,13 @@ class Slot {
     txn.settled = true;
     const i = this.txns.indexOf(txn);
     if (i >= 0) this.txns.splice(i, 1);
+    const overflow = txn.overflow.filter((r) => !txn.job.delivery.outcomes.has(r));
+    if (overflow.length > 0) {
+      // Progress was made (someone was accepted): the rest go in a new transaction at once.
+      // No progress: the server is full for now, and they wait like any 4xx.
+      if (txn.accepted.length > 0) this.engine.retryNow(txn.job, overflow);
+      else for (const rcpt of overflow) this.settleOne(txn, rcpt, this.replyOutcome(txn.job, txn.overflowReply!, Stage.Rcpt));
+    }
     this.engine.jobDone(txn.job);
   }
 
@@ -810,6 +930,7 @@ class Slot {
   /** A failure of the session: every transaction in flight is deferred with the reason. */
   fail(reason: string, reply?: Reply): void {
     if (this.closed) return;
+    if (this.stage <= Stage.Banner && this.hops.length > 0 && !this.engine.stopping) return this.nextHop(reason);
     const failedEarly = this.stage <= Stage.Helo && this.delivered === 0;
     this.closed = true;
     this.disarm();
@@ -895,12 +1016,16 @@ export class MailEngine extends EventEmitter {
   private readonly known = new Set<string>();
   /** Ids tried and put back in this pass: tried again in the next one, not in this one. */
   private tried = new Set<string>();
+  /** Backlog ids that wait in deferred/, not outgoing/. */
+  private readonly fromDeferred = new Set<string>();
+  /** When each deferred message is due. */
+  private readonly due = new DueHeap();
+  private readonly router: Router;
   private booked = new Set<string>();
   private preparing = 0;
   private queuedJobs = 0;
   private scanning: Promise<void> | null = null;
   private lastScan = 0;
-  private failedConnects = 0;
   private initialized: Promise<void> | null = null;
   private timer: NodeJS.Timeout | null = null;
   private watcher: fs.FSWatcher | null = null;
@@ -915,6 +1040,13 @@ export class MailEngine extends EventEmitter {
     super();
     this.options = checkOptions(options);
     this.spool = new Spool(this.options.maildir, { fsync: this.options.fsync });
+    const o = this.options;
+    this.router = new Router({
+      relay: o.relay ? parseHostPort(o.relay, "--relay", 25) : null,
+      port: o.port,
+      resolver: o.resolver ? parseHostPort(o.resolver, "--resolver", 53, true) : null,
+      dnsTimeout: o.dnsTimeout * 1000,
+    });
     this.log = new MailLog(this.options.log);
   }
 
@@ -948,11 +1080,11 @@ export class MailEngine extends EventEmitter {
   }
 
   /** One pass: send everything waiting, wait for every slot to finish, resolve with the counts. */
-  async flush(): Promise<FlushSummary> {
+  async flush(options: { force?: boolean } = {}): Promise<FlushSummary> {
     const started = Date.now();
     this.counts = emptySummary();
     this.active = true;
-    await this.runTick();
+    await this.runTick(options.force ?? false);
     await this.idle();
     const summary = { ...this.counts, seconds: (Date.now() - started) / 1000 };
     if (!this.timer) this.active = false;
@@ -987,15 +1119,40 @@ export class MailEngine extends EventEmitter {
 
   /* Ticks and scans */
 
-  private async runTick(): Promise<void> {
+  private async runTick(force = false): Promise<void> {
     await this.init();
     if (this.stopping) return;
-    this.failedConnects = 0;
-    for (const dest of this.destinations.values()) dest.deadReason = null;
+    for (const [key, dest] of this.destinations) {
+      // A destination with nothing going on is forgotten; the others start the tick afresh.
+      if (dest.slots === 0 && dest.jobs.length === 0 && dest.waiters.length === 0) this.destinations.delete(key);
+      else if (dest.route !== "pending") {
+        dest.reset();
+        if (dest.jobs.length > 0) this.lookUpRoute(dest);
+      }
+    }
     this.forgetTried();
+    this.takeDue(force ? Infinity : Date.now());
     await this.scan();
     this.pump();
     this.fillSlots();
+  }
+
+  /** Deferred messages whose time has come join the backlog (all of them with --force). */
+  private takeDue(now: number): void {
+    for (let id = this.due.popDue(now); id !== null; id = this.due.popDue(now)) {
+      this.fromDeferred.add(id);
+      this.enqueue(id);
+    }
+  }
+
+  /** At start: the schedule of deferred/, from each message's bookkeeping (due now when it has none). */
+  private async loadDeferred(): Promise<void> {
+    const { ids } = await this.spool.scan("deferred");
+    for (let i = 0; i < ids.length; i += 64) {
+      const batch = ids.slice(i, i + 64);
+      const books = await Promise.all(batch.map((id) => this.spool.readBookkeeping(id, "deferred")));
+      batch.forEach((id, j) => this.due.push(id, books[j]?.nextAttempt ?? 0));
+    }
   }
 
   private init(): Promise<void> {
@@ -1004,6 +1161,7 @@ export class MailEngine extends EventEmitter {
       this.takeLock();
       const { recovered } = await this.spool.init({ recover: true });
       for (const id of recovered) this.log.write("qmgr", `${id}: requeued from outgoing_active/ after an unclean stop`);
+      await this.loadDeferred();
     })();
     return this.initialized;
   }
@@ -1106,8 +1264,9 @@ export class MailEngine extends EventEmitter {
   }
 
   private async prepare(queued: string): Promise<void> {
-    const hasBook = this.booked.has(queued);
-    const id = await this.spool.claim(queued, "outgoing", hasBook);
+    const from = this.fromDeferred.delete(queued) ? "deferred" : "outgoing";
+    const hasBook = from === "deferred" || this.booked.has(queued);
+    const id = await this.spool.claim(queued, from, hasBook);
     if (id !== queued) this.known.delete(queued);
     if (id === null) return;
     this.known.add(id);
@@ -1124,12 +1283,12 @@ export class MailEngine extends EventEmitter {
         this.forget(id);
         return this.quarantine(id, "outgoing_active", err.reason);
       }
-      this.forget(id, await this.spool.release(id).catch(() => id));
+      this.forget(id, await this.spool.release(id, from).catch(() => id));
       throw new MailError(`${id}: cannot read queue file: ${(err as Error).message}`, "EQUEUE", { queueId: id });
     }
     const book = hasBook ? await this.spool.readBookkeeping(id, "outgoing_active") : null;
     this.booked.delete(id);
-    const delivery = new Delivery(msg, wire, prefix, claimedAt, book);
+    const delivery = new Delivery(msg, wire, prefix, claimedAt, book, from);
     this.log.write("qmgr", `${id}: from=<${msg.sender}>, size=${msg.size}, nrcpt=${msg.recipients.length} (queue active)`);
     this.counts.messages++;
     this.counts.recipients += msg.recipients.length;
@@ -1157,50 +1316,51 @@ export class MailEngine extends EventEmitter {
     const key = this.options.relay ? `relay:${this.options.relay}` : rcpt.slice(rcpt.lastIndexOf("@") + 1).toLowerCase();
     let dest = this.destinations.get(key);
     if (!dest) {
-      dest = new Destination(key, this.options.relay ? () => this.relayHosts() : () => this.mxHosts(key));
+      dest = new Destination(key);
       this.destinations.set(key, dest);
     }
     return dest;
   }
 
-  private async relayHosts(): Promise<Array<{ host: string; port: number }>> {
-    return [parseHostPort(this.options.relay!, "--relay", 25)];
-  }
-
-  /** MX hosts by preference (equal ones shuffled), or the domain itself when it has none. */
-  private async mxHosts(domain: string): Promise<Array<{ host: string; port: number }>> {
-    const port = this.options.port;
-    if (domain.startsWith("[")) return [{ host: domain.slice(1, -1).replace(/^IPv6:/i, ""), port }];
-    const resolver = new dns.promises.Resolver({ timeout: 10_000, tries: 2 });
-    if (this.options.resolver) {
-      const { host, port: dnsPort } = parseHostPort(this.options.resolver, "--resolver", 53, true);
-      resolver.setServers([net.isIPv6(host) ? `[${host}]:${dnsPort}` : `${host}:${dnsPort}`]);
-    }
-    try {
-      const mx = await resolver.resolveMx(domain);
-      if (mx.length === 1 && (mx[0].exchange === "" || mx[0].exchange === ".")) throw new Error(`domain ${domain} does not accept mail (null MX)`);
-      return mx.map((r) => ({ r, key: r.priority + Math.random() / 2 }))
-        .sort((a, b) => a.key - b.key)
-        .map(({ r }) => ({ host: r.exchange, port }));
-    } catch (err) {
-      const code = errno(err);
-      if (code === "ENODATA") return [{ host: domain, port }];
-      if (code === "ENOTFOUND") throw new Error(`Host or domain name not found. Name service error for name=${domain} type=MX: Host not found`);
-      throw err;
-    }
-  }
-
   private queueJob(job: Job): void {
     const dest = job.destination;
     if (this.stopping) return this.jobDone(job);
-    if (dest.deadReason) {
-      this.deferUnsent(job, `delivery temporarily suspended: ${dest.deadReason}`);
-      return;
-    }
+    if (dest.deadReason) return this.deferUnsent(job, `delivery temporarily suspended: ${dest.deadReason}`);
+    if (dest.route && dest.route !== "pending" && !dest.route.ok) return this.routeFailed(job, dest.route);
     const waiter = dest.waiters.shift();
     if (waiter) return waiter(job);
     dest.jobs.push(job);
     this.queuedJobs++;
+    if (dest.route === null) this.lookUpRoute(dest);
+  }
+
+  /** Once per tick and destination: where its mail goes. Its jobs wait in its queue meanwhile. */
+  private lookUpRoute(dest: Destination): void {
+    dest.route = "pending";
+    this.router.route(dest.key.startsWith("relay:") ? "" : dest.key).then((route) => {
+      dest.route = route;
+      if (!route.ok) {
+        const jobs = dest.jobs.splice(0);
+        this.queuedJobs -= jobs.length;
+        for (const job of jobs) this.routeFailed(job, route);
+      }
+      this.fillSlots();
+    }, (err) => {
+      dest.route = { ok: false, permanent: false, dsn: "4.4.3", reason: `cannot look up ${dest.key}: ${(err as Error).message}` };
+      this.fillSlots();
+    });
+  }
+
+  /** A destination DNS says does not exist bounces its jobs; one it cannot tell about now defers them. */
+  private routeFailed(job: Job, route: Extract<Route, { ok: false }>): void {
+    job.startedAt = Date.now();
+    for (const rcpt of job.recipients) {
+      this.recordOutcome(job, {
+        queueId: job.delivery.msg.id, recipient: rcpt, status: route.permanent ? "bounced" : "deferred",
+        code: 0, dsn: route.dsn, text: route.reason, relay: "none",
+      });
+    }
+    this.jobDone(job);
   }
 
   /** The next job for a slot of this destination, now or when one is ready; null when there will be none. */
@@ -1234,6 +1394,14 @@ export class MailEngine extends EventEmitter {
     }
   }
 
+  /** Recipients a server had no room for in this transaction: a new job, first in line. */
+  retryNow(job: Job, recipients: string[]): void {
+    const next = new Job(job.delivery, job.destination, recipients);
+    job.delivery.openJobs++;
+    job.destination.jobs.unshift(next);
+    this.queuedJobs++;
+  }
+
   /** A job a closing slot could not start goes back to the front of its destination's queue. */
   jobReturned(job: Job): void {
     job.destination.jobs.unshift(job);
@@ -1247,8 +1415,9 @@ export class MailEngine extends EventEmitter {
   private fillSlots(): void {
     if (this.stopping) return;
     for (const dest of this.destinations.values()) {
+      if (dest.route === null || dest.route === "pending") continue;
       while (
-        this.slots.size < this.options.maxConnections && this.failedConnects < 2 &&
+        this.slots.size < this.options.maxConnections && dest.failures < 2 &&
         dest.slots < this.options.destinationConcurrencyLimit && dest.jobs.length > dest.slots &&
         // Until a server of this destination has greeted, probe with one connection, as the
         // C code's one blocking connect at a time did: a dead host costs two attempts, not five.
@@ -1257,31 +1426,28 @@ export class MailEngine extends EventEmitter {
         const slot = new Slot(this, dest);
         this.slots.add(slot);
         dest.slots++;
-        void slot.open();
+        slot.open();
       }
-      if (this.failedConnects >= 2 && dest.slots === 0 && dest.jobs.length > 0) {
+      if (dest.failures >= 2 && dest.slots === 0 && (dest.jobs.length > 0 || dest.waiters.length > 0)) {
         // The tick gave up connecting: what waits for this destination is deferred until the next one.
-        dest.deadReason ??= dest.lastError ?? this.lastConnectError ?? "too many failed connections";
+        dest.deadReason ??= dest.lastError ?? "too many failed connections";
         this.dropJobs(dest, `delivery temporarily suspended: ${dest.deadReason}`);
       }
     }
     this.checkIdle();
   }
 
-  private lastConnectError: string | null = null;
-
   slotReady(slot: Slot): void {
     // do_smtp_connect() succeeded: the C code resets its tries here.
-    this.failedConnects = 0;
+    slot.destination.failures = 0;
     slot.wasReady = true;
     slot.destination.readySlots++;
     this.fillSlots();
   }
 
   slotFailedEarly(slot: Slot, reason: string): void {
-    this.failedConnects++;
+    slot.destination.failures++;
     slot.destination.lastError = reason;
-    this.lastConnectError = reason;
     this.slotClosed(slot);
   }
 
@@ -1320,7 +1486,8 @@ export class MailEngine extends EventEmitter {
 
   /* Outcomes: log line, event, and the queue file's fate */
 
-  recordOutcome(job: Job, outcome: Outcome): void {
+  recordOutcome(job: Job, input: OutcomeInput): void {
+    const outcome: Outcome = { ...input, enhanced: input.dsn, reply: input.reply ?? null };
     const delivery = job.delivery;
     delivery.outcomes.set(outcome.recipient, outcome);
     const now = Date.now();
@@ -1349,37 +1516,92 @@ export class MailEngine extends EventEmitter {
   }
 
   /**
-   * All jobs of a delivery are done: remove it, or put it back with the recipients still
-   * pending. Returns the id it was put back under, or null when it left the queue.
+   * All jobs of a delivery are done: bounce what failed for good (a DSN to the sender), then
+   * remove the message, or put it in deferred/ with the recipients still pending and the time
+   * of its next attempt, or, past --max-queue-lifetime, give those up too. Returns the id it
+   * was put back under, or null when it left the queue.
    */
   private async settle(delivery: Delivery): Promise<string | null> {
     const { msg } = delivery;
     const outcomes = [...delivery.outcomes.values()];
     if (outcomes.length === 0) {
-      // Never tried (the engine is stopping): back as it was, no attempt counted.
-      const id = await this.spool.release(msg.id, "outgoing");
-      if (delivery.book) this.booked.add(id);
+      // Never tried (the engine is stopping): back where it came from, no attempt counted.
+      const id = await this.spool.release(msg.id, delivery.from, delivery.book ?? undefined);
+      if (delivery.from === "deferred") this.due.push(id, delivery.book?.nextAttempt ?? 0);
+      else if (delivery.book) this.booked.add(id);
       return id;
     }
-    const pending = msg.recipients.filter((r) => delivery.outcomes.get(r)?.status !== "sent" && delivery.outcomes.get(r)?.status !== "bounced");
-    if (pending.length === 0) {
+    const pending = msg.recipients.filter((r) => delivery.outcomes.get(r)?.status === "deferred" || !delivery.outcomes.has(r));
+    const lastDeferral = outcomes.filter((o) => o.status === "deferred").pop();
+    const age = Date.now() - msg.arrival;
+    const expired = pending.length > 0 && age >= this.options.maxQueueLifetime * 1000;
+    const failed = outcomes.filter((o) => o.status === "bounced");
+    if (expired) {
+      for (const rcpt of pending) {
+        const last = delivery.outcomes.get(rcpt) ?? lastDeferral;
+        const text = `message expired after ${formatAge(age)} in the queue: ${last?.text ?? "not delivered"}`;
+        const outcome: Outcome = { queueId: msg.id, recipient: rcpt, status: "bounced", code: last?.code ?? 0, dsn: last?.dsn ?? "4.4.7",
+          enhanced: last?.dsn ?? "4.4.7", text, reply: last?.reply ?? null, relay: last?.relay ?? "none" };
+        failed.push(outcome);
+        this.emit("bounced", outcome);
+      }
+      this.log.write("qmgr", `${msg.id}: from=<${msg.sender}>, status=expired, returned to sender`);
+    }
+    if (failed.length > 0) await this.bounce(delivery, failed);
+    if (pending.length === 0 || expired) {
       await this.spool.complete(msg.id, delivery.book !== null);
       this.log.write("qmgr", `${msg.id}: removed`);
-      if (outcomes.some((o) => o.status === "bounced")) this.counts.bounced++;
+      if (failed.length > 0) this.counts.bounced++;
       else this.counts.sent++;
       return null;
     }
     if (pending.length < msg.recipients.length) await this.spool.rewriteRecipients(msg, pending);
-    const last = outcomes.filter((o) => o.status === "deferred").pop();
-    const book: Bookkeeping = {
-      attempts: (delivery.book?.attempts ?? 0) + 1,
-      nextAttempt: null,
-      lastError: last ? last.text : "delivery deferred",
-    };
-    const id = await this.spool.release(msg.id, "outgoing", book);
-    this.booked.add(id);
+    const attempts = (delivery.book?.attempts ?? 0) + 1;
+    const nextAttempt = Date.now() + this.backoff(attempts);
+    const book: Bookkeeping = { attempts, nextAttempt, lastError: lastDeferral ? lastDeferral.text : "delivery deferred" };
+    const id = await this.spool.release(msg.id, "deferred", book);
+    this.due.push(id, nextAttempt);
     this.counts.deferred++;
     return id;
+  }
+
+  /** Postfix's backoff: --min-backoff after the first failure, doubling up to --max-backoff. */
+  private backoff(attempts: number): number {
+    const { minBackoff, maxBackoff } = this.options;
+    return Math.min(maxBackoff, minBackoff * 2 ** Math.min(attempts - 1, 30)) * 1000;
+  }
+
+  /** The non-delivery notification (RFC 3464) to the sender of what failed; never for the null sender. */
+  private async bounce(delivery: Delivery, failed: Outcome[]): Promise<void> {
+    const { msg } = delivery;
+    if (msg.sender === "") {
+      this.log.write("qmgr", `${msg.id}: undeliverable mail from the null sender is dropped, not bounced (no mail loops)`);
+      return;
+    }
+    const now = new Date();
+    const content = composeBounce({
+      queueId: msg.id,
+      sender: msg.sender,
+      arrival: new Date(msg.arrival),
+      reportingMta: this.options.helo,
+      recipients: failed.map((o) => ({
+        recipient: o.recipient,
+        action: "failed" as const,
+        status: o.dsn,
+        remoteMta: o.relay === "none" ? undefined : o.relay.replace(/\[.*$/, ""),
+        diagnostic: o.reply ?? undefined,
+        reason: o.text,
+        lastAttempt: now,
+      })),
+      originalHeaders: await this.spool.headerBlock(msg),
+      now,
+    });
+    const id = await this.spool.create(content);
+    this.log.write("qmgr", `${msg.id}: sender non-delivery notification: ${id}`);
+    if (this.active && !this.stopping) {
+      this.enqueue(id);
+      this.scheduleTick();
+    }
   }
 
   private async quarantine(id: string, from: "outgoing" | "outgoing_active", reason: string): Promise<void> {
@@ -1485,6 +1707,13 @@ export function rfc5322Date(date = new Date()): string {
   const abs = Math.abs(offset);
   return `${days[date.getDay()]}, ${date.getDate()} ${MONTHS[date.getMonth()]} ${date.getFullYear()} ` +
     `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())} ${sign}${pad(Math.floor(abs / 60))}${pad(abs % 60)}`;
+}
+
+/** "2d 3h", "5h 12m", "40m": how long a message has waited, for people. */
+function formatAge(ms: number): string {
+  const m = Math.floor(ms / 60000);
+  const d = Math.floor(m / 1440), h = Math.floor((m % 1440) / 60), min = m % 60;
+  return d > 0 ? `${d}d ${h}h` : h > 0 ? `${h}h ${min}m` : `${min}m`;
 }
 
 /** 20261123154409: the arrival time in a Message-ID, as Postfix writes it. */
@@ -1756,11 +1985,11 @@ export async function main(argv: string[]): Promise<number> {
   }
   const { modes } = parsed;
   if (modes["--queue"]) return listQueue(engine, Boolean(modes["--json"]));
-  if (modes["--flush"]) return flushOnce(engine);
+  if (modes["--flush"]) return flushOnce(engine, Boolean(modes["--force"]));
   return runDaemon(engine);
 }
 
-async function flushOnce(engine: MailEngine): Promise<number> {
+async function flushOnce(engine: MailEngine, force: boolean): Promise<number> {
   const live = process.stderr.isTTY ? setInterval(() => {
     const p = engine.progress;
     process.stderr.write(`\rmudmail: ${p.sent} sent, ${p.deferred} deferred, ${p.bounced} bounced, ${p.corrupt} corrupt; ${p.busySlots} connections, ${p.waiting} waiting `);
@@ -1769,7 +1998,7 @@ async function flushOnce(engine: MailEngine): Promise<number> {
   process.once("SIGINT", stopOnSignal);
   process.once("SIGTERM", stopOnSignal);
   try {
-    const s = await engine.flush();
+    const s = await engine.flush({ force });
     if (live) { clearInterval(live); process.stderr.write("\r\x1b[K"); }
     process.stdout.write(`mudmail: flush: ${s.sent} sent, ${s.deferred} deferred, ${s.bounced} bounced, ${s.corrupt} corrupt ` +
       `(${s.messages} messages, ${s.recipients} recipients, ${s.seconds.toFixed(2)} s)\n`);
@@ -1853,17 +2082,25 @@ async function listQueue(engine: MailEngine, json: boolean): Promise<number> {
     process.stdout.write("Mail queue is empty\n");
     return 0;
   }
+  // mailq's marks: * active, ! held (here: corrupt, kept for a human).
   const mark = { queued: " ", active: "*", deferred: " ", corrupt: "!" } as const;
   let out = "-Queue ID-        --Size-- ---Arrival Time--- -Sender/Recipient-------\n";
   let bytes = 0;
+  const now = Date.now();
   for (const e of entries) {
     bytes += e.size;
     const d = new Date(e.queuedAt);
     const when = `${d.toString().slice(0, 10)} ${d.toTimeString().slice(0, 8)}`;
     out += `${(e.id + mark[e.state]).padEnd(17)} ${String(e.size).padStart(8)} ${when}  ${e.sender === null ? "?" : e.sender || "MAILER-DAEMON"}\n`;
-    const status = e.state === "corrupt" ? `corrupt: ${e.lastError ?? ""}` : e.lastError ? `${e.lastError}` : "";
-    const extra = e.attempts ? ` [attempts ${e.attempts}${e.nextAttempt ? `, next ${e.nextAttempt}` : ""}]` : "";
-    if (status || extra) out += `${" ".repeat(17)} (${printable(status, 200)}${extra})\n`;
+    // One line of state: what it is, how old, how often tried, when next, and why not yet.
+    const next = e.nextAttempt ? Date.parse(e.nextAttempt) - now : null;
+    const facts = [
+      e.state,
+      `age ${formatAge(now - d.getTime())}`,
+      ...(e.attempts ? [`attempts ${e.attempts}`] : []),
+      ...(next !== null ? [next > 0 ? `next in ${formatAge(next)}` : "due now"] : []),
+    ];
+    out += `${" ".repeat(18)}(${facts.join(", ")}${e.lastError ? `: ${printable(e.lastError, 200)}` : ""})\n`;
     for (const r of e.recipients) out += `${" ".repeat(46)}${r}\n`;
     out += "\n";
   }

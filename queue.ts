@@ -386,6 +386,23 @@ export class Spool {
     }
   }
 
+  /**
+   * The message's header block (up to and including the line end before the blank line),
+   * for a bounce: read in CHUNK pieces until the blank line, at most `max` bytes.
+   */
+  async headerBlock(msg: QueuedMessage, max = 1024 * 1024): Promise<Buffer> {
+    let seen = Buffer.alloc(0);
+    for await (const chunk of this.content(msg)) {
+      seen = Buffer.concat([seen, chunk]);
+      const lf = seen.indexOf("\n\n");
+      const crlf = seen.indexOf("\r\n\r\n");
+      const ends = [lf >= 0 ? lf + 1 : -1, crlf >= 0 ? crlf + 2 : -1].filter((n) => n >= 0);
+      if (ends.length > 0) return seen.subarray(0, Math.min(...ends));
+      if (seen.length >= max) return seen.subarray(0, max);
+    }
+    return seen;
+  }
+
   /** Reads the content from `offset` (relative to line 3) in CHUNK pieces. */
   async *content(msg: QueuedMessage): AsyncGenerator<Buffer> {
     if (msg.whole) {

@@ -107,17 +107,25 @@ t.test("--flush sends through --relay, prints a one-line summary, exits 0; a dea
   t.match(log, /1700000001\.0: corrupt queue file moved to corrupt\/1700000001\.0: bad recipient "no-at-sign": not of the form addr@domain/);
   t.same(await listFolder(maildir, "corrupt"), ["1700000001.0"]);
 
-  for (let n = 0; n < 3; n++) await dropQueueFile(maildir, `1700000002.${n}`, queueFile("a@test.example", [`u${n}@test.example`], testMessage(n)));
+  // Ids carry the arrival time: these arrive now (ids from 2023 would be past --max-queue-lifetime and bounce).
+  const now = Math.floor(Date.now() / 1000);
+  for (let n = 0; n < 3; n++) await dropQueueFile(maildir, `${now}.${n}`, queueFile("a@test.example", [`u${n}@test.example`], testMessage(n)));
   await sink.stop();
   const dead = await runCli(["--flush", "--relay", `${sink.host}:${sink.port}`, "--maildir", maildir, "--log", logFile], { timeoutMs: 20_000 });
   t.equal(dead.code, 0, "deferred mail is a normal outcome");
   t.match(dead.stdout, /flush: 0 sent, 3 deferred, 0 bounced, 0 corrupt/);
-  t.equal((await listFolder(maildir, "outgoing")).length, 3, "the messages wait in the queue");
+  t.equal((await listFolder(maildir, "deferred")).length, 3, "the messages wait in deferred/");
   const json = JSON.parse((await runCli(["--queue", "--json", "--maildir", maildir])).stdout);
-  for (const e of json.filter((x: { state: string }) => x.state === "queued")) {
+  const deferred = json.filter((x: { state: string }) => x.state === "deferred");
+  t.equal(deferred.length, 3, "listed as deferred");
+  for (const e of deferred) {
     t.equal(e.attempts, 1, "an attempt is counted");
     t.match(e.lastError, /Connection refused/, "the last error is kept");
+    const wait = Date.parse(e.nextAttempt) - Date.now();
+    t.ok(wait > 250_000 && wait <= 300_000, `next attempt after --min-backoff (${wait} ms)`);
   }
+  const text = await runCli(["--queue", "--maildir", maildir]);
+  t.match(text.stdout, /\(deferred, age \d+m, attempts 1, next in 4m: delivery temporarily suspended: connect to .*Connection refused\)/, "mailq shows state, age, attempts, next attempt and the last error");
 });
 
 t.test("run mode: mail queued while it runs goes out at once; SIGTERM stops it cleanly", async (t) => {

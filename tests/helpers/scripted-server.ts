@@ -150,9 +150,13 @@ export function multiline(code: number | string, texts: string[]): string[] {
   return texts.map((text, i) => `${code}${i === texts.length - 1 ? " " : "-"}${text}`);
 }
 
-export async function startScriptedServer(script: Script = {}): Promise<ScriptedServer> {
-  const server = new Scripted(script);
-  await server.listen();
+/**
+ * Starts a server on 127.0.0.1 and a free port, or where `at` says: tests of MX routing put
+ * several on 127.0.0.2, 127.0.0.3, ... with the same port (all of 127/8 is loopback).
+ */
+export async function startScriptedServer(script: Script = {}, at: { host?: string; port?: number } = {}): Promise<ScriptedServer> {
+  const server = new Scripted(script, at.host ?? "127.0.0.1");
+  await server.listen(at.port ?? 0);
   return server;
 }
 
@@ -181,7 +185,7 @@ interface Waiter {
 }
 
 class Scripted implements ScriptedServer, Host {
-  readonly host = "127.0.0.1";
+  readonly host: string;
   port = 0;
   script: Script;
   readonly sessions: Session[] = [];
@@ -193,8 +197,9 @@ class Scripted implements ScriptedServer, Host {
   private queueIds = 0;
   private closing: Promise<void> | null = null;
 
-  constructor(script: Script) {
+  constructor(script: Script, host: string) {
     this.script = script;
+    this.host = host;
     this.server = net.createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
   }
 
@@ -210,10 +215,10 @@ class Scripted implements ScriptedServer, Host {
     return this.sessions.length;
   }
 
-  async listen(): Promise<void> {
+  async listen(port: number): Promise<void> {
     await new Promise<void>((resolve, reject) => {
       this.server.once("error", reject);
-      this.server.listen(0, this.host, () => {
+      this.server.listen(port, this.host, () => {
         this.server.off("error", reject);
         resolve();
       });

@@ -1,0 +1,250 @@
+// Postfix-grade delivery (issue 4): MX routing through a test DNS server to scripted servers
+// on 127.0.0.2, 127.0.0.3, ... (one port, several loopback addresses), the deferred queue
+// with backoff, lifetime expiry, and bounces as RFC 3464 reports, one of them delivered
+// to a real Postfix.
+
+import t from "tap";
+import fs from "node:fs/promises";
+import path from "node:path";
+import { MailEngine, type FlushSummary, type Outcome } from "../mail.js";
+import { startDnsServer, type DnsServer, type Zone } from "./helpers/dns-server.js";
+import { startScriptedServer, type Script, type ScriptedServer } from "./helpers/scripted-server.js";
+import { freePort, requirePostfix, startPostfix } from "./helpers/postfix.js";
+import { dropQueueFile, listFolder, makeSpool, queueFile, tempMaildir } from "./helpers/spool-files.js";
+
+const SIMPLE = "From: talker@talker.test\nSubject: hello\nDate: Mon, 23 Nov 2026 12:00:00 +0000\nMessage-ID: <m@talker.test>\n\nhello\n";
+
+interface World {
+  dns: DnsServer;
+  port: number;
+  servers: Map<string, ScriptedServer>;
+  maildir: string;
+  lines: string[];
+  events: Outcome[];
+  engine: MailEngine;
+  flush(force?: boolean): Promise<FlushSummary>;
+  drop(recipients: string[], sender?: string, ageSeconds?: number): Promise<string>;
+}
+
+let idCounter = 0;
+
+/** A DNS zone, scripted servers on the given loopback addresses (one port), an engine using both. */
+async function world(t: Tap.Test, zone: Zone, servers: Record<string, Script>, options: Record<string, unknown> = {}): Promise<World> {
+  const dns = await startDnsServer(zone);
+  t.teardown(() => dns.close());
+  let port = 0;
+  const started = new Map<string, ScriptedServer>();
+  for (let attempt = 0; attempt < 10 && started.size < Object.keys(servers).length; attempt++) {
+    for (const s of started.values()) await s.close();
+    started.clear();
+    port = await freePort();
+    try {
+      for (const [host, script] of Object.entries(servers)) started.set(host, await startScriptedServer(script, { host, port }));
+    } catch {
+      continue; // that port was taken on another address: try another
+    }
+  }
+  t.teardown(async () => { for (const s of started.values()) await s.close(); });
+  const maildir = await tempMaildir();
+  await makeSpool(maildir);
+  const lines: string[] = [];
+  const events: Outcome[] = [];
+  const engine = new MailEngine({
+    maildir, resolver: dns.address, port: port || 2, log: (l) => lines.push(l), fsync: false, helo: "talker.test",
+    connectTimeout: 2, heloTimeout: 2, mailTimeout: 2, rcptTimeout: 2, dataInitTimeout: 2, dataXferTimeout: 2, dataDoneTimeout: 2,
+    dnsTimeout: 1, ...options,
+  });
+  for (const e of ["sent", "deferred", "bounced"] as const) engine.on(e, (o: Outcome) => events.push(o));
+  t.teardown(() => engine.stop());
+  return {
+    dns, port, servers: started, maildir, lines, events, engine,
+    flush: (force = false) => engine.flush({ force }),
+    async drop(recipients, sender = "talker@talker.test", ageSeconds = 0) {
+      const id = `${Math.floor(Date.now() / 1000) - ageSeconds}.${9000 + idCounter++}`;
+      return dropQueueFile(maildir, id, queueFile(sender, recipients, SIMPLE));
+    },
+  };
+}
+
+declare global {
+  // eslint-disable-next-line @typescript-eslint/no-namespace
+  namespace Tap { type Test = import("tap").Test }
+}
+
+const line = (w: World, id: string, rcpt: string) => w.lines.find((l) => l.includes(`${id}: to=<${rcpt}>`)) ?? "";
+
+t.test("MX hosts are tried by preference; the best one takes the mail", async (t) => {
+  const w = await world(t, {
+    "dest.test": { MX: [{ preference: 20, exchange: "mx2.dest.test" }, { preference: 10, exchange: "mx1.dest.test" }] },
+    "mx1.dest.test": { A: ["127.0.0.2"] },
+    "mx2.dest.test": { A: ["127.0.0.3"] },
+  }, { "127.0.0.2": {}, "127.0.0.3": {} });
+  const id = await w.drop(["bob@dest.test"]);
+  t.match(await w.flush(), { sent: 1, deferred: 0 });
+  t.equal(w.servers.get("127.0.0.2")!.messages.length, 1, "the preferred MX got it");
+  t.equal(w.servers.get("127.0.0.3")!.connections, 0, "the other was not asked");
+  t.match(line(w, id, "bob@dest.test"), new RegExp(`relay=mx1\\.dest\\.test\\[127\\.0\\.0\\.2\\]:${w.port}, .*status=sent`));
+  t.ok(w.dns.queries.some((q) => q.name === "dest.test" && q.type === "MX"), "asked for MX through --resolver");
+});
+
+t.test("an MX host that is down, or greets with 421 or 554, is skipped for the next", async (t) => {
+  for (const [label, first] of [["down", null], ["421 greeting", { greeting: "421 4.3.2 busy, try later" }], ["554 greeting", { greeting: "554 5.7.1 go away" }]] as const) {
+    await t.test(label, async (t) => {
+      const servers: Record<string, Script> = { "127.0.0.3": {} };
+      if (first) servers["127.0.0.2"] = first as Script;
+      const w = await world(t, {
+        "dest.test": { MX: [{ preference: 10, exchange: "mx1.dest.test" }, { preference: 20, exchange: "mx2.dest.test" }] },
+        "mx1.dest.test": { A: ["127.0.0.2"] },
+        "mx2.dest.test": { A: ["127.0.0.3"] },
+      }, servers);
+      const id = await w.drop(["bob@dest.test"]);
+      t.match(await w.flush(), { sent: 1, deferred: 0, bounced: 0 });
+      t.equal(w.servers.get("127.0.0.3")!.messages.length, 1, "the second MX took it");
+      if (first) t.equal(w.servers.get("127.0.0.2")!.messages.length, 0, "nothing went to the first");
+      t.match(line(w, id, "bob@dest.test"), /relay=mx2\.dest\.test\[127\.0\.0\.3\]/);
+    });
+  }
+});
+
+t.test("once an MX has greeted, a 451 defers: the next MX is not tried", async (t) => {
+  const w = await world(t, {
+    "dest.test": { MX: [{ preference: 10, exchange: "mx1.dest.test" }, { preference: 20, exchange: "mx2.dest.test" }] },
+    "mx1.dest.test": { A: ["127.0.0.2"] },
+    "mx2.dest.test": { A: ["127.0.0.3"] },
+  }, { "127.0.0.2": { mail: () => "451 4.3.0 local trouble" }, "127.0.0.3": {} });
+  const id = await w.drop(["bob@dest.test"]);
+  t.match(await w.flush(), { sent: 0, deferred: 1 });
+  t.equal(w.servers.get("127.0.0.3")!.connections, 0, "the second MX was not contacted");
+  t.same(await listFolder(w.maildir, "deferred"), [id]);
+  t.match(line(w, id, "bob@dest.test"), /relay=mx1\.dest\.test\[127\.0\.0\.2\]:\d+, .*dsn=4\.3\.0, status=deferred \(host mx1\.dest\.test\[127\.0\.0\.2\] said: 451 4\.3\.0 local trouble \(in reply to MAIL FROM command\)\)/);
+});
+
+t.test("a domain without MX records is its own exchanger (A fallback)", async (t) => {
+  const w = await world(t, { "plain.test": { A: ["127.0.0.4"] } }, { "127.0.0.4": {} });
+  const id = await w.drop(["carol@plain.test"]);
+  t.match(await w.flush(), { sent: 1 });
+  t.match(line(w, id, "carol@plain.test"), /relay=plain\.test\[127\.0\.0\.4\]/);
+});
+
+t.test("NXDOMAIN and the null MX bounce; SERVFAIL defers", async (t) => {
+  const w = await world(t, {
+    "talker.test": { MX: [{ preference: 10, exchange: "mx.talker.test" }] },
+    "mx.talker.test": { A: ["127.0.0.5"] },
+    "nullmx.test": { MX: [{ preference: 0, exchange: "." }] },
+    "broken.test": { rcode: "SERVFAIL" },
+  }, { "127.0.0.5": {} });
+  const gone = await w.drop(["x@nowhere.test"]);
+  const nullmx = await w.drop(["y@nullmx.test"]);
+  const broken = await w.drop(["z@broken.test"]);
+  const summary = await w.flush();
+  t.match(line(w, gone, "x@nowhere.test"), /relay=none, .*dsn=5\.4\.4, status=bounced \(Host or domain name not found\. Name service error for name=nowhere\.test type=MX: Host not found\)/);
+  t.match(line(w, nullmx, "y@nullmx.test"), /dsn=5\.1\.10, status=bounced \(Domain nullmx\.test does not accept mail \(nullMX\)\)/);
+  t.match(line(w, broken, "z@broken.test"), /dsn=4\.4\.3, status=deferred \(Host or domain name not found\. Name service error for name=broken\.test type=MX: Host not found, try again/);
+  t.same(await listFolder(w.maildir, "deferred"), [broken], "only the SERVFAIL one waits");
+  // The two bounces went back to talker.test's MX as delivery status notifications.
+  const dsns = w.servers.get("127.0.0.5")!.messages;
+  t.equal(dsns.length, 2, "two reports to the sender");
+  for (const m of dsns) {
+    t.equal(m.from, "", "from the null sender");
+    t.same(m.to, ["talker@talker.test"]);
+    t.match(m.data.toString(), /Content-Type: multipart\/report; report-type=delivery-status;/);
+  }
+  t.match(summary, { bounced: 2, deferred: 1, sent: 2, messages: 5 }, "3 messages + 2 reports");
+});
+
+t.test("recipients on different domains are split per destination; one transaction per domain", async (t) => {
+  const w = await world(t, {
+    "a.test": { MX: [{ preference: 10, exchange: "mx.a.test" }] }, "mx.a.test": { A: ["127.0.0.2"] },
+    "b.test": { MX: [{ preference: 10, exchange: "mx.b.test" }] }, "mx.b.test": { A: ["127.0.0.3"] },
+  }, { "127.0.0.2": {}, "127.0.0.3": { rcpt: (a) => (a.startsWith("nope") ? "550 5.1.1 no such user" : undefined) } });
+  const id = await w.drop(["one@a.test", "two@a.test", "three@b.test", "nope@b.test"], "<>");
+  t.match(await w.flush(), { sent: 0, bounced: 1, deferred: 0, messages: 1 }, "a null-sender message: no report");
+  t.same(w.servers.get("127.0.0.2")!.messages.map((m) => m.to), [["one@a.test", "two@a.test"]]);
+  t.same(w.servers.get("127.0.0.3")!.messages.map((m) => m.to), [["three@b.test"]]);
+  t.match(w.lines.join("\n"), new RegExp(`${id.replace(".", "\\.")}: undeliverable mail from the null sender is dropped`));
+  t.same(await listFolder(w.maildir, "outgoing_active"), []);
+  t.same(await listFolder(w.maildir, "deferred"), []);
+});
+
+t.test("the deferred queue: backoff doubles from --min-backoff to --max-backoff; --force retries; delivered once", async (t) => {
+  let refuse = true;
+  const w = await world(t, { "dest.test": { A: ["127.0.0.2"] } },
+    { "127.0.0.2": { rcpt: () => (refuse ? "450 4.2.0 mailbox busy" : undefined) } },
+    { minBackoff: 100, maxBackoff: 300 });
+  const id = await w.drop(["bob@dest.test"]);
+  const waits: number[] = [];
+  for (let attempt = 1; attempt <= 3; attempt++) {
+    const before = Date.now();
+    t.match(await w.flush(attempt > 1), { deferred: 1 }, `attempt ${attempt} deferred`);
+    const book = JSON.parse(await fs.readFile(path.join(w.maildir, "deferred", `.${id}`), "utf8"));
+    t.equal(book.attempts, attempt);
+    t.match(book.lastError, /450 4\.2\.0 mailbox busy/);
+    waits.push(Math.round((book.nextAttempt - before) / 1000));
+  }
+  t.same(waits, [100, 200, 300], "100 s, then doubled, then capped at --max-backoff");
+  t.match(await w.flush(), { messages: 0 }, "not due: a plain flush does not touch it");
+  refuse = false;
+  t.match(await w.flush(true), { sent: 1, deferred: 0 }, "--force: delivered");
+  t.same(await listFolder(w.maildir, "deferred"), []);
+  t.equal(w.servers.get("127.0.0.2")!.messages.length, 1, "delivered exactly once");
+  t.equal(w.servers.get("127.0.0.2")!.messages[0].data.toString().includes("hello"), true);
+});
+
+t.test("a deferred message whose time has come is picked up by the tick, across a restart", async (t) => {
+  let refuse = true;
+  const w = await world(t, { "dest.test": { A: ["127.0.0.2"] } },
+    { "127.0.0.2": { rcpt: () => (refuse ? "451 4.3.0 later" : undefined) } }, { minBackoff: 1, maxBackoff: 1 });
+  await w.drop(["bob@dest.test"]);
+  t.match(await w.flush(), { deferred: 1 });
+  await w.engine.stop();
+  refuse = false;
+  await new Promise((r) => setTimeout(r, 1100));
+  const again = new MailEngine({ maildir: w.maildir, resolver: w.dns.address, port: w.port, log: () => undefined, fsync: false, dnsTimeout: 1 });
+  t.teardown(() => again.stop());
+  t.match(await again.flush(), { sent: 1, deferred: 0 }, "a new engine reads deferred/ and sends what is due");
+});
+
+t.test("past --max-queue-lifetime a deferred message bounces with the last error", async (t) => {
+  const w = await world(t, { "dest.test": { A: ["127.0.0.2"] }, "talker.test": { A: ["127.0.0.3"] } },
+    { "127.0.0.2": { rcpt: () => "451 4.3.0 still busy" }, "127.0.0.3": {} }, { maxQueueLifetime: 3600 });
+  const id = await w.drop(["bob@dest.test"], "talker@talker.test", 7200);
+  const summary = await w.flush();
+  t.match(summary, { bounced: 1, sent: 1, messages: 2 }, "the expired message, and its report");
+  t.match(w.lines.join("\n"), new RegExp(`${id.replace(".", "\\.")}: from=<talker@talker\\.test>, status=expired, returned to sender`));
+  t.ok(w.events.some((e) => e.queueId === id && e.status === "bounced" && /expired after 2h 0m in the queue: host .* said: 451 4\.3\.0 still busy/.test(e.text)),
+    "a bounced event with the last error");
+  const report = w.servers.get("127.0.0.3")!.messages[0].data.toString();
+  t.match(report, /Final-Recipient: rfc822; ?bob@dest\.test/);
+  t.match(report, /Action: failed/);
+  t.match(report, /Status: 4\.3\.0/);
+  t.same(await listFolder(w.maildir, "deferred"), []);
+});
+
+t.test("a bounce is a report a real Postfix accepts and stores", async (t) => {
+  if (!requirePostfix(t)) return;
+  // Postfix refuses to relay for other domains (554 5.7.1) and stores mail for its own.
+  const postfix = await startPostfix({ mainCf: { smtpd_relay_restrictions: "reject_unauth_destination" } });
+  t.teardown(() => postfix.stop());
+  const maildir = await tempMaildir();
+  await makeSpool(maildir);
+  const id = `${Math.floor(Date.now() / 1000)}.1`;
+  await dropQueueFile(maildir, id, queueFile(`talker@${postfix.domain}`, ["gone@elsewhere.test"],
+    "X-Mudmail-Test: 7\nFrom: talker@test.example\nSubject: will bounce\n\nbody\n"));
+  const lines: string[] = [];
+  const engine = new MailEngine({ maildir, relay: `${postfix.host}:${postfix.port}`, log: (l) => lines.push(l), fsync: false, helo: "talker.test" });
+  t.teardown(() => engine.stop());
+  t.match(await engine.flush(), { bounced: 1, sent: 1, messages: 2 }, "the message bounced; its report was sent in the same pass");
+  t.match(lines.join("\n"), new RegExp(`${id.replace(".", "\\.")}: sender non-delivery notification: \\d+\\.\\d+`));
+  const [stored] = await postfix.waitForMessages(1, 20_000);
+  const text = stored.toString();
+  t.match(text, /Return-Path: <>/, "Postfix stored it, from the null sender");
+  t.match(text, /\nTo: <?talker@test\.example>?\n/);
+  t.match(text, /Content-Type: multipart\/report; report-type=delivery-status;/);
+  t.match(text, /Final-Recipient: rfc822; ?gone@elsewhere\.test/);
+  t.match(text, /Action: failed/);
+  t.match(text, /Status: 5\.7\.1/);
+  t.match(text, /Diagnostic-Code: smtp; ?554 5\.7\.1 <gone@elsewhere\.test>: Relay access denied/);
+  t.match(text, /Content-Type: text\/rfc822-headers/);
+  t.match(text, /X-Mudmail-Test: 7/, "the original headers are returned");
+  t.notMatch(text, /\nbody\n/, "not the original body");
+});
