@@ -1066,7 +1066,7 @@ export class MailEngine extends EventEmitter {
   /** check_smtp(): read outgoing/ once and open connections into free slots. */
   tick(): void {
     this.active = true;
-    this.runTick().catch((err) => this.report(err as Error));
+    this.runTick().catch((err) => this.reportError(err as Error));
   }
 
   /** Keeps the engine's own timer (every tickInterval seconds) and watches outgoing/ for drops. */
@@ -1231,7 +1231,7 @@ export class MailEngine extends EventEmitter {
     if (this.rescanTimer || this.stopping) return;
     this.rescanTimer = setTimeout(() => {
       this.rescanTimer = null;
-      this.scan().then(() => { this.pump(); this.fillSlots(); }, (err) => this.report(err as Error));
+      this.scan().then(() => { this.pump(); this.fillSlots(); }, (err) => this.reportError(err as Error));
     }, 100);
     this.rescanTimer.unref?.();
   }
@@ -1252,7 +1252,7 @@ export class MailEngine extends EventEmitter {
       }
       this.preparing++;
       this.prepare(id)
-        .catch((err) => this.report(err as Error))
+        .catch((err) => this.reportError(err as Error))
         .finally(() => {
           this.preparing--;
           this.pump();
@@ -1375,7 +1375,7 @@ export class MailEngine extends EventEmitter {
   /** While the backlog ran dry, files may have been dropped in: read outgoing/ again, at most once a second. */
   private mayRescan(): boolean {
     if (this.stopping || Date.now() - this.lastScan < 1000) return false;
-    this.scan().then(() => { this.pump(); this.fillSlots(); }, (err) => this.report(err as Error));
+    this.scan().then(() => { this.pump(); this.fillSlots(); }, (err) => this.reportError(err as Error));
     return true;
   }
 
@@ -1510,7 +1510,7 @@ export class MailEngine extends EventEmitter {
       (putBack) => this.forget(delivery.msg.id, putBack ?? undefined),
       (err) => {
         this.forget(delivery.msg.id, delivery.msg.id);
-        this.report(err as Error);
+        this.reportError(err as Error);
       },
     ).finally(() => this.checkIdle());
   }
@@ -1547,7 +1547,7 @@ export class MailEngine extends EventEmitter {
       }
       this.log.write("qmgr", `${msg.id}: from=<${msg.sender}>, status=expired, returned to sender`);
     }
-    if (failed.length > 0) await this.bounce(delivery, failed);
+    if (failed.length > 0) await this.report(delivery, failed, "failed");
     if (pending.length === 0 || expired) {
       await this.spool.complete(msg.id, delivery.book !== null);
       this.log.write("qmgr", `${msg.id}: removed`);
@@ -1559,6 +1559,11 @@ export class MailEngine extends EventEmitter {
     const attempts = (delivery.book?.attempts ?? 0) + 1;
     const nextAttempt = Date.now() + this.backoff(attempts);
     const book: Bookkeeping = { attempts, nextAttempt, lastError: lastDeferral ? lastDeferral.text : "delivery deferred" };
+    if (delivery.book?.warned) book.warned = true;
+    else if (this.options.delayWarning !== null && age >= this.options.delayWarning * 3600_000) {
+      const delayed = pending.map((r) => delivery.outcomes.get(r)).filter((o): o is Outcome => o !== undefined);
+      book.warned = await this.report(delivery, delayed, "delayed");
+    }
     const id = await this.spool.release(msg.id, "deferred", book);
     this.due.push(id, nextAttempt);
     this.counts.deferred++;
@@ -1571,12 +1576,16 @@ export class MailEngine extends EventEmitter {
     return Math.min(maxBackoff, minBackoff * 2 ** Math.min(attempts - 1, 30)) * 1000;
   }
 
-  /** The non-delivery notification (RFC 3464) to the sender of what failed; never for the null sender. */
-  private async bounce(delivery: Delivery, failed: Outcome[]): Promise<void> {
+  /**
+   * A delivery status notification (RFC 3464) to the sender: "failed" for what bounced,
+   * "delayed" for the one --delay-warning asks for. Never to the null sender (no mail loops).
+   * Returns whether a report was queued.
+   */
+  private async report(delivery: Delivery, outcomes: Outcome[], action: "failed" | "delayed"): Promise<boolean> {
     const { msg } = delivery;
     if (msg.sender === "") {
-      this.log.write("qmgr", `${msg.id}: undeliverable mail from the null sender is dropped, not bounced (no mail loops)`);
-      return;
+      if (action === "failed") this.log.write("qmgr", `${msg.id}: undeliverable mail from the null sender is dropped, not bounced (no mail loops)`);
+      return false;
     }
     const now = new Date();
     const content = composeBounce({
@@ -1584,24 +1593,26 @@ export class MailEngine extends EventEmitter {
       sender: msg.sender,
       arrival: new Date(msg.arrival),
       reportingMta: this.options.helo,
-      recipients: failed.map((o) => ({
+      recipients: outcomes.map((o) => ({
         recipient: o.recipient,
-        action: "failed" as const,
+        action,
         status: o.dsn,
         remoteMta: o.relay === "none" ? undefined : o.relay.replace(/\[.*$/, ""),
-        diagnostic: o.reply ?? undefined,
+        diagnostic: o.reply ?? o.text,
         reason: o.text,
         lastAttempt: now,
+        willRetryUntil: action === "delayed" ? new Date(msg.arrival + this.options.maxQueueLifetime * 1000) : undefined,
       })),
       originalHeaders: await this.spool.headerBlock(msg),
       now,
     });
     const id = await this.spool.create(content);
-    this.log.write("qmgr", `${msg.id}: sender non-delivery notification: ${id}`);
+    this.log.write("qmgr", `${msg.id}: sender ${action === "failed" ? "non-delivery" : "delay"} notification: ${id}`);
     if (this.active && !this.stopping) {
       this.enqueue(id);
       this.scheduleTick();
     }
+    return true;
   }
 
   private async quarantine(id: string, from: "outgoing" | "outgoing_active", reason: string): Promise<void> {
@@ -1611,7 +1622,7 @@ export class MailEngine extends EventEmitter {
     this.emit("error", new MailError(`${id}: corrupt queue file: ${reason}`, "ECORRUPT", { queueId: id }));
   }
 
-  private report(err: Error): void {
+  private reportError(err: Error): void {
     const error = err instanceof MailError ? err : new MailError(err.message, "EINTERNAL");
     this.log.write("qmgr", `warning: ${printable(error.message, 1000)}`);
     this.emit("error", error);

@@ -63,6 +63,8 @@ export interface Bookkeeping {
   /** Epoch ms of the next attempt, or null when due now. */
   nextAttempt: number | null;
   lastError: string | null;
+  /** A "delayed" report (--delay-warning) went to the sender already. */
+  warned?: boolean;
 }
 
 export class CorruptMessageError extends Error {
@@ -275,6 +277,7 @@ export class Spool {
         attempts: Number.isSafeInteger(parsed.attempts) ? Number(parsed.attempts) : 0,
         nextAttempt: typeof parsed.nextAttempt === "number" ? parsed.nextAttempt : null,
         lastError: typeof parsed.lastError === "string" ? parsed.lastError : null,
+        ...(parsed.warned === true ? { warned: true } : {}),
       };
     } catch {
       return null;

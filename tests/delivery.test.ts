@@ -248,3 +248,20 @@ t.test("a bounce is a report a real Postfix accepts and stores", async (t) => {
   t.match(text, /X-Mudmail-Test: 7/, "the original headers are returned");
   t.notMatch(text, /\nbody\n/, "not the original body");
 });
+
+t.test("--delay-warning: one 'delayed' report, not one per attempt", async (t) => {
+  const w = await world(t, { "dest.test": { A: ["127.0.0.2"] }, "talker.test": { A: ["127.0.0.3"] } },
+    { "127.0.0.2": { rcpt: () => "451 4.3.0 still busy" }, "127.0.0.3": {} }, { delayWarning: 1 });
+  const id = await w.drop(["bob@dest.test"], "talker@talker.test", 7200);
+  t.match(await w.flush(), { deferred: 1, sent: 1, messages: 2 }, "deferred, and the warning sent");
+  const warning = w.servers.get("127.0.0.3")!.messages[0].data.toString();
+  t.match(warning, /Subject: Delayed Mail \(still being retried\)/);
+  t.match(warning, /Action: delayed/);
+  t.match(warning, /Status: 4\.3\.0/);
+  t.match(warning, /Will-Retry-Until: /);
+  t.match(w.lines.join("\n"), new RegExp(`${id.replace(".", "\\.")}: sender delay notification: `));
+  t.match(await w.flush(true), { deferred: 1, messages: 1 }, "the next attempt defers again");
+  t.equal(w.servers.get("127.0.0.3")!.messages.length, 1, "no second warning");
+  const book = JSON.parse(await fs.readFile(path.join(w.maildir, "deferred", `.${id}`), "utf8"));
+  t.equal(book.warned, true, "remembered in the bookkeeping");
+});
