@@ -26,12 +26,25 @@
  *   error), in the same folder. It follows the message on every move, after it; init()
  *   puts an orphaned one back beside its message, or removes it when the message is gone.
  *
- *   Commit points: create() writes and fsyncs tmp/, then link()s into outgoing/ (link never
- *   overwrites, so two writers can never take the same id); claim() is one rename;
- *   complete() is one unlink; a rewrite of the recipient line goes through tmp/ and a rename
- *   over the claimed file. Moves that could meet a name already taken (release, defer,
- *   quarantine) link and unlink, so nothing is ever overwritten.
+ *   Commit points, and what a crash (kill -9, power loss after the fsync) between two steps
+ *   leaves behind; init({ recover: true }) repairs each case:
  *
+ *     step                           crash after it leaves          recovery
+ *     create: write+fsync tmp/T      tmp/T only                     swept from tmp/ after an hour
+ *     create: link tmp/T outgoing/X  outgoing/X (+ tmp/T, a link)   nothing; tmp/T swept later
+ *     claim: rename to active/X      outgoing_active/X              renamed back to outgoing/X
+ *     claim: rename .X to active/    message and .X in active/      as above, .X follows
+ *     (mid-claim: X moved, .X not)   .X orphaned in the old folder  .X moved beside X
+ *     rewrite: tmp/T then rename     the old or the new file, whole tmp/T swept
+ *     defer: write .X, rename X      X in active/ or deferred/      back to outgoing/ or due in deferred/
+ *     complete: unlink X, then .X    .X orphaned                    removed (its message is gone)
+ *     quarantine: .X, rename X       X in its folder or corrupt/    retried, or kept in corrupt/
+ *
+ *   Every move is one rename (an id lives in one folder at a time, so the target name is
+ *   free); only when a name is taken all the same does the message get a fresh id through
+ *   link() + unlink(), which never overwrites. A message delivered and killed before its
+ *   unlink is sent again after recovery: the data-done window every MTA has.
+
  *   The body goes on the wire through wireChunks(): the file is read in CHUNK pieces (a
  *   small message in one read, and that read is all), every bare CR or LF becomes CRLF,
  *   lines starting with "." are stuffed, and the end is CRLF.CRLF exactly once.
@@ -168,8 +181,7 @@ export class Spool {
   }
 
   private async idTaken(id: string, folders: Folder[] = ["outgoing_active", "deferred", "corrupt"]): Promise<boolean> {
-    const checks = folders.map((f) =>
-      fs.promises.access(this.pathOf(f, id)).then(() => true, () => false));
+    const checks = folders.map((f) => exists(this.pathOf(f, id)));
     return (await Promise.all(checks)).some(Boolean);
   }
 
@@ -297,21 +309,28 @@ export class Spool {
   }
 
   /**
-   * The one place that moves a message between folders. Never overwrites: if the name is
-   * taken in the target folder, the message gets a fresh id there.
+   * The one place that moves a message between folders. The commit point is one rename, so
+   * a crash leaves the message in exactly one folder. An id lives in one folder at a time
+   * (create() checks them all), so the target name is free; if it is taken all the same
+   * (a program that looked only in outgoing/), the message gets a fresh id there through
+   * link(), which never overwrites.
    */
   async move(id: string, from: Folder, to: Folder): Promise<string> {
     let target = id;
-    for (;;) {
-      try {
-        await fs.promises.link(this.pathOf(from, id), this.pathOf(to, target));
-        break;
-      } catch (err) {
-        if (errno(err) !== "EEXIST") throw err;
+    if (from !== to && !(await exists(this.pathOf(to, id)))) {
+      await fs.promises.rename(this.pathOf(from, id), this.pathOf(to, id));
+    } else {
+      for (;;) {
         target = await this.freshId();
+        try {
+          await fs.promises.link(this.pathOf(from, id), this.pathOf(to, target));
+          break;
+        } catch (err) {
+          if (errno(err) !== "EEXIST") throw err;
+        }
       }
+      await fs.promises.unlink(this.pathOf(from, id));
     }
-    await fs.promises.unlink(this.pathOf(from, id));
     if (from === "outgoing_active") this.active.delete(id);
     if (target === id) {
       await this.moveBookkeeping(id, from, to);
@@ -788,6 +807,10 @@ async function arrivalOf(id: string, fd: number): Promise<number> {
   const match = /^(\d{9,11})\./.exec(id);
   if (match) return Number(match[1]) * 1000;
   return (await fsFstat(fd)).mtimeMs;
+}
+
+function exists(file: string): Promise<boolean> {
+  return fs.promises.access(file).then(() => true, () => false);
 }
 
 export function errno(err: unknown): string | undefined {

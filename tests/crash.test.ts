@@ -4,7 +4,9 @@
 
 import t from "tap";
 import { spawn } from "node:child_process";
+import fs from "node:fs/promises";
 import { requirePostfix, startPostfix } from "./helpers/postfix.js";
+import { startScriptedServer } from "./helpers/scripted-server.js";
 import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage, testNumber } from "./helpers/spool-files.js";
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -50,4 +52,55 @@ t.test("kill -9 mid-flush loses nothing on restart", async (t) => {
   // Per kill at most one message per slot can be past its 250 and not yet unlinked, plus one per slot in the dot window.
   t.ok(duplicates <= kills.length * 10, `duplicates only from the data-done window: ${duplicates}`);
   t.comment(`duplicates after ${kills.length} kills: ${duplicates}`);
+});
+
+t.test("kill -9 at random moments with deferred and active messages: nothing lost, nothing stuck", async (t) => {
+  // The server takes its time (so kills land mid-session) and refuses every third message for
+  // now, so deferred/ fills while outgoing/ and outgoing_active/ are busy.
+  let refusing = true;
+  const server = await startScriptedServer({
+    rcpt: (address) => (refusing && /^busy/.test(address) ? "450 4.2.0 mailbox busy" : undefined),
+    onData: () => ({ action: "delay", ms: 3, reply: "250 2.0.0 Ok" }),
+  });
+  t.teardown(() => server.close());
+  const maildir = await tempMaildir();
+  await makeSpool(maildir);
+  const total = 300;
+  const now = Math.floor(Date.now() / 1000);
+  for (let n = 0; n < total; n++) {
+    const rcpt = n % 3 === 0 ? `busy${n}@test.example` : `user${n}@test.example`;
+    await dropQueueFile(maildir, `${now}.${n}`, queueFile("<>", [rcpt], testMessage(n)));
+  }
+  const relay = `127.0.0.1:${server.port}`;
+  const logFile = `${maildir}/../mail.log`;
+  let seed = 12345;
+  const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+  for (let k = 0; k < 8; k++) {
+    const args = ["--flush", ...(k % 2 ? ["--force"] : []), "--relay", relay, "--maildir", maildir, "--log", logFile, "--min-backoff", "1", "--max-backoff", "2"];
+    const child = spawn(process.execPath, [MAIL_JS, ...args], { stdio: "ignore" });
+    const exited = new Promise((r) => child.on("exit", r));
+    await sleep(60 + Math.floor(random() * 400));
+    child.kill("SIGKILL");
+    await exited;
+  }
+  const states = await Promise.all(["outgoing", "outgoing_active", "deferred"].map((f) => listFolder(maildir, f)));
+  t.comment(`after 8 kills: ${states.map((s) => s.length).join(" / ")} in outgoing / outgoing_active / deferred`);
+  refusing = false;
+  const last = await runCli(["--flush", "--force", "--relay", relay, "--maildir", maildir, "--log", logFile], { timeoutMs: 60_000 });
+  t.equal(last.code, 0, last.stderr);
+  const log = await fs.readFile(logFile, "utf8");
+  for (const folder of ["outgoing", "outgoing_active", "deferred", "corrupt"]) {
+    const left = await listFolder(maildir, folder);
+    const history = left.flatMap((id) => log.split("\n").filter((l) => l.includes(`${id}:`) || l.includes(`/${id}`)));
+    t.same(left, [], `${folder}/ is empty${left.length ? `; the log of what is left:\n${history.join("\n")}` : ""}`);
+  }
+  const delivered = new Map<number, number>();
+  for (const m of server.messages) {
+    const n = testNumber(m.data);
+    if (n !== null) delivered.set(n, (delivered.get(n) ?? 0) + 1);
+  }
+  t.equal(delivered.size, total, "every message was delivered");
+  const duplicates = [...delivered.values()].reduce((sum, c) => sum + c - 1, 0);
+  t.ok(duplicates <= 8 * 10, `duplicates only from the data-done window: ${duplicates}`);
+  t.comment(`duplicates after 8 kills: ${duplicates}`);
 });
