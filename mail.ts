@@ -288,10 +288,10 @@ class MailLog {
     this.sink(`${this.stamp} ${this.host} mudmail/${proc}[${process.pid}]: ${text}`);
   }
 
-  async close(): Promise<void> {
-    // Lines still batched for this turn go out before the stream ends.
+  /** Lines still batched for this turn go out; the file stays open for a later start(). */
+  async flush(): Promise<void> {
     await new Promise<void>((resolve) => setImmediate(resolve));
-    if (this.stream && !this.stream.closed) await new Promise<void>((resolve) => this.stream!.end(resolve));
+    if (this.stream && this.stream.writableLength > 0) await new Promise<void>((resolve) => this.stream!.once("drain", resolve));
   }
 }
 
@@ -339,6 +339,8 @@ const IN_REPLY_TO: Partial<Record<Stage, string>> = {
 class Delivery {
   readonly outcomes = new Map<string, Outcome>();
   openJobs = 0;
+  /** settle() has begun: it runs once per delivery. */
+  settling = false;
   constructor(
     readonly msg: QueuedMessage,
     readonly wire: Wire,
@@ -765,7 +767,7 @@ class Slot {
       for await (const chunk of chunks) {
         if (this.closed) return;
         this.arm(Stage.Body);
-        if (!socket.write(chunk)) await new Promise<void>((resolve) => {
+        if (!socket.write(chunk) && !socket.destroyed) await new Promise<void>((resolve) => {
           const done = () => { socket.off("drain", done); socket.off("close", done); resolve(); };
           socket.on("drain", done);
           socket.on("close", done);
@@ -842,6 +844,7 @@ class Slot {
   }
 
   private expect(e: Expect): void {
+    if (this.closed) return;
     this.expects.push(e);
     if (this.expects.length === 1) this.arm(STAGE_OF[e.kind]);
   }
@@ -923,8 +926,8 @@ class Slot {
     if (this.quitting || (this.expects.length === 0 && this.txns.length === 0 && this.ready)) return this.close();
     const partial = this.parser.end();
     const stage = this.expects[0] ? STAGE_OF[this.expects[0].kind] : this.stage;
-    const detail = partial ? ` (${printable(replyText(partial))})` : "";
-    this.fail(`lost connection with ${this.peer || this.destination.key} while ${STAGES[stage].label}${detail}: ${why}`);
+    const detail = partial ? ` (${printable(replyText(partial))})` : why === "Connection closed" ? "" : ` (${why})`;
+    this.fail(`lost connection with ${this.peer || this.destination.key} while ${STAGES[stage].label}${detail}`);
   }
 
   /** A failure of the session: every transaction in flight is deferred with the reason. */
@@ -1082,6 +1085,7 @@ export class MailEngine extends EventEmitter {
   /** One pass: send everything waiting, wait for every slot to finish, resolve with the counts. */
   async flush(options: { force?: boolean } = {}): Promise<FlushSummary> {
     const started = Date.now();
+    this.stopping = false;
     this.counts = emptySummary();
     this.active = true;
     await this.runTick(options.force ?? false);
@@ -1098,12 +1102,14 @@ export class MailEngine extends EventEmitter {
     this.timer = null;
     this.watcher?.close();
     this.watcher = null;
+    // An init still running would take the lock after we let it go: let it finish first.
+    await this.initialized?.catch(() => undefined);
     for (const slot of [...this.slots]) slot.abort();
     for (const dest of this.destinations.values()) this.dropJobs(dest, null);
     await this.idle();
     this.active = false;
     this.releaseLock();
-    await this.log.close();
+    await this.log.flush();
   }
 
   /** Live numbers for a progress line. */
@@ -1112,9 +1118,15 @@ export class MailEngine extends EventEmitter {
   }
 
   override emit(event: string | symbol, ...args: unknown[]): boolean {
-    // An "error" nobody listens to must not throw inside the host's event loop.
+    // An "error" nobody listens to must not throw inside the host's event loop, and a
+    // listener that throws must not leave a session half-way: its error is logged instead.
     if (event === "error" && this.listenerCount("error") === 0) return false;
-    return super.emit(event, ...args);
+    try {
+      return super.emit(event, ...args);
+    } catch (err) {
+      this.log.write("qmgr", `warning: a "${String(event)}" listener threw: ${printable(String((err as Error)?.message ?? err))}`);
+      return true;
+    }
   }
 
   /* Ticks and scans */
@@ -1157,13 +1169,25 @@ export class MailEngine extends EventEmitter {
 
   private init(): Promise<void> {
     this.initialized ??= (async () => {
+      // A failed start (the spool is locked, a folder cannot be made) is tried again next tick.
+      try {
+        await this.initOnce();
+      } catch (err) {
+        this.initialized = null;
+        throw err;
+      }
+    })();
+    return this.initialized;
+  }
+
+  private async initOnce(): Promise<void> {
+    {
       await this.spool.init();
       this.takeLock();
       const { recovered } = await this.spool.init({ recover: true });
       for (const id of recovered) this.log.write("qmgr", `${id}: requeued from outgoing_active/ after an unclean stop`);
       await this.loadDeferred();
-    })();
-    return this.initialized;
+    }
   }
 
   private scheduleTick(): void {
@@ -1187,6 +1211,7 @@ export class MailEngine extends EventEmitter {
         for (const name of badNames) await this.quarantine(name, "outgoing", "file name is not a queue id");
       } finally {
         this.scanning = null;
+        this.checkIdle();
       }
     })();
     return this.scanning;
@@ -1231,7 +1256,7 @@ export class MailEngine extends EventEmitter {
     if (this.rescanTimer || this.stopping) return;
     this.rescanTimer = setTimeout(() => {
       this.rescanTimer = null;
-      this.scan().then(() => { this.pump(); this.fillSlots(); }, (err) => this.reportError(err as Error));
+      this.scan().catch((err) => this.reportError(err as Error)).finally(() => { this.pump(); this.fillSlots(); });
     }, 100);
     this.rescanTimer.unref?.();
   }
@@ -1266,7 +1291,13 @@ export class MailEngine extends EventEmitter {
   private async prepare(queued: string): Promise<void> {
     const from = this.fromDeferred.delete(queued) ? "deferred" : "outgoing";
     const hasBook = from === "deferred" || this.booked.has(queued);
-    const id = await this.spool.claim(queued, from, hasBook);
+    let id: string | null;
+    try {
+      id = await this.spool.claim(queued, from, hasBook);
+    } catch (err) {
+      this.known.delete(queued);
+      throw new MailError(`${queued}: cannot claim queue file: ${(err as Error).message}`, "EQUEUE", { queueId: queued });
+    }
     if (id !== queued) this.known.delete(queued);
     if (id === null) return;
     this.known.add(id);
@@ -1292,17 +1323,20 @@ export class MailEngine extends EventEmitter {
     this.log.write("qmgr", `${id}: from=<${msg.sender}>, size=${msg.size}, nrcpt=${msg.recipients.length} (queue active)`);
     this.counts.messages++;
     this.counts.recipients += msg.recipients.length;
-    for (const job of this.splitJobs(delivery)) {
-      delivery.openJobs++;
-      this.queueJob(job);
-    }
+    // Count every job before queueing any: a job can finish at once (a dead destination, a
+    // failed route), and the delivery must not settle while its other jobs wait to be queued.
+    const jobs = this.splitJobs(delivery);
+    delivery.openJobs = jobs.length;
+    for (const job of jobs) this.queueJob(job);
   }
 
   private splitJobs(delivery: Delivery): Job[] {
     const byDestination = new Map<Destination, string[]>();
     for (const rcpt of delivery.msg.recipients) {
       const dest = this.destinationOf(rcpt);
-      byDestination.set(dest, [...(byDestination.get(dest) ?? []), rcpt]);
+      const list = byDestination.get(dest);
+      if (list) list.push(rcpt);
+      else byDestination.set(dest, [rcpt]);
     }
     const jobs: Job[] = [];
     const limit = this.options.recipientLimit;
@@ -1375,7 +1409,7 @@ export class MailEngine extends EventEmitter {
   /** While the backlog ran dry, files may have been dropped in: read outgoing/ again, at most once a second. */
   private mayRescan(): boolean {
     if (this.stopping || Date.now() - this.lastScan < 1000) return false;
-    this.scan().then(() => { this.pump(); this.fillSlots(); }, (err) => this.reportError(err as Error));
+    this.scan().catch((err) => this.reportError(err as Error)).finally(() => { this.pump(); this.fillSlots(); });
     return true;
   }
 
@@ -1413,7 +1447,7 @@ export class MailEngine extends EventEmitter {
 
   /** check_misc_connects(): open connections while slots are free and jobs wait, until two connects fail. */
   private fillSlots(): void {
-    if (this.stopping) return;
+    if (this.stopping) return this.checkIdle();
     for (const dest of this.destinations.values()) {
       if (dest.route === null || dest.route === "pending") continue;
       while (
@@ -1428,6 +1462,7 @@ export class MailEngine extends EventEmitter {
         dest.slots++;
         slot.open();
       }
+      if (dest.jobs.length > dest.slots && this.slots.size >= this.options.maxConnections && dest.failures < 2) this.makeRoom();
       if (dest.failures >= 2 && dest.slots === 0 && (dest.jobs.length > 0 || dest.waiters.length > 0)) {
         // The tick gave up connecting: what waits for this destination is deferred until the next one.
         dest.deadReason ??= dest.lastError ?? "too many failed connections";
@@ -1435,6 +1470,20 @@ export class MailEngine extends EventEmitter {
       }
     }
     this.checkIdle();
+  }
+
+  /**
+   * Every slot is taken and mail waits for a destination without one: a slot that sits
+   * idle waiting for its own destination's next job gives way (QUIT), so one domain's
+   * connections cannot starve the others.
+   */
+  private makeRoom(): void {
+    for (const dest of this.destinations.values()) {
+      if (dest.jobs.length === 0 && dest.waiters.length > 0) {
+        dest.waiters.shift()!(null);
+        return;
+      }
+    }
   }
 
   slotReady(slot: Slot): void {
@@ -1505,7 +1554,9 @@ export class MailEngine extends EventEmitter {
 
   jobDone(job: Job): void {
     const delivery = job.delivery;
-    if (--delivery.openJobs > 0) return;
+    this.pump();
+    if (--delivery.openJobs > 0 || delivery.settling) return;
+    delivery.settling = true;
     this.settle(delivery).then(
       (putBack) => this.forget(delivery.msg.id, putBack ?? undefined),
       (err) => {
@@ -1617,7 +1668,7 @@ export class MailEngine extends EventEmitter {
 
   private async quarantine(id: string, from: "outgoing" | "outgoing_active", reason: string): Promise<void> {
     const moved = await this.spool.quarantine(id, from, reason);
-    this.log.write("qmgr", `${id}: corrupt queue file moved to corrupt/${moved}: ${printable(reason)}`);
+    this.log.write("qmgr", `${printable(id)}: corrupt queue file moved to corrupt/${printable(moved)}: ${printable(reason)}`);
     this.counts.corrupt++;
     this.emit("error", new MailError(`${id}: corrupt queue file: ${reason}`, "ECORRUPT", { queueId: id }));
   }

@@ -40,9 +40,10 @@
  *     complete: unlink X, then .X    .X orphaned                    removed (its message is gone)
  *     quarantine: .X, rename X       X in its folder or corrupt/    retried, or kept in corrupt/
  *
- *   Every move is one rename (an id lives in one folder at a time, so the target name is
- *   free); only when a name is taken all the same does the message get a fresh id through
- *   link() + unlink(), which never overwrites. A message delivered and killed before its
+ *   Every move is one rename, so a crash never leaves a message under two names. An id
+ *   lives in one folder at a time (create() checks them all), so the target name is free;
+ *   if it is taken all the same (a program that looked only in outgoing/), the message is
+ *   renamed to a fresh id that no folder holds. A message delivered and killed before its
  *   unlink is sent again after recovery: the data-done window every MTA has.
 
  *   The body goes on the wire through wireChunks(): the file is read in CHUNK pieces (a
@@ -310,27 +311,13 @@ export class Spool {
 
   /**
    * The one place that moves a message between folders. The commit point is one rename, so
-   * a crash leaves the message in exactly one folder. An id lives in one folder at a time
-   * (create() checks them all), so the target name is free; if it is taken all the same
-   * (a program that looked only in outgoing/), the message gets a fresh id there through
-   * link(), which never overwrites.
+   * a crash leaves the message in exactly one folder. A name taken in the target folder
+   * (a program that looked only in outgoing/) is never overwritten: the message takes a
+   * fresh id that no folder holds.
    */
   async move(id: string, from: Folder, to: Folder): Promise<string> {
-    let target = id;
-    if (from !== to && !(await exists(this.pathOf(to, id)))) {
-      await fs.promises.rename(this.pathOf(from, id), this.pathOf(to, id));
-    } else {
-      for (;;) {
-        target = await this.freshId();
-        try {
-          await fs.promises.link(this.pathOf(from, id), this.pathOf(to, target));
-          break;
-        } catch (err) {
-          if (errno(err) !== "EEXIST") throw err;
-        }
-      }
-      await fs.promises.unlink(this.pathOf(from, id));
-    }
+    const target = from !== to && !(await exists(this.pathOf(to, id))) ? id : await this.freshId();
+    await fs.promises.rename(this.pathOf(from, id), this.pathOf(to, target));
     if (from === "outgoing_active") this.active.delete(id);
     if (target === id) {
       await this.moveBookkeeping(id, from, to);
@@ -495,14 +482,13 @@ function parseRecipients(id: string, line: string): string[] {
   const tokens = splitRecipients(line.replace(/\r$/, ""));
   if (tokens === null) throw new CorruptMessageError(id, "unbalanced quotes or brackets in the recipient line");
   if (tokens.length === 0) throw new CorruptMessageError(id, "no recipients");
-  const recipients: string[] = [];
+  const recipients = new Set<string>();
   for (const token of tokens) {
     const problem = addressProblem(token);
     if (problem) throw new CorruptMessageError(id, `bad recipient ${JSON.stringify(token)}: ${problem}`);
-    const address = stripBrackets(token);
-    if (!recipients.includes(address)) recipients.push(address);
+    recipients.add(stripBrackets(token));
   }
-  return recipients;
+  return [...recipients];
 }
 
 /** Splits the recipient line on commas and white space outside quotes and brackets. */

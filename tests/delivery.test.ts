@@ -265,3 +265,34 @@ t.test("--delay-warning: one 'delayed' report, not one per attempt", async (t) =
   const book = JSON.parse(await fs.readFile(path.join(w.maildir, "deferred", `.${id}`), "utf8"));
   t.equal(book.warned, true, "remembered in the bookkeeping");
 });
+
+t.test("many domains share the slots: none starves, the flush ends", async (t) => {
+  const zone: Zone = {};
+  const servers: Record<string, Script> = {};
+  for (let d = 2; d <= 7; d++) {
+    zone[`d${d}.test`] = { A: [`127.0.0.${d}`] };
+    servers[`127.0.0.${d}`] = {};
+  }
+  const w = await world(t, zone, servers, { maxConnections: 5 });
+  for (let n = 0; n < 300; n++) await w.drop([`u${n}@d${2 + (n % 6)}.test`]);
+  const summary = await Promise.race([w.flush(), new Promise<never>((_, reject) => setTimeout(() => reject(new Error("flush hung")), 30_000))]);
+  t.match(summary, { sent: 300, deferred: 0, messages: 300 });
+  for (let d = 2; d <= 7; d++) t.equal(w.servers.get(`127.0.0.${d}`)!.messages.length, 50, `d${d}.test got its 50`);
+});
+
+t.test("a dead relay with more messages than the read-ahead: the flush ends, all deferred", async (t) => {
+  const dead = await freePort();
+  const maildir = await tempMaildir();
+  await makeSpool(maildir);
+  const now = Math.floor(Date.now() / 1000);
+  for (let n = 0; n < 120; n++) await dropQueueFile(maildir, `${now}.${n}`, queueFile("a@talker.test", [`r${n}@x.test`, `s${n}@x.test`], SIMPLE));
+  const engine = new MailEngine({ maildir, relay: `127.0.0.1:${dead}`, log: () => undefined, fsync: false, recipientLimit: 1 });
+  t.teardown(() => engine.stop());
+  const errors: Error[] = [];
+  engine.on("error", (e) => errors.push(e));
+  const summary = await Promise.race([engine.flush(), new Promise<never>((_, reject) => setTimeout(() => reject(new Error("flush hung")), 20_000))]);
+  t.match(summary, { sent: 0, deferred: 120, messages: 120, recipients: 240 });
+  t.equal((await listFolder(maildir, "deferred")).length, 120);
+  t.same(await listFolder(maildir, "outgoing_active"), []);
+  t.same(errors, [], "no errors (each message settled once)");
+});

@@ -4,9 +4,18 @@
 // replies split byte by byte, silence, SIZE limits, corrupt queue files, refused connects.
 //
 // Every test uses a fresh maildir, 1-second stage timeouts and bounded waits, and checks
-// the flush counts, the spool folders (a message is in exactly one folder: outgoing/ when
+// the flush counts, the spool folders (a message is in exactly one folder: deferred/ when
 // deferred, gone when sent or bounced, corrupt/ when unparseable), the log lines (SPEC
 // section 4), the events and what the server saw.
+//
+// A recipient that fails for good makes the engine queue a delivery status notification
+// (RFC 3464, from the null sender <>, to the original envelope sender) and, the engine being
+// active, send it in the same flush through the same relay: to the scripted server. So the
+// counts of such a flush include the DSN, the server sees a transaction MAIL FROM:<>, and
+// the log has the DSN's own lines. Tests tell these apart (a server message whose `from` is
+// "", a queue id named in "<id>: sender non-delivery notification: <dsn id>") and check the
+// DSN explicitly with expectDsn(); scripts that refuse "the first message" key on the
+// transactions of test messages (from !== "") so that the DSN is never refused by mistake.
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
@@ -35,6 +44,11 @@ const SMTP_LINE =
   /^\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ mudmail\/smtp\[\d+\]: (\S+): to=<([^>]*)>, relay=(\S+), delay=(\d+(?:\.\d+)?), delays=(\d+(?:\.\d+)?)\/(\d+(?:\.\d+)?)\/(\d+(?:\.\d+)?)\/(\d+(?:\.\d+)?), dsn=([245]\.\d{1,3}\.\d{1,3}), status=(sent|deferred|bounced) \((.*)\)$/;
 /** Any log line: the Postfix-shaped prefix. */
 const ANY_LINE = /^\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ mudmail\/(smtp|qmgr)\[\d+\]: \S/;
+/** The qmgr line naming the DSN queued for a message: original id, DSN id. */
+const NOTIFICATION_LINE = /^\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ mudmail\/qmgr\[\d+\]: (\S+): sender non-delivery notification: (\S+)$/;
+/** The qmgr line for a message from the null sender that failed: never bounced, dropped. */
+const droppedLine = (id: string): RegExp =>
+  new RegExp(`mudmail/qmgr\\[\\d+\\]: ${id.replace(/\./g, "\\.")}: undeliverable mail from the null sender is dropped, not bounced \\(no mail loops\\)$`);
 
 interface LogOutcome {
   line: string;
@@ -108,8 +122,8 @@ interface Rig {
   lines: string[];
   events: { sent: Outcome[]; deferred: Outcome[]; bounced: Outcome[] };
   errors: MailError[];
-  /** engine.flush(), bounded. */
-  flush(ms?: number): Promise<FlushSummary>;
+  /** engine.flush(), bounded; force: deferred messages count as due (--flush --force). */
+  flush(ms?: number, force?: boolean): Promise<FlushSummary>;
   /** Message file names (no dot files) in a spool folder. */
   files(folder: FolderName): string[];
   /** The folders holding a message with this id. */
@@ -120,6 +134,12 @@ interface Rig {
   outcomes(): LogOutcome[];
   /** The relay field a log line has when the scripted server was reached. */
   relay: string;
+  /** Queue ids of the DSNs the engine queued: "<id>: sender non-delivery notification: <dsn id>". */
+  dsnIds(): Set<string>;
+  /** Messages the server accepted from a real sender: the test's own messages. */
+  originals(): Message[];
+  /** Messages the server accepted from the null sender <>: the engine's DSNs. */
+  dsns(): Message[];
 }
 
 interface RigOptions {
@@ -175,7 +195,7 @@ async function setup(tt: Tap, o: RigOptions = {}): Promise<Rig> {
   return {
     dir, maildir, server, proxy, engine, lines, events, errors,
     relay: `127.0.0.1[127.0.0.1]:${port}`,
-    flush: (ms = FLUSH_MS) => bounded(engine.flush(), ms, "engine.flush()"),
+    flush: (ms = FLUSH_MS, force = false) => bounded(engine.flush({ force }), ms, "engine.flush()"),
     files,
     where: (id) => FOLDERS.filter((f) => files(f).includes(id)),
     drop(content, id = newQueueId()) {
@@ -191,11 +211,19 @@ async function setup(tt: Tap, o: RigOptions = {}): Promise<Rig> {
         return { line, id: m[1], to: m[2], relay: m[3], dsn: m[9], status: m[10] as LogOutcome["status"], text: m[11] };
       });
     },
+    dsnIds: () => new Set(lines.map((l) => NOTIFICATION_LINE.exec(l)?.[2]).filter((x): x is string => x !== undefined)),
+    originals: () => server.messages.filter((m) => m.from !== ""),
+    dsns: () => server.messages.filter((m) => m.from === ""),
   };
 }
 
-/** Every log line has the Postfix prefix, every smtp line the full shape, and each event its line. */
-function checkLog(tt: Tap, rig: Rig): LogOutcome[] {
+/**
+ * Every log line has the Postfix prefix, every smtp line the full shape, and each event its
+ * line (the DSNs' too). `dsns`: how many non-delivery notifications the engine must have queued
+ * and the server accepted so far (default none). Returns the outcome lines of the test's own
+ * messages; those of the DSNs are checked by expectDsn().
+ */
+function checkLog(tt: Tap, rig: Rig, { dsns = 0 }: { dsns?: number } = {}): LogOutcome[] {
   for (const line of rig.lines) tt.match(line, ANY_LINE, `log line prefix: ${line}`);
   let outcomes: LogOutcome[] = [];
   try {
@@ -217,7 +245,152 @@ function checkLog(tt: Tap, rig: Rig): LogOutcome[] {
     tt.ok(line, `a log line for the ${e.status} event of ${e.queueId} to ${e.recipient}`);
     if (line) tt.equal(line.dsn, e.dsn, "log line and event have the same dsn");
   }
-  return outcomes;
+  const dsnIds = rig.dsnIds();
+  tt.equal(dsnIds.size, dsns, `${dsns} non-delivery notification(s) queued`);
+  tt.equal(rig.dsns().length, dsns, `${dsns} DSN(s) from <> accepted by the server`);
+  return outcomes.filter((o) => !dsnIds.has(o.id));
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* DSNs: the engine's non-delivery notifications, as the server received them           */
+
+type Fields = Array<[string, string]>;
+
+/** "Name: value" lines; a line starting with SP or HT continues the field before it (unfolded). */
+function parseFields(block: string): Fields {
+  const fields: Fields = [];
+  for (const line of block.split("\n")) {
+    if (line === "") continue;
+    if (/^[ \t]/.test(line) && fields.length > 0) {
+      fields[fields.length - 1][1] += line;
+      continue;
+    }
+    const colon = line.indexOf(":");
+    fields.push(colon > 0 ? [line.slice(0, colon), line.slice(colon + 1).trim()] : [line, ""]);
+  }
+  return fields;
+}
+
+function field(fields: Fields, name: string): string | undefined {
+  return fields.find(([n]) => n.toLowerCase() === name.toLowerCase())?.[1];
+}
+
+interface Dsn {
+  headers: Fields;
+  /** The parts between the delimiters: headers and content (LF line ends). */
+  parts: Array<{ headers: Fields; body: string }>;
+  /** message/delivery-status: the per-message group, then one group per recipient. */
+  groups: Fields[];
+}
+
+/** A DSN as received (CRLF, un-stuffed): top headers, the multipart/report parts, the status groups. */
+function parseDsn(data: Buffer): Dsn {
+  const text = data.toString("latin1").replace(/\r\n/g, "\n");
+  const entity = (t: string) => {
+    const end = t.indexOf("\n\n");
+    return end < 0 ? { headers: parseFields(t), body: "" } : { headers: parseFields(t.slice(0, end + 1)), body: t.slice(end + 2) };
+  };
+  const top = entity(text);
+  const boundary = /;\s*boundary="?([^";]+)"?/i.exec(field(top.headers, "Content-Type") ?? "")?.[1];
+  if (!boundary) return { headers: top.headers, parts: [], groups: [] };
+  const quoted = boundary.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
+  // RFC 2046 5.1.1: the line end before a delimiter belongs to the delimiter.
+  const chunks = `\n${top.body}`.split(new RegExp(`\\n--${quoted}(?:--)?[ \\t]*(?=\\n|$)`));
+  const parts = chunks.slice(1, -1).map((c) => entity(c.replace(/^\n/, "")));
+  const status = parts[1]?.body ?? "";
+  const groups = status.split(/\n(?:[ \t]*\n)+/).filter((g) => g.trim() !== "").map(parseFields);
+  return { headers: top.headers, parts, groups };
+}
+
+/** The header block of a queue file's message lines (up to the first empty line), LF line ends. */
+function headerBlockOf(file: string | Buffer): string {
+  const text = messageLines(Buffer.from(file)).toString("latin1").replace(/\r\n/g, "\n");
+  const end = text.indexOf("\n\n");
+  return end < 0 ? text : text.slice(0, end + 1);
+}
+
+interface DsnExpectation {
+  /** Queue id of the message that failed. */
+  id: string;
+  /** Its envelope sender: the DSN goes there. */
+  sender: string;
+  /** The recipients that failed for good, each with its RFC 3463 status and the server's reply if one said it. */
+  failed: Array<{ rcpt: string; status: string; diagnostic?: string }>;
+  /** The message's queue file: part 3 must be its header block. */
+  file?: string | Buffer;
+  /** Without the file: lines part 3 must have. */
+  headerLines?: RegExp[];
+}
+
+/**
+ * Exactly one DSN for `id`: named in the log, queued, sent to the sender through the scripted
+ * server in the same flush (its own log line, sent event and removal), and, as received, an
+ * RFC 3464 multipart/report naming exactly the failed recipients. Returns the DSN's queue id.
+ */
+function expectDsn(tt: Tap, rig: Rig, x: DsnExpectation): string {
+  const notes = rig.lines.map((l) => NOTIFICATION_LINE.exec(l)).filter((m) => m !== null && m[1] === x.id);
+  tt.equal(notes.length, 1, `${x.id}: one "sender non-delivery notification" log line`);
+  const dsnId = notes[0]?.[2] ?? "(none)";
+  // Its delivery: one recipient, the original sender, sent through the same relay.
+  const lines = rig.outcomes().filter((o) => o.id === dsnId);
+  tt.equal(lines.length, 1, `the DSN ${dsnId} has one outcome line`);
+  tt.match(lines[0], { to: x.sender, status: "sent", relay: rig.relay, dsn: "2.0.0" }, "the DSN was sent to the sender");
+  tt.match(rig.events.sent.filter((e) => e.queueId === dsnId), [{ queueId: dsnId, recipient: x.sender, status: "sent" }], "a sent event for the DSN");
+  tt.same([...rig.events.deferred, ...rig.events.bounced].filter((e) => e.queueId === dsnId), [], "no other event for the DSN");
+  tt.ok(rig.lines.some((l) => l.endsWith(`: ${dsnId}: removed`)), `${dsnId}: removed`);
+  tt.same(rig.where(dsnId), [], "the DSN left the queue");
+  tt.notOk(rig.lines.some((l) => droppedLine(x.id).test(l)), "not dropped: the sender is not null");
+
+  // What the server got: one message from <> to the sender, announced by MAIL FROM:<>.
+  const mine = rig.dsns().filter((m) => m.to.length === 1 && m.to[0] === x.sender);
+  tt.equal(mine.length, 1, `exactly one DSN from <> to <${x.sender}> reached the server`);
+  const m = mine[0];
+  if (!m) {
+    tt.comment(rig.server.transcripts());
+    return dsnId;
+  }
+  const session = rig.server.sessions.find((s) => s.id === m.session)!;
+  tt.ok(mailCommands(session).some((c) => /^MAIL FROM:<>(?: |$)/.test(c)), "MAIL FROM:<> (the null sender)");
+  const dsn = parseDsn(m.data);
+  const top = (name: string) => field(dsn.headers, name) ?? "";
+  tt.match(top("From"), /^MAILER-DAEMON@client\.test\b/, "From: MAILER-DAEMON");
+  tt.equal(top("To"), x.sender, "To: the original sender");
+  tt.equal(top("Subject"), "Undelivered Mail Returned to Sender");
+  tt.equal(top("Auto-Submitted"), "auto-replied", "Auto-Submitted: auto-replied");
+  tt.equal(top("MIME-Version"), "1.0");
+  tt.match(top("Content-Type"), /^multipart\/report;/i, "multipart/report");
+  tt.match(top("Content-Type"), /;\s*report-type="?delivery-status"?(?:;|$)/i, "report-type=delivery-status");
+  tt.equal(dsn.parts.length, 3, "three parts");
+  const type = (i: number) => field(dsn.parts[i]?.headers ?? [], "Content-Type") ?? "";
+  tt.match(type(0), /^text\/plain\b/i, "part 1: text/plain");
+  tt.match(type(1), /^message\/delivery-status\s*$/i, "part 2: message/delivery-status");
+  tt.match(type(2), /^text\/rfc822-headers\s*$/i, "part 3: text/rfc822-headers");
+  for (const f of x.failed) tt.ok(dsn.parts[0]?.body.includes(f.rcpt), `the notification names ${f.rcpt}`);
+
+  // Part 2: the per-message fields, then exactly one group per failed recipient.
+  const [perMessage, ...perRecipient] = dsn.groups;
+  tt.equal(field(perMessage ?? [], "Reporting-MTA"), "dns; client.test", "Reporting-MTA");
+  tt.equal(field(perMessage ?? [], "X-Mudmail-Queue-ID"), x.id, "the failed message's queue id");
+  tt.same(perRecipient.map((g) => field(g, "Final-Recipient")).sort(), x.failed.map((f) => `rfc822; ${f.rcpt}`).sort(),
+    "Final-Recipient: exactly the failed recipients");
+  for (const f of x.failed) {
+    const g = perRecipient.find((fields) => field(fields, "Final-Recipient") === `rfc822; ${f.rcpt}`) ?? [];
+    tt.equal(field(g, "Action"), "failed", `${f.rcpt}: Action: failed`);
+    tt.equal(field(g, "Status"), f.status, `${f.rcpt}: Status: ${f.status}`);
+    if (f.diagnostic !== undefined) {
+      tt.equal(field(g, "Diagnostic-Code"), `smtp; ${f.diagnostic}`, `${f.rcpt}: Diagnostic-Code: the server's reply`);
+      tt.equal(field(g, "Remote-MTA"), "dns; 127.0.0.1", `${f.rcpt}: Remote-MTA: the server that said it`);
+    } else {
+      tt.notMatch(field(g, "Diagnostic-Code") ?? "", /^smtp;/i, `${f.rcpt}: no server said it: no smtp Diagnostic-Code`);
+    }
+  }
+
+  // Part 3: the original message's headers (not its body).
+  const part3 = dsn.parts[2]?.body ?? "";
+  if (x.file !== undefined) tt.equal(part3, headerBlockOf(x.file), "part 3: the original header block");
+  for (const re of x.headerLines ?? []) tt.match(part3, re, `part 3 has ${re}`);
+  tt.notOk(part3.includes("\n\n"), "part 3: headers only");
+  return dsnId;
 }
 
 /** The message lines of a queue file (line 3 on). */
@@ -236,6 +409,28 @@ function crlf(content: Buffer): Buffer {
 
 function mailCommands(session: Session): string[] {
   return session.commands.filter((c) => /^MAIL /i.test(c));
+}
+
+/** The MAIL commands of test messages: not those of a DSN (MAIL FROM:<>). */
+function testMails(session: Session): string[] {
+  return mailCommands(session).filter((c) => !/^MAIL FROM:<>/i.test(c));
+}
+
+/** The session is in (or setting up) a transaction of a test message, not of a DSN. */
+function inTestTransaction(session: Session): boolean {
+  const last = mailCommands(session).at(-1);
+  return last !== undefined && !/^MAIL FROM:<>/i.test(last);
+}
+
+/** RCPT commands of test messages' transactions (dsn false) or of DSNs' (after MAIL FROM:<>, dsn true). */
+function rcptsOf(session: Session, dsn = false): string[] {
+  let ofDsn = false;
+  const out: string[] = [];
+  for (const c of session.commands) {
+    if (/^MAIL /i.test(c)) ofDsn = /^MAIL FROM:<>/i.test(c);
+    else if (/^RCPT /i.test(c) && ofDsn === dsn) out.push(c);
+  }
+  return out;
 }
 
 function verbs(session: Session): string[] {
@@ -392,18 +587,29 @@ t.test("3. per-recipient 450, 550 and 250; the 450 one is retried in the next fl
       const id = rig.drop(original);
 
       const first = await rig.flush();
-      tt.match(first, { sent: 0, deferred: 1, bounced: 0, corrupt: 0, messages: 1, recipients: 3 }, "first flush: the message is deferred");
-      tt.same(rig.where(id), ["outgoing"], "back in outgoing/ only");
-      const rewritten = fs.readFileSync(path.join(rig.maildir, "outgoing", id), "latin1");
+      // The message (3 recipients) is deferred; nobody@'s 550 makes a DSN to a@example.org,
+      // a second message with one recipient, sent in the same flush.
+      tt.match(first, { sent: 1, deferred: 1, bounced: 0, corrupt: 0, messages: 2, recipients: 4 }, "first flush: the message is deferred, its DSN sent");
+      tt.same(rig.where(id), ["deferred"], "in deferred/ only");
+      const rewritten = fs.readFileSync(path.join(rig.maildir, "deferred", id), "latin1");
       const [line1, line2] = rewritten.split("\n");
       tt.equal(line1, "a@example.org", "line 1 unchanged");
       tt.equal(line2.trim(), "busy@example.net", "line 2 rewritten to the 450 recipient alone");
       tt.equal(rewritten.slice(rewritten.indexOf("\n", line1.length + 1) + 1), body, "message lines unchanged");
-      tt.equal(rig.server.messages.length, 1, "one message accepted");
-      tt.same(rig.server.messages[0].to, ["ok@example.net"], "for the 250 recipient only");
-      tt.same(rig.server.sessions[0].pipeliningViolations, [], "no pipelining violation");
+      const book = JSON.parse(fs.readFileSync(path.join(rig.maildir, "deferred", `.${id}`), "utf8")) as Record<string, unknown>;
+      tt.equal(book.attempts, 1, "bookkeeping: one attempt");
+      tt.ok(typeof book.nextAttempt === "number" && book.nextAttempt > Date.now(), "bookkeeping: the next attempt is later");
+      tt.match(String(book.lastError), /450 4\.2\.0 <busy@example\.net>: Recipient address rejected: Mailbox busy/, "bookkeeping: the last error");
+      tt.equal(rig.originals().length, 1, "one test message accepted");
+      tt.same(rig.originals()[0].to, ["ok@example.net"], "for the 250 recipient only");
+      for (const session of rig.server.sessions) tt.same(session.pipeliningViolations, [], `no pipelining violation (session ${session.id})`);
+      const dsnId = expectDsn(tt, rig, {
+        id, sender: "a@example.org", file: original,
+        failed: [{ rcpt: "nobody@example.net", status: "5.1.1", diagnostic: "550 5.1.1 <nobody@example.net>: Recipient address rejected: User unknown" }],
+      });
 
-      const outcomes = checkLog(tt, rig);
+      const outcomes = checkLog(tt, rig, { dsns: 1 });
+      tt.same(outcomes.map((o) => o.id), [id, id, id], "three outcome lines of the message (the DSN's apart)");
       const of = (to: string) => outcomes.find((o) => o.to === to);
       tt.equal(of("ok@example.net")?.status, "sent");
       tt.equal(of("busy@example.net")?.status, "deferred");
@@ -414,28 +620,35 @@ t.test("3. per-recipient 450, 550 and 250; the 450 one is retried in the next fl
       tt.equal(of("nobody@example.net")?.dsn, "5.1.1");
       tt.match(of("nobody@example.net")?.text ?? "", /^host \S+ said: 550 5\.1\.1 <nobody@example\.net>: Recipient address rejected: User unknown \(in reply to RCPT TO command\)$/);
       for (const o of outcomes) tt.equal(o.relay, rig.relay);
-      tt.match(rig.events.bounced[0], { queueId: id, recipient: "nobody@example.net", status: "bounced", code: 550, dsn: "5.1.1", relay: rig.relay });
-      tt.match(rig.events.deferred[0], { queueId: id, recipient: "busy@example.net", status: "deferred", code: 450, dsn: "4.2.0" });
-      tt.match(rig.events.sent[0], { queueId: id, recipient: "ok@example.net", status: "sent", code: 250, dsn: "2.0.0" });
+      tt.match(rig.events.bounced, [{ queueId: id, recipient: "nobody@example.net", status: "bounced", code: 550, dsn: "5.1.1", relay: rig.relay }]);
+      tt.equal(rig.events.bounced.length, 1, "one bounced event");
+      tt.match(rig.events.deferred, [{ queueId: id, recipient: "busy@example.net", status: "deferred", code: 450, dsn: "4.2.0" }]);
+      tt.equal(rig.events.deferred.length, 1, "one deferred event");
+      const sentEvents = rig.events.sent.filter((e) => e.queueId !== dsnId);
+      tt.match(sentEvents, [{ queueId: id, recipient: "ok@example.net", status: "sent", code: 250, dsn: "2.0.0" }]);
+      tt.equal(sentEvents.length, 1, "one sent event of the message (the DSN's apart)");
       tt.notOk(rig.lines.some((l) => l.endsWith(`${id}: removed`)), "not removed yet");
 
       // Second flush: the server now accepts; only the pending recipient gets the message.
       rig.server.script = { pipelining: variant.pipelining };
-      const second = await rig.flush();
-      tt.match(second, { sent: 1, deferred: 0, bounced: 0, corrupt: 0, messages: 1, recipients: 1 }, "second flush: sent");
+      tt.match(await rig.flush(), { sent: 0, deferred: 0, messages: 0 }, "not due yet: a plain flush leaves it waiting");
+      const second = await rig.flush(undefined, true);
+      tt.match(second, { sent: 1, deferred: 0, bounced: 0, corrupt: 0, messages: 1, recipients: 1 }, "second flush, forced: sent");
       tt.same(rig.where(id), [], "the file is gone");
-      tt.same(fs.readdirSync(path.join(rig.maildir, "outgoing")), [], "no bookkeeping left behind either");
-      tt.equal(rig.server.messages.length, 2);
-      tt.same(rig.server.messages[1].to, ["busy@example.net"], "just that recipient");
+      tt.same(fs.readdirSync(path.join(rig.maildir, "deferred")), [], "no bookkeeping left behind either");
+      tt.equal(rig.originals().length, 2, "two test messages accepted in all");
+      tt.equal(rig.dsns().length, 1, "no further DSN: nothing failed in the second flush");
+      tt.same(rig.originals()[1].to, ["busy@example.net"], "just that recipient");
       const header = (m: Message, name: string) => new RegExp(`^${name}: (.*)\r$`, "mi").exec(m.data.toString("latin1"))?.[1];
-      const [m1, m2] = rig.server.messages;
+      const [m1, m2] = rig.originals();
       tt.equal(header(m2, "Date"), header(m1, "Date"), "the added Date: is the same in both attempts");
       tt.equal(header(m2, "From"), "a@example.org", "From: kept");
       tt.equal(header(m2, "Message-ID"), header(m1, "Message-ID"), "the added Message-ID: is the same in both attempts");
-      tt.same(rig.server.sessions.flatMap((s) => s.commands.filter((c) => c.startsWith("RCPT"))),
+      tt.same(rig.server.sessions.flatMap((x) => rcptsOf(x)),
         ["RCPT TO:<busy@example.net>", "RCPT TO:<nobody@example.net>", "RCPT TO:<ok@example.net>", "RCPT TO:<busy@example.net>"],
         "the bounced and the sent recipients are not tried again");
-      checkLog(tt, rig);
+      tt.same(rig.server.sessions.flatMap((x) => rcptsOf(x, true)), ["RCPT TO:<a@example.org>"], "and the DSN's one RCPT, to the sender");
+      checkLog(tt, rig, { dsns: 1 });
       tt.ok(rig.lines.some((l) => l.endsWith(`${id}: removed`)), "removed");
     });
   }
@@ -444,55 +657,87 @@ t.test("3. per-recipient 450, 550 and 250; the 450 one is retried in the next fl
 t.test("4. all recipients refused: RSET, then the next message on the same connection", async (tt) => {
   for (const variant of PIPELINING_VARIANTS) {
     await tt.test(variant.name, async (tt) => {
-      // Whichever message comes first has every recipient refused; the second is accepted.
+      // Whichever test message comes first has every recipient refused; the second is accepted.
+      // So is the DSN for the refused one: the refusal is keyed on the session's first test
+      // transaction, never on one from <>.
       const rig = await setup(tt, {
         engine: { maxConnections: 1 },
-        script: { pipelining: variant.pipelining, rcpt: (_a, s) => (mailCommands(s).length === 1 ? "550 5.1.1 User unknown" : undefined) },
+        script: {
+          pipelining: variant.pipelining,
+          rcpt: (_a, s) => (inTestTransaction(s) && testMails(s).length === 1 ? "550 5.1.1 User unknown" : undefined),
+        },
       });
-      const one = rig.drop(simple("one@example.org", ["x1@example.net", "y1@example.net"]));
-      const two = rig.drop(simple("two@example.org", ["x2@example.net", "y2@example.net"]));
+      const files = {
+        "one@example.org": simple("one@example.org", ["x1@example.net", "y1@example.net"]),
+        "two@example.org": simple("two@example.org", ["x2@example.net", "y2@example.net"]),
+      };
+      const one = rig.drop(files["one@example.org"]);
+      const two = rig.drop(files["two@example.org"]);
       const summary = await rig.flush();
-      tt.match(summary, { sent: 1, deferred: 0, bounced: 1, corrupt: 0, messages: 2 });
+      // The refused message (bounced), the next one (sent), and the refused one's DSN (sent, one recipient).
+      tt.match(summary, { sent: 2, deferred: 0, bounced: 1, corrupt: 0, messages: 3, recipients: 5 });
       tt.same(rig.where(one), [], "first message gone");
       tt.same(rig.where(two), [], "second message gone");
-      tt.equal(rig.server.connections, 1, "one connection");
+      for (const f of FOLDERS) tt.same(rig.files(f), [], `${f}/ is empty`);
       const s = rig.server.sessions[0];
+      tt.equal(testMails(s).length, 2, "both test messages on the first connection");
+      tt.ok(rig.server.sessions.slice(1).every((x) => testMails(x).length === 0), "no test message on another connection");
+      tt.ok(rig.server.connections <= 2, `the DSN on that connection or on one more (${rig.server.connections} connection(s))`);
       const v = verbs(s);
+      const mails = v.flatMap((verb, i) => (verb === "MAIL" && !/^MAIL FROM:<>/i.test(s.commands[i]) ? [i] : []));
       const rset = v.indexOf("RSET");
-      tt.ok(rset > v.indexOf("RCPT") && rset < v.lastIndexOf("MAIL"), `RSET between the refused and the next transaction: ${v.join(" ")}`);
+      tt.ok(rset > v.indexOf("RCPT") && rset < mails[1], `RSET between the refused and the next transaction: ${v.join(" ")}`);
       // Without PIPELINING no DATA may follow a transaction without recipients.
       if (!variant.pipelining) tt.same(v.slice(0, 5), ["EHLO", "MAIL", "RCPT", "RCPT", "RSET"], "no DATA without recipients");
-      tt.same(s.pipeliningViolations, [], "no pipelining violation");
-      tt.equal(rig.server.messages.length, 1, "the next message was delivered");
-      const refusedFrom = /<([^>]*)>/.exec(mailCommands(s)[0])?.[1];
-      tt.not(rig.server.messages[0].from, refusedFrom, "the delivered one is the second transaction");
-      const outcomes = checkLog(tt, rig);
+      for (const x of rig.server.sessions) tt.same(x.pipeliningViolations, [], `no pipelining violation (session ${x.id})`);
+      tt.equal(rig.originals().length, 1, "the next message was delivered");
+      const refusedFrom = /<([^>]*)>/.exec(testMails(s)[0])?.[1] as keyof typeof files;
+      tt.not(rig.originals()[0]?.from, refusedFrom, "the delivered one is the second transaction");
+      const outcomes = checkLog(tt, rig, { dsns: 1 });
       tt.same(outcomes.filter((o) => o.status === "bounced").length, 2, "both refused recipients bounced");
       tt.same(outcomes.filter((o) => o.status === "sent").length, 2, "both recipients of the next message sent");
+      tt.equal(outcomes.length, 4, "no other outcome of the test messages");
+      expectDsn(tt, rig, {
+        id: refusedFrom === "one@example.org" ? one : two, sender: refusedFrom, file: files[refusedFrom],
+        failed: ["x", "y"].map((p) => ({ rcpt: `${p}${refusedFrom === "one@example.org" ? 1 : 2}@example.net`, status: "5.1.1", diagnostic: "550 5.1.1 User unknown" })),
+      });
     });
   }
 
   await tt.test("the server answers 354 to a pipelined DATA with no recipient accepted", async (tt) => {
     // RFC 2920: the client must then send an empty message (".") and must not count it.
+    const first = (s: Session) => inTestTransaction(s) && testMails(s).length === 1;
     const rig = await setup(tt, {
       engine: { maxConnections: 1 },
       script: {
-        rcpt: (_a, s) => (mailCommands(s).length === 1 ? "550 5.1.1 User unknown" : undefined),
-        onCommand: (c, s) => (c === "DATA" && mailCommands(s).length === 1 ? "354 go ahead anyway" : undefined),
+        rcpt: (_a, s) => (first(s) ? "550 5.1.1 User unknown" : undefined),
+        onCommand: (c, s) => (c === "DATA" && first(s) ? "354 go ahead anyway" : undefined),
         onData: (m) => (m.to.length === 0 ? "554 5.5.1 Error: no valid recipients" : undefined),
       },
     });
-    rig.drop(simple("one@example.org", ["x1@example.net"]));
-    rig.drop(simple("two@example.org", ["x2@example.net"]));
+    const files = {
+      "one@example.org": simple("one@example.org", ["x1@example.net"]),
+      "two@example.org": simple("two@example.org", ["x2@example.net"]),
+    };
+    const one = rig.drop(files["one@example.org"]);
+    const two = rig.drop(files["two@example.org"]);
     const summary = await rig.flush();
-    tt.match(summary, { sent: 1, deferred: 0, bounced: 1 });
+    // The refused one bounced, the other sent, and the DSN for the refused one sent.
+    tt.match(summary, { sent: 2, deferred: 0, bounced: 1, messages: 3, recipients: 3 });
     for (const f of FOLDERS) tt.same(rig.files(f), [], `${f}/ is empty`);
     const s = rig.server.sessions[0];
     tt.equal(s.unaccepted.length, 1, "one empty message");
     tt.equal(s.unaccepted[0]?.raw.toString("latin1"), ".\r\n", "just the terminator");
-    tt.equal(rig.server.messages.length, 1, "the next message delivered");
+    tt.same(rig.server.sessions.slice(1).flatMap((x) => x.unaccepted), [], "no other unaccepted message");
+    tt.equal(rig.originals().length, 1, "the next message delivered");
     tt.ok(verbs(s).includes("RSET"), "RSET after the empty message");
-    checkLog(tt, rig);
+    checkLog(tt, rig, { dsns: 1 });
+    const refusedFrom = /<([^>]*)>/.exec(testMails(s)[0])?.[1] as keyof typeof files;
+    tt.not(rig.originals()[0]?.from, refusedFrom, "the delivered one is the second transaction");
+    expectDsn(tt, rig, {
+      id: refusedFrom === "one@example.org" ? one : two, sender: refusedFrom, file: files[refusedFrom],
+      failed: [{ rcpt: refusedFrom === "one@example.org" ? "x1@example.net" : "x2@example.net", status: "5.1.1", diagnostic: "550 5.1.1 User unknown" }],
+    });
   });
 });
 
@@ -503,41 +748,56 @@ t.test("5. MAIL FROM refused", async (tt) => {
         engine: { maxConnections: 1 },
         script: {
           pipelining: variant.pipelining,
-          mail: (_a, s) => (mailCommands(s).length === 1 ? "553 5.7.1 Sender address rejected: not owned by user" : undefined),
+          // The session's first test message is refused; a DSN's MAIL FROM:<> never is.
+          mail: (a, s) => (a !== "" && testMails(s).length === 1 ? "553 5.7.1 Sender address rejected: not owned by user" : undefined),
         },
       });
-      rig.drop(simple("one@example.org", ["a@example.net", "b@example.net"]));
-      rig.drop(simple("two@example.org", ["c@example.net", "d@example.net"]));
+      const files = {
+        "one@example.org": simple("one@example.org", ["a@example.net", "b@example.net"]),
+        "two@example.org": simple("two@example.org", ["c@example.net", "d@example.net"]),
+      };
+      const one = rig.drop(files["one@example.org"]);
+      const two = rig.drop(files["two@example.org"]);
       const summary = await rig.flush();
-      tt.match(summary, { sent: 1, deferred: 0, bounced: 1, corrupt: 0, messages: 2 });
+      // The refused message (bounced), the next one (sent) and the refused one's DSN (sent, one recipient).
+      tt.match(summary, { sent: 2, deferred: 0, bounced: 1, corrupt: 0, messages: 3, recipients: 5 });
       for (const f of FOLDERS) tt.same(rig.files(f), [], `${f}/ is empty`);
-      tt.equal(rig.server.connections, 1);
       const s = rig.server.sessions[0];
+      tt.equal(testMails(s).length, 2, "both test messages on the first connection");
+      tt.ok(rig.server.sessions.slice(1).every((x) => testMails(x).length === 0), "no test message on another connection");
+      tt.ok(rig.server.connections <= 2, `the DSN on that connection or on one more (${rig.server.connections} connection(s))`);
       const v = verbs(s);
-      tt.ok(v.includes("RSET") && v.indexOf("RSET") < v.lastIndexOf("MAIL"), `RSET before the next MAIL: ${v.join(" ")}`);
+      const mails = v.flatMap((verb, i) => (verb === "MAIL" && !/^MAIL FROM:<>/i.test(s.commands[i]) ? [i] : []));
+      tt.ok(v.includes("RSET") && v.indexOf("RSET") > mails[0] && v.indexOf("RSET") < mails[1], `RSET before the next MAIL: ${v.join(" ")}`);
       if (!variant.pipelining) tt.same(v.slice(0, 3), ["EHLO", "MAIL", "RSET"], "no RCPT after a refused MAIL");
-      tt.same(s.pipeliningViolations, [], "no pipelining violation");
-      tt.equal(rig.server.messages.length, 1, "the next message delivered");
-      const refusedFrom = /<([^>]*)>/.exec(mailCommands(s)[0])?.[1];
-      tt.not(rig.server.messages[0].from, refusedFrom);
-      const outcomes = checkLog(tt, rig);
+      for (const x of rig.server.sessions) tt.same(x.pipeliningViolations, [], `no pipelining violation (session ${x.id})`);
+      tt.equal(rig.originals().length, 1, "the next message delivered");
+      const refusedFrom = /<([^>]*)>/.exec(testMails(s)[0])?.[1] as keyof typeof files;
+      tt.not(rig.originals()[0]?.from, refusedFrom);
+      const outcomes = checkLog(tt, rig, { dsns: 1 });
       const bounced = outcomes.filter((o) => o.status === "bounced");
       tt.equal(bounced.length, 2, "both recipients of the refused message bounced");
       for (const o of bounced) {
         tt.match(o.text, /^host \S+ said: 553 5\.7\.1 Sender address rejected: not owned by user \(in reply to MAIL FROM command\)$/);
         tt.equal(o.dsn, "5.7.1");
       }
+      tt.equal(rig.events.bounced.length, 2, "two bounced events");
       tt.ok(rig.events.bounced.every((e) => e.code === 553), "bounced events carry code 553");
+      const refused = refusedFrom === "one@example.org" ? ["a@example.net", "b@example.net"] : ["c@example.net", "d@example.net"];
+      expectDsn(tt, rig, {
+        id: refusedFrom === "one@example.org" ? one : two, sender: refusedFrom, file: files[refusedFrom],
+        failed: refused.map((rcpt) => ({ rcpt, status: "5.7.1", diagnostic: "553 5.7.1 Sender address rejected: not owned by user" })),
+      });
     });
   }
 
-  await tt.test("with 4xx: deferred, the file stays in outgoing/", async (tt) => {
+  await tt.test("with 4xx: deferred, the file waits in deferred/", async (tt) => {
     const rig = await setup(tt, { script: { mail: () => "451 4.3.0 Temporary lookup failure" } });
     const id = rig.drop(simple("one@example.org", ["a@example.net", "b@example.net"]));
     const summary = await rig.flush();
     tt.match(summary, { sent: 0, deferred: 1, bounced: 0, corrupt: 0, messages: 1 });
-    tt.same(rig.where(id), ["outgoing"]);
-    tt.equal(fs.readFileSync(path.join(rig.maildir, "outgoing", id), "utf8"), simple("one@example.org", ["a@example.net", "b@example.net"]), "file unchanged");
+    tt.same(rig.where(id), ["deferred"]);
+    tt.equal(fs.readFileSync(path.join(rig.maildir, "deferred", id), "utf8"), simple("one@example.org", ["a@example.net", "b@example.net"]), "file unchanged");
     const outcomes = checkLog(tt, rig);
     tt.equal(outcomes.length, 2);
     for (const o of outcomes) {
@@ -571,30 +831,38 @@ t.test("6. EHLO refused: HELO is used and delivery works", async (tt) => {
 
 t.test("7. DATA refused, and the final reply after the dot", async (tt) => {
   await tt.test("DATA 554: bounced, removed", async (tt) => {
-    const rig = await setup(tt, { script: { onCommand: (c) => (c === "DATA" ? "554 5.7.1 DATA refused by policy" : undefined) } });
-    const id = rig.drop(simple("a@example.org", ["b@example.net", "c@example.net"]));
+    // DATA of the test message is refused; that of its DSN (MAIL FROM:<>) is not.
+    const rig = await setup(tt, { script: { onCommand: (c, s) => (c === "DATA" && inTestTransaction(s) ? "554 5.7.1 DATA refused by policy" : undefined) } });
+    const file = simple("a@example.org", ["b@example.net", "c@example.net"]);
+    const id = rig.drop(file);
     const summary = await rig.flush();
-    tt.match(summary, { sent: 0, deferred: 0, bounced: 1 });
+    // The message bounced; its DSN (one recipient) sent.
+    tt.match(summary, { sent: 1, deferred: 0, bounced: 1, messages: 2, recipients: 3 });
     tt.same(rig.where(id), []);
-    const outcomes = checkLog(tt, rig);
+    for (const f of FOLDERS) tt.same(rig.files(f), [], `${f}/ is empty`);
+    const outcomes = checkLog(tt, rig, { dsns: 1 });
     tt.equal(outcomes.length, 2);
     for (const o of outcomes) {
       tt.equal(o.status, "bounced");
       tt.equal(o.dsn, "5.7.1");
       tt.match(o.text, /said: 554 5\.7\.1 DATA refused by policy \(in reply to DATA command\)$/);
     }
-    tt.equal(rig.server.sessions.flatMap((s) => [...s.messages, ...s.unaccepted]).length, 0, "no message data sent");
+    tt.equal(rig.server.sessions.flatMap((s) => [...s.messages, ...s.unaccepted]).filter((m) => m.from !== "").length, 0, "no message data of the test message sent");
     tt.ok(verbs(rig.server.sessions[0]).includes("RSET"), "RSET after the refused DATA");
+    expectDsn(tt, rig, {
+      id, sender: "a@example.org", file,
+      failed: ["b@example.net", "c@example.net"].map((rcpt) => ({ rcpt, status: "5.7.1", diagnostic: "554 5.7.1 DATA refused by policy" })),
+    });
   });
 
-  await tt.test("451 after the dot: deferred, back in outgoing/ unchanged", async (tt) => {
+  await tt.test("451 after the dot: deferred, in deferred/ unchanged", async (tt) => {
     const rig = await setup(tt, { script: { onData: () => "451 4.3.0 Error: queue file write error" } });
     const content = simple("a@example.org", ["b@example.net", "c@example.net"]);
     const id = rig.drop(content);
     const summary = await rig.flush();
     tt.match(summary, { sent: 0, deferred: 1, bounced: 0 });
-    tt.same(rig.where(id), ["outgoing"]);
-    tt.equal(fs.readFileSync(path.join(rig.maildir, "outgoing", id), "utf8"), content, "file unchanged");
+    tt.same(rig.where(id), ["deferred"]);
+    tt.equal(fs.readFileSync(path.join(rig.maildir, "deferred", id), "utf8"), content, "file unchanged");
     const outcomes = checkLog(tt, rig);
     tt.equal(outcomes.length, 2);
     for (const o of outcomes) {
@@ -606,15 +874,21 @@ t.test("7. DATA refused, and the final reply after the dot", async (tt) => {
   });
 
   await tt.test("552 after the dot: bounced, removed", async (tt) => {
-    const rig = await setup(tt, { script: { onData: () => "552 5.3.4 Message too big for you" } });
-    const id = rig.drop(simple("a@example.org", ["b@example.net"]));
+    // The test message is refused after the dot; its DSN (from <>) is accepted.
+    const rig = await setup(tt, { script: { onData: (m) => (m.from !== "" ? "552 5.3.4 Message too big for you" : undefined) } });
+    const file = simple("a@example.org", ["b@example.net"]);
+    const id = rig.drop(file);
     const summary = await rig.flush();
-    tt.match(summary, { sent: 0, deferred: 0, bounced: 1 });
+    // The message bounced; its DSN (one recipient) sent.
+    tt.match(summary, { sent: 1, deferred: 0, bounced: 1, messages: 2, recipients: 2 });
     tt.same(rig.where(id), []);
-    const outcomes = checkLog(tt, rig);
+    for (const f of FOLDERS) tt.same(rig.files(f), [], `${f}/ is empty`);
+    const outcomes = checkLog(tt, rig, { dsns: 1 });
     tt.equal(outcomes.length, 1);
     tt.match(outcomes[0], { status: "bounced", dsn: "5.3.4" });
     tt.match(outcomes[0].text, /said: 552 5\.3\.4 Message too big for you \(in reply to end of DATA command\)$/);
+    tt.equal(rig.server.sessions.flatMap((s) => s.unaccepted).length, 1, "the test message's data was sent and refused");
+    expectDsn(tt, rig, { id, sender: "a@example.org", file, failed: [{ rcpt: "b@example.net", status: "5.3.4", diagnostic: "552 5.3.4 Message too big for you" }] });
   });
 });
 
@@ -637,8 +911,8 @@ t.test("8. 421 at greeting, MAIL, RCPT and after the dot: pending mail stays que
       const summary = await rig.flush();
       tt.match(summary, { sent: 0, deferred: 1, bounced: 0, corrupt: 0 }, "deferred");
       tt.ok(summary.seconds < 5, `flush ended in ${summary.seconds} s`);
-      tt.same(rig.where(id), ["outgoing"], "still queued, in outgoing/ only");
-      tt.equal(fs.readFileSync(path.join(rig.maildir, "outgoing", id), "utf8"), content, "file unchanged");
+      tt.same(rig.where(id), ["deferred"], "still queued, in deferred/ only");
+      tt.equal(fs.readFileSync(path.join(rig.maildir, "deferred", id), "utf8"), content, "file unchanged");
       tt.same(rig.errors, [], "no error event");
       tt.same(rig.server.errors, [], "no script error");
       tt.equal(rig.server.messages.length, 0, "nothing accepted");
@@ -661,7 +935,7 @@ t.test("9. disconnect mid-session", async (tt) => {
     const id = rig.drop(simple("a@example.org", ["b@example.net"]));
     const summary = await rig.flush();
     tt.match(summary, { sent: 0, deferred: 1, bounced: 0 });
-    tt.same(rig.where(id), ["outgoing"]);
+    tt.same(rig.where(id), ["deferred"]);
     const outcomes = checkLog(tt, rig);
     tt.equal(outcomes.length, 1);
     tt.equal(outcomes[0].status, "deferred");
@@ -674,7 +948,7 @@ t.test("9. disconnect mid-session", async (tt) => {
     const id = rig.drop(simple("a@example.org", ["b@example.net", "c@example.net"]));
     const summary = await rig.flush();
     tt.match(summary, { sent: 0, deferred: 1, bounced: 0 });
-    tt.same(rig.where(id), ["outgoing"]);
+    tt.same(rig.where(id), ["deferred"]);
     const outcomes = checkLog(tt, rig);
     tt.equal(outcomes.length, 2, "both recipients deferred");
     for (const o of outcomes) {
@@ -688,7 +962,7 @@ t.test("9. disconnect mid-session", async (tt) => {
     const id = rig.drop(simple("a@example.org", ["b@example.net"]));
     const summary = await rig.flush();
     tt.match(summary, { sent: 0, deferred: 1, bounced: 0 });
-    tt.same(rig.where(id), ["outgoing"]);
+    tt.same(rig.where(id), ["deferred"]);
     tt.equal(rig.server.sessions[0].unaccepted.length, 1, "the server had the data");
     const outcomes = checkLog(tt, rig);
     tt.equal(outcomes[0]?.status, "deferred");
@@ -708,7 +982,7 @@ t.test("9. disconnect mid-session", async (tt) => {
     const delivered = rig.server.messages[0].from === "one@example.org" ? one : two;
     const other = delivered === one ? two : one;
     tt.same(rig.where(delivered), [], "the finished one is removed");
-    tt.same(rig.where(other), ["outgoing"], "the unfinished one is back in outgoing/");
+    tt.same(rig.where(other), ["deferred"], "the unfinished one waits in deferred/");
     const outcomes = checkLog(tt, rig);
     tt.match(outcomes.find((o) => o.id === delivered), { status: "sent" });
     tt.match(outcomes.find((o) => o.id === other), { status: "deferred" });
@@ -722,7 +996,7 @@ t.test("10. garbage and a reply split byte by byte", async (tt) => {
     const id = rig.drop(simple("a@example.org", ["b@example.net"]));
     const summary = await rig.flush();
     tt.match(summary, { sent: 0, deferred: 1, bounced: 0 });
-    tt.same(rig.where(id), ["outgoing"]);
+    tt.same(rig.where(id), ["deferred"]);
     const outcomes = checkLog(tt, rig);
     tt.equal(outcomes.length, 1);
     tt.equal(outcomes[0].status, "deferred");
@@ -779,8 +1053,8 @@ t.test("11. a stage that never answers: timed out, deferred", async (tt) => {
       tt.ok(took < 4.5, `flush ended in ${took} s`);
       tt.ok(took >= 0.9, `after the 1 s timeout (${took} s)`);
       tt.match(summary, { sent: 0, deferred: 1, bounced: 0 });
-      tt.same(rig.where(id), ["outgoing"], "in outgoing/ only");
-      tt.equal(fs.readFileSync(path.join(rig.maildir, "outgoing", id), "utf8"), content);
+      tt.same(rig.where(id), ["deferred"], "in deferred/ only");
+      tt.equal(fs.readFileSync(path.join(rig.maildir, "deferred", id), "utf8"), content);
       const outcomes = checkLog(tt, rig);
       tt.equal(outcomes.length, 1);
       tt.equal(outcomes[0].status, "deferred");
@@ -791,18 +1065,24 @@ t.test("11. a stage that never answers: timed out, deferred", async (tt) => {
 });
 
 t.test("12. SIZE and 8BITMIME", async (tt) => {
-  await tt.test("SIZE 1000, a 5000-byte message: bounced without MAIL", async (tt) => {
-    const rig = await setup(tt, { script: { size: 1000 } });
-    const id = rig.drop(queueFile("a@example.org", ["b@example.net"], `Subject: big\n\n${`${"y".repeat(99)}\n`.repeat(50)}`));
+  await tt.test("SIZE 10000, a 15000-byte message: bounced without MAIL", async (tt) => {
+    // The limit leaves room for the DSN (a few kB), which goes through the same server.
+    const rig = await setup(tt, { script: { size: 10000 } });
+    const file = queueFile("a@example.org", ["b@example.net"], `Subject: big\n\n${`${"y".repeat(99)}\n`.repeat(150)}`);
+    const id = rig.drop(file);
     const summary = await rig.flush();
-    tt.match(summary, { sent: 0, deferred: 0, bounced: 1 });
+    // The message bounced; its DSN (one recipient) sent.
+    tt.match(summary, { sent: 1, deferred: 0, bounced: 1, messages: 2, recipients: 2 });
     tt.same(rig.where(id), [], "removed");
-    tt.same(mailCommands(rig.server.sessions[0]), [], "no MAIL sent");
-    const outcomes = checkLog(tt, rig);
+    tt.same(rig.server.sessions.flatMap(testMails), [], "no MAIL sent for the message");
+    const outcomes = checkLog(tt, rig, { dsns: 1 });
     tt.equal(outcomes.length, 1);
     tt.match(outcomes[0], { status: "bounced", dsn: "5.3.4", relay: rig.relay });
-    tt.match(outcomes[0].text, /size limit 1000/, "names the size limit");
-    tt.match(rig.events.bounced[0], { queueId: id, recipient: "b@example.net", code: 552, dsn: "5.3.4" });
+    tt.match(outcomes[0].text, /size limit 10000/, "names the size limit");
+    tt.match(rig.events.bounced, [{ queueId: id, recipient: "b@example.net", code: 552, dsn: "5.3.4" }]);
+    tt.equal(rig.events.bounced.length, 1, "one bounced event");
+    // No server refused anything: the engine found the limit in the EHLO reply.
+    expectDsn(tt, rig, { id, sender: "a@example.org", file, failed: [{ rcpt: "b@example.net", status: "5.3.4" }] });
   });
 
   await tt.test("SIZE: an oversized message pipelined behind a small one on the same connection", async (tt) => {
@@ -814,10 +1094,11 @@ t.test("12. SIZE and 8BITMIME", async (tt) => {
     const rig = await setup(tt, {
       engine: { maxConnections: 1 },
       script: {
-        size: 1000,
+        // Room for the DSN the big one makes, which goes through the same server.
+        size: 10000,
         onCommand: async (c, s) => {
-          if (c !== "DATA" || mailCommands(s).length !== 1 || !engine) return undefined;
-          bigId = await engine.send({ from: "big@example.org", to: "b@example.net", subject: "big", text: "z".repeat(5000) });
+          if (c !== "DATA" || !inTestTransaction(s) || testMails(s).length !== 1 || !engine) return undefined;
+          bigId = await engine.send({ from: "big@example.org", to: "b@example.net", subject: "big", text: "z".repeat(50000) });
           await sleep(300);
           return undefined;
         },
@@ -831,11 +1112,20 @@ t.test("12. SIZE and 8BITMIME", async (tt) => {
       return null;
     });
     tt.ok(bigId, "the big message was queued during the flush");
-    tt.equal(rig.server.messages.length, 1, "the small message was accepted by the server");
+    tt.equal(rig.originals().length, 1, "the small message was accepted by the server");
+    tt.equal(rig.originals()[0]?.from, "small@example.org");
     tt.match(rig.events.bounced, [{ queueId: bigId, dsn: "5.3.4" }], "the big one bounced on the size limit");
-    tt.match(rig.events.sent, [{ queueId: small, recipient: "b@example.net" }], "the small one got its sent outcome");
+    tt.equal(rig.events.bounced.length, 1, "one bounced event");
+    const dsnId = expectDsn(tt, rig, {
+      id: bigId, sender: "big@example.org", failed: [{ rcpt: "b@example.net", status: "5.3.4" }],
+      headerLines: [/^From: big@example\.org$/m, /^To: b@example\.net$/m, /^Subject: big$/m],
+    });
+    const sent = rig.events.sent.filter((e) => e.queueId !== dsnId);
+    tt.match(sent, [{ queueId: small, recipient: "b@example.net" }], "the small one got its sent outcome");
+    tt.equal(sent.length, 1, "one sent event besides the DSN's");
     tt.same(rig.where(small), [], "the small one, accepted by the server, left the queue");
-    if (summary) tt.match(summary, { sent: 1, bounced: 1, deferred: 0 });
+    // The small one and the big one's DSN sent, the big one bounced.
+    if (summary) tt.match(summary, { sent: 2, bounced: 1, deferred: 0, messages: 3 });
     stopTried.add(rig.engine);
     const stopped = await bounded(rig.engine.stop(), 2000, "engine.stop()").then(() => true, () => false);
     tt.ok(stopped, "stop() resolves");
@@ -919,7 +1209,7 @@ t.test("14. connect failures: nothing listening", async (tt) => {
   const took = (Date.now() - started) / 1000;
   tt.ok(took < 2, `flush ended quickly (${took} s)`);
   tt.match(summary, { sent: 0, deferred: 10, bounced: 0, corrupt: 0, messages: 10, recipients: 20 });
-  for (const id of ids) tt.same(rig.where(id), ["outgoing"], `${id} still in outgoing/`);
+  for (const id of ids) tt.same(rig.where(id), ["deferred"], `${id} waits in deferred/`);
   const outcomes = checkLog(tt, rig);
   tt.equal(outcomes.length, 20);
   for (const o of outcomes) {
@@ -958,17 +1248,27 @@ t.test("16. events carry their fields; an error without listener never throws", 
     const rig = await setup(tt, {
       script: { rcpt: (a) => (a.startsWith("later") ? "452 4.5.3 Too many recipients" : a.startsWith("never") ? "553 5.1.3 Bad address" : undefined) },
     });
-    const id = rig.drop(simple("a@example.org", ["now@example.net", "later@example.net", "never@example.net"]));
+    const file = simple("a@example.org", ["now@example.net", "later@example.net", "never@example.net"]);
+    const id = rig.drop(file);
     await rig.flush();
-    const keys = ["queueId", "recipient", "status", "code", "dsn", "text", "relay"];
-    for (const [status, rcpt, code, dsn] of [["sent", "now", 250, "2.0.0"], ["deferred", "later", 452, "4.5.3"], ["bounced", "never", 553, "5.1.3"]] as const) {
-      const list = rig.events[status];
+    // never@'s 553 makes a DSN to a@example.org, sent in the same flush: its "sent" event is checked apart.
+    const dsnId = expectDsn(tt, rig, {
+      id, sender: "a@example.org", file, failed: [{ rcpt: "never@example.net", status: "5.1.3", diagnostic: "553 5.1.3 Bad address" }],
+    });
+    // Issue 4 (7): the events carry the enhanced status under that name, and the server's reply alone.
+    const keys = ["queueId", "recipient", "status", "code", "dsn", "enhanced", "text", "reply", "relay"];
+    for (const [status, rcpt, code, dsn, reply] of [
+      ["sent", "now", 250, "2.0.0", /^250 2\.0\.0 Ok: queued as \d+$/],
+      ["deferred", "later", 452, "4.5.3", "452 4.5.3 Too many recipients"],
+      ["bounced", "never", 553, "5.1.3", "553 5.1.3 Bad address"],
+    ] as const) {
+      const list = rig.events[status].filter((e) => e.queueId !== dsnId);
       tt.equal(list.length, 1, `one ${status} event`);
       tt.same(Object.keys(list[0]).sort(), [...keys].sort(), `${status} event fields`);
-      tt.match(list[0], { queueId: id, recipient: `${rcpt}@example.net`, status, code, dsn, relay: rig.relay });
+      tt.match(list[0], { queueId: id, recipient: `${rcpt}@example.net`, status, code, dsn, enhanced: dsn, reply, relay: rig.relay });
       tt.ok(list[0].text.length > 0, "with text");
     }
-    checkLog(tt, rig);
+    checkLog(tt, rig, { dsns: 1 });
   });
 
   await tt.test("a corrupt file with no error listener", async (tt) => {
@@ -990,5 +1290,106 @@ t.test("16. events carry their fields; an error without listener never throws", 
     tt.equal(rig.errors.length, 1);
     tt.ok(rig.errors[0] instanceof MailError);
     tt.match(rig.errors[0], { code: "ECORRUPT", details: { queueId: bad } });
+  });
+});
+
+t.test("17. a message from the null sender that fails for good: bounced, never answered with a DSN", async (tt) => {
+  const rig = await setup(tt, {
+    script: { rcpt: (a) => (a === "gone@example.net" ? "550 5.1.1 <gone@example.net>: Recipient address rejected: User unknown" : undefined) },
+  });
+  // Line 1 "<>": a message from the null sender (a DSN of another system, say).
+  const file = queueFile("<>", ["gone@example.net"], SIMPLE_BODY.replace("From: a@example.org", "From: MAILER-DAEMON@example.org"));
+  const id = rig.drop(file);
+  const summary = await rig.flush();
+  tt.match(summary, { sent: 0, deferred: 0, bounced: 1, corrupt: 0, messages: 1, recipients: 1 }, "bounced, and no DSN queued or sent");
+  for (const f of FOLDERS) tt.same(rig.files(f), [], `${f}/ is empty: nothing queued for the null sender`);
+
+  const outcomes = checkLog(tt, rig, { dsns: 0 });
+  tt.equal(outcomes.length, 1, "one outcome line");
+  tt.match(outcomes[0], { id, to: "gone@example.net", status: "bounced", dsn: "5.1.1", relay: rig.relay });
+  tt.match(outcomes[0]?.text ?? "", /^host \S+ said: 550 5\.1\.1 <gone@example\.net>: Recipient address rejected: User unknown \(in reply to RCPT TO command\)$/);
+  tt.match(rig.events.bounced, [{ queueId: id, recipient: "gone@example.net", status: "bounced", code: 550, dsn: "5.1.1" }]);
+  tt.equal(rig.events.bounced.length, 1, "one bounced event");
+  tt.same(rig.events.sent, [], "no sent event: no DSN went anywhere");
+  tt.same(rig.events.deferred, []);
+  tt.equal(rig.lines.filter((l) => droppedLine(id).test(l)).length, 1, "logged: dropped, not bounced");
+  tt.notOk(rig.lines.some((l) => NOTIFICATION_LINE.test(l)), "no sender non-delivery notification line");
+  tt.ok(rig.lines.some((l) => l.endsWith(`: ${id}: removed`)), "removed");
+  tt.same(rig.errors, [], "no error event");
+
+  // The server saw the one transaction, MAIL FROM:<>, refused at RCPT, and nothing after it.
+  const check = (when: string) => {
+    tt.same(rig.server.sessions.flatMap(mailCommands).map((c) => c.replace(/^(MAIL FROM:<[^>]*>).*$/i, "$1")), ["MAIL FROM:<>"], `one MAIL, from <> (${when})`);
+    tt.same(rig.server.sessions.flatMap((s) => rcptsOf(s, true)), ["RCPT TO:<gone@example.net>"], `one RCPT (${when})`);
+    tt.same(rig.server.messages, [], `no message accepted (${when})`);
+    tt.same(rig.server.sessions.flatMap((s) => s.unaccepted), [], `no message data sent (${when})`);
+  };
+  check("after the flush");
+  await sleep(300);
+  check("a moment later");
+  tt.match(await rig.flush(), { sent: 0, deferred: 0, bounced: 0, messages: 0 }, "a second flush finds nothing to send");
+  check("after a second flush");
+});
+
+t.test("18. 452 4.5.3 too many recipients: the rest go in a new transaction at once", async (tt) => {
+  const tooMany = "452 4.5.3 Error: too many recipients";
+  for (const variant of PIPELINING_VARIANTS) {
+    await tt.test(`2 recipients a transaction, ${variant.name}: 5 recipients in 3 transactions on one connection`, async (tt) => {
+      const rig = await setup(tt, {
+        script: { pipelining: variant.pipelining, rcpt: (_a, s) => (s.rcptTo.length >= 2 ? tooMany : undefined) },
+      });
+      const rcpts = Array.from({ length: 5 }, (_, i) => `r${i}@example.net`);
+      const id = rig.drop(simple("a@example.org", rcpts));
+      const summary = await rig.flush();
+      tt.match(summary, { sent: 1, deferred: 0, bounced: 0, corrupt: 0, messages: 1, recipients: 5 }, "delivered to all in one flush");
+      for (const f of FOLDERS) tt.same(rig.files(f), [], `${f}/ is empty: nothing deferred`);
+      tt.equal(rig.server.connections, 1, "one connection");
+      const s = rig.server.sessions[0];
+      await rig.server.waitFor(() => s.commands.includes("QUIT"), 3000, "QUIT").catch((e) => tt.fail(String(e)));
+      tt.equal(mailCommands(s).length, 3, "three transactions");
+      tt.same(rig.server.messages.map((m) => m.to), [["r0@example.net", "r1@example.net"], ["r2@example.net", "r3@example.net"], ["r4@example.net"]],
+        "2 + 2 + 1 recipients, in order");
+      tt.same(rig.server.messages.flatMap((m) => m.to).sort(), rcpts, "every recipient accepted once");
+      const data = rig.server.messages.map((m) => m.data.toString("latin1"));
+      tt.ok(data.every((d) => d === data[0]), "the same data in each transaction");
+      tt.same(s.pipeliningViolations, [], "no pipelining violation");
+      tt.equal(s.commands.at(-1), "QUIT", "QUIT is the last command");
+      const outcomes = checkLog(tt, rig);
+      tt.equal(outcomes.length, 5, "one outcome line per recipient: no deferred line for the 452s");
+      tt.same(outcomes.map((o) => o.to).sort(), rcpts);
+      for (const o of outcomes) tt.match(o, { id, status: "sent", dsn: "2.0.0", relay: rig.relay });
+      tt.same(rig.events.deferred, [], "no deferred event");
+      tt.same(rig.events.bounced, [], "no bounced event");
+      tt.equal(rig.events.sent.length, 5);
+      tt.ok(rig.lines.some((l) => l.endsWith(`: ${id}: removed`)), "removed");
+    });
+  }
+
+  await tt.test("452 4.5.3 to the very first RCPT: no progress, deferred, no endless loop", async (tt) => {
+    const rig = await setup(tt, { script: { rcpt: () => tooMany } });
+    const file = simple("a@example.org", ["r0@example.net", "r1@example.net"]);
+    const id = rig.drop(file);
+    const before = Date.now();
+    const summary = await rig.flush(5000);
+    tt.match(summary, { sent: 0, deferred: 1, bounced: 0, corrupt: 0, messages: 1, recipients: 2 }, "deferred");
+    tt.same(rig.where(id), ["deferred"], "in deferred/ only");
+    tt.equal(fs.readFileSync(path.join(rig.maildir, "deferred", id), "utf8"), file, "file unchanged");
+    const book = JSON.parse(fs.readFileSync(path.join(rig.maildir, "deferred", `.${id}`), "utf8")) as Record<string, unknown>;
+    tt.equal(book.attempts, 1, "bookkeeping: one attempt");
+    tt.ok(typeof book.nextAttempt === "number" && book.nextAttempt >= before + 300_000, `bookkeeping: next attempt after the 300 s minimum backoff (${book.nextAttempt})`);
+    tt.match(String(book.lastError), /452 4\.5\.3 Error: too many recipients/, "bookkeeping: the last error");
+    tt.equal(rig.server.sessions.flatMap(mailCommands).length, 1, "one transaction: none more without progress");
+    tt.equal(rig.server.connections, 1, "one connection");
+    tt.same(rig.server.sessions.flatMap((s) => [...s.messages, ...s.unaccepted]), [], "no message data sent");
+    const outcomes = checkLog(tt, rig);
+    tt.equal(outcomes.length, 2, "both recipients deferred");
+    for (const o of outcomes) {
+      tt.match(o, { id, status: "deferred", dsn: "4.5.3", relay: rig.relay });
+      tt.match(o.text, /said: 452 4\.5\.3 Error: too many recipients \(in reply to RCPT TO command\)$/);
+    }
+    tt.equal(rig.events.deferred.length, 2);
+    tt.ok(rig.events.deferred.every((e) => e.code === 452), "deferred events carry code 452");
+    tt.match(await rig.flush(), { sent: 0, deferred: 0, messages: 0 }, "not due yet: a plain flush leaves it waiting");
+    tt.equal(rig.server.connections, 1, "and does not connect");
   });
 });
