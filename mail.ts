@@ -32,8 +32,8 @@
  *   that fails defers what it was carrying; a message is never lost and never in two folders.
  *
  * BUGS
- *   MX routing is basic (no per-destination dead-host cache, no backoff): the delivery
- *   issue brings the rest. TLS and AUTH are parsed but not used yet.
+ *   TLS and AUTH options are parsed and checked but not used yet: mail goes in plaintext.
+ *   Postfix's rarer controls (fallback relay, loop detection, DSN parameters) likewise.
  */
 
 import { EventEmitter } from "node:events";
@@ -2062,9 +2062,9 @@ async function flushOnce(engine: MailEngine, force: boolean): Promise<number> {
   try {
     const s = await engine.flush({ force });
     if (live) { clearInterval(live); process.stderr.write("\r\x1b[K"); }
+    await engine.stop(); // the last log lines go out before the summary
     process.stdout.write(`mudmail: flush: ${s.sent} sent, ${s.deferred} deferred, ${s.bounced} bounced, ${s.corrupt} corrupt ` +
       `(${s.messages} messages, ${s.recipients} recipients, ${s.seconds.toFixed(2)} s)\n`);
-    await engine.stop();
     return 0;
   } finally {
     if (live) clearInterval(live);
