@@ -670,12 +670,19 @@ export class Stuffer {
   /** Whether any byte pushed had the high bit set (8BITMIME). */
   eightBit = false;
 
+  /**
+   * With `dots: false` only the line ends are made CRLF: the message as its recipient will
+   * read it, for a DKIM body hash that matches what goes on the wire.
+   */
+  constructor(private readonly options: { dots?: boolean } = {}) {}
+
   push(chunk: Buffer): Buffer {
     const out = Buffer.allocUnsafe(chunk.length * 2);
     let j = 0;
     let atLineStart = this.atLineStart;
     let afterCR = this.afterCR;
     let high = 0;
+    const dots = this.options.dots !== false;
     for (let i = 0; i < chunk.length; i++) {
       const b = chunk[i];
       if (afterCR) {
@@ -689,7 +696,7 @@ export class Stuffer {
         afterCR = b === CR;
         continue;
       }
-      if (atLineStart && b === DOT) out[j++] = DOT;
+      if (atLineStart && b === DOT && dots) out[j++] = DOT;
       atLineStart = false;
       high |= b;
       out[j++] = b;
@@ -700,8 +707,12 @@ export class Stuffer {
     return out.subarray(0, j);
   }
 
-  /** The end of data: CRLF first when the content did not end with a line end. */
+  /**
+   * The end of data: CRLF first when the content did not end with a line end. Without
+   * dots, just the CRLF that ends the last line, if it lacked one.
+   */
   end(): Buffer {
+    if (this.options.dots === false) return Buffer.from(this.atLineStart ? "" : "\r\n");
     return Buffer.from(this.atLineStart ? ".\r\n" : "\r\n.\r\n");
   }
 }
