@@ -39,6 +39,7 @@
 import { EventEmitter } from "node:events";
 import * as fs from "node:fs";
 import * as net from "node:net";
+import * as tls from "node:tls";
 import * as os from "node:os";
 import * as path from "node:path";
 import { randomBytes } from "node:crypto";
@@ -50,7 +51,7 @@ import {
 import { Router, type Hop, type Route } from "./route.js";
 import { composeBounce } from "./bounce.js";
 import {
-  Spool, CorruptMessageError, addressProblem, measureWire, wireChunks, errno,
+  Spool, CorruptMessageError, SpoolError, addressProblem, measureWire, wireChunks, errno,
   type Bookkeeping, type HeaderFacts, type QueuedMessage, type Wire,
 } from "./queue.js";
 
@@ -71,7 +72,12 @@ export interface MailOptions {
   helo?: string;
   tls?: TlsMode;
   tlsCa?: string | null;
+  /** Implicit TLS from the first byte (SMTPS, port 465); a relay on port 465 implies it. */
+  tlsWrapper?: boolean;
+  /** USER:PASS for SMTP AUTH to the relay (MUDMAIL_AUTH on the command line). */
   auth?: string | null;
+  /** An OAuth 2.0 bearer token for AUTH XOAUTH2 (MUDMAIL_XOAUTH2 on the command line). */
+  xoauth2Token?: string | null;
   /** A file to append log lines to, or a function that takes each line; default stderr. */
   log?: string | ((line: string) => void) | null;
   connectTimeout?: number;
@@ -111,7 +117,7 @@ type Resolved = Required<Omit<MailOptions, "log">> & { log: MailOptions["log"] }
 
 const DEFAULTS: Resolved = {
   maildir: "./maildir", relay: null, port: 25, resolver: null, maxConnections: 5,
-  helo: os.hostname(), tls: "may", tlsCa: null, auth: null, log: null,
+  helo: os.hostname(), tls: "may", tlsCa: null, tlsWrapper: false, auth: null, xoauth2Token: null, log: null,
   connectTimeout: 30, heloTimeout: 300, mailTimeout: 300, rcptTimeout: 300,
   dataInitTimeout: 120, dataXferTimeout: 180, dataDoneTimeout: 600, quitTimeout: 300,
   minBackoff: 300, maxBackoff: 4000, maxQueueLifetime: 432000,
@@ -161,6 +167,16 @@ function checkOptions(input: MailOptions): Resolved {
   const classes = ["bounce", "delay", "protocol", "resource", "software", "policy"];
   for (const c of o.notifyClasses) if (!classes.includes(c)) throw new UsageError(`--notify-classes: unknown class ${JSON.stringify(c)} (expected ${classes.join(", ")})`);
   if (o.auth != null && !o.auth.includes(":")) throw new UsageError("--auth: expected USER:PASS");
+  if ((o.auth != null || o.xoauth2Token != null) && !o.relay) throw new UsageError("--auth needs --relay: credentials go to a relay, never to MX hosts");
+  // With credentials, the default is to check the relay's certificate (SPEC section 3).
+  if ((o.auth != null || o.xoauth2Token != null) && input.tls === undefined) o.tls = "verify";
+  if (o.tlsCa != null) {
+    try {
+      fs.accessSync(o.tlsCa, fs.constants.R_OK);
+    } catch (err) {
+      throw new UsageError(`--tls-ca: cannot read ${o.tlsCa}: ${(err as Error).message}`);
+    }
+  }
   if (o.disableDnsLookups && !o.relay) throw new UsageError("--disable-dns-lookups needs --relay: without DNS, mail can only go to a relay");
   return o;
 }
@@ -187,6 +203,22 @@ export function parseHostPort(text: string, flag: string, defaultPort: number, i
 
 /* ------------------------------------------------------------------------------------ */
 /* Errors and outcomes                                                                   */
+
+/** What AUTH needs; never logged, never put in an error. */
+interface Credentials {
+  user: string;
+  password: string;
+  token: string | null;
+}
+
+/** Every form a credential could take on the wire, so none of them is ever logged. */
+function secretForms(c: Credentials | null): string[] {
+  if (!c) return [];
+  const b64 = (text: string) => Buffer.from(text, "utf8").toString("base64");
+  const forms = [c.password, b64(c.password), b64(`\0${c.user}\0${c.password}`)];
+  if (c.token) forms.push(c.token, b64(`user=${c.user}\x01auth=Bearer ${c.token}\x01\x01`));
+  return forms;
+}
 
 /** One error type: what failed, for which message, with which host, and the server's words. */
 export class MailError extends Error {
@@ -276,7 +308,16 @@ class MailLog {
     write(text);
   }
 
-  write(proc: "smtp" | "qmgr", text: string): void {
+  /** Words that must never reach the log (the password, the token, their base64 forms). */
+  private secrets: string[] = [];
+
+  redact(secrets: string[]): void {
+    this.secrets = secrets.filter((x) => x.length >= 3);
+  }
+
+  write(proc: "smtp" | "qmgr", line: string): void {
+    let text = line;
+    for (const secret of this.secrets) if (text.includes(secret)) text = text.split(secret).join("<redacted>");
     const now = Date.now();
     const second = Math.floor(now / 1000);
     if (second !== this.stampSecond) {
@@ -291,7 +332,8 @@ class MailLog {
   /** Lines still batched for this turn go out; the file stays open for a later start(). */
   async flush(): Promise<void> {
     await new Promise<void>((resolve) => setImmediate(resolve));
-    if (this.stream && this.stream.writableLength > 0) await new Promise<void>((resolve) => this.stream!.once("drain", resolve));
+    // An empty write's callback runs once every write before it is on disk.
+    if (this.stream && !this.stream.destroyed) await new Promise<void>((resolve) => this.stream!.write("", () => resolve()));
   }
 }
 
@@ -449,12 +491,19 @@ function tooManyRecipients(reply: Reply): boolean {
 }
 
 type Expect =
-  | { kind: "banner" | "ehlo" | "helo" | "rset" | "quit" }
+  | { kind: "banner" | "ehlo" | "helo" | "starttls" | "rset" | "quit" }
+  | { kind: "auth"; step: number }
   | { kind: "mail" | "data" | "dot"; txn: Txn }
   | { kind: "rcpt"; txn: Txn; rcpt: string };
 
+/** The command each expected reply answers, for the seed's command/reply table. */
+const COMMAND_OF: Record<Expect["kind"], string> = {
+  banner: "CONNECT", ehlo: "EHLO", helo: "HELO", starttls: "STARTTLS", auth: "AUTH", mail: "MAIL", rcpt: "RCPT",
+  data: "DATA", dot: "DOT", rset: "RSET", quit: "QUIT",
+};
+
 const STAGE_OF: Record<Expect["kind"], Stage> = {
-  banner: Stage.Banner, ehlo: Stage.Helo, helo: Stage.Helo, mail: Stage.Mail, rcpt: Stage.Rcpt,
+  banner: Stage.Banner, ehlo: Stage.Helo, helo: Stage.Helo, starttls: Stage.Helo, auth: Stage.Helo, mail: Stage.Mail, rcpt: Stage.Rcpt,
   data: Stage.Data, dot: Stage.Dot, rset: Stage.Rset, quit: Stage.Quit,
 };
 
@@ -499,6 +548,9 @@ class Slot {
   }
 
   private hops: Hop[] = [];
+  private hop: Hop = { host: "", address: "", port: 0 };
+  /** The conversation is encrypted (STARTTLS done, or implicit TLS). */
+  private secure = false;
   private lastError = "no address to connect to";
 
   private connectNext(): void {
@@ -508,6 +560,7 @@ class Slot {
       this.engine.slotFailedEarly(this, this.lastError);
       return;
     }
+    this.hop = hop;
     this.connect(hop).then((socket) => {
       if (this.closed) return void socket.destroy();
       this.socket = socket;
@@ -535,19 +588,27 @@ class Slot {
     this.expects.length = 0;
     this.stage = Stage.Connect;
     this.relay = "none";
+    this.secure = false;
+    this.ext = null;
+    this.heloFallback = false;
     this.connectNext();
   }
 
   private connect(hop: Hop): Promise<net.Socket> {
     const ms = this.engine.timeoutMs(Stage.Connect);
     const where = `${hop.host}[${hop.address}]:${hop.port}`;
+    const wrapped = this.engine.implicitTls(hop);
     return new Promise((resolve, reject) => {
-      const socket = net.connect({ host: hop.address, port: hop.port });
+      // Implicit TLS (port 465, --tls-wrapper): the handshake is part of connecting.
+      const socket = wrapped
+        ? tls.connect({ host: hop.address, port: hop.port, ...this.engine.tlsOptions(hop) })
+        : net.connect({ host: hop.address, port: hop.port });
+      this.secure = wrapped;
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new Error(`connect to ${where}: Connection timed out`));
       }, ms);
-      socket.once("connect", () => {
+      socket.once(wrapped ? "secureConnect" : "connect", () => {
         clearTimeout(timer);
         socket.removeAllListeners("error");
         resolve(socket);
@@ -555,26 +616,34 @@ class Slot {
       socket.once("error", (err: NodeJS.ErrnoException) => {
         clearTimeout(timer);
         socket.destroy();
-        reject(new Error(`connect to ${where}: ${describeSocketError(err)}`));
+        if (wrapped && err.code !== "ECONNREFUSED") this.engine.tlsFailed(hop);
+        reject(new Error(`connect to ${where}: ${wrapped && !err.syscall ? `TLS handshake failed: ${err.message}` : describeSocketError(err)}`));
       });
     });
   }
 
   private attach(): void {
-    const socket = this.socket!;
+    this.listen(this.socket!);
+    this.stage = Stage.Banner;
+    this.expect({ kind: "banner" });
+  }
+
+  /** The readable handler and the ends of the connection, on the plain or the TLS socket. */
+  private listen(socket: net.Socket): void {
     socket.setNoDelay(true);
     socket.on("data", (chunk: Buffer) => this.readable(chunk));
     socket.on("error", (err: NodeJS.ErrnoException) => this.lost(describeSocketError(err)));
     socket.on("close", () => this.lost("Connection closed"));
-    this.stage = Stage.Banner;
-    this.expect({ kind: "banner" });
   }
 
   /* The readable handler: replies in, stage and ready flag forward. */
 
   private readable(chunk: Buffer): void {
-    for (const reply of this.parser.push(chunk)) {
-      if (this.closed) return;
+    const parser = this.parser;
+    for (const reply of parser.push(chunk)) {
+      // After STARTTLS's 220 the plaintext parser is gone: whatever else came with it is
+      // dropped unread (RFC 3207; the STARTTLS command-injection class of bugs).
+      if (this.closed || parser !== this.parser) return;
       this.reply(reply);
     }
   }
@@ -591,9 +660,9 @@ class Slot {
       this.fail(`host ${this.peer} said: ${printable(replyText(reply))} (${IN_REPLY_TO[stage]})`, reply);
       return;
     }
-    if (reply.code >= 600 || !expectedReply(STAGES[stage].command, reply)) {
+    if (reply.code >= 600 || !expectedReply(COMMAND_OF[expect.kind], reply)) {
       if (expect.kind === "quit") return this.close();
-      this.fail(`host ${this.peer} broke the protocol: ${printable(replyText(reply))} (${IN_REPLY_TO[stage] ?? STAGES[stage].label})`, reply);
+      this.fail(`host ${this.peer} broke the protocol: ${printable(replyText(reply))} (in reply to ${COMMAND_OF[expect.kind]} command)`, reply);
       return;
     }
     this.armNext();
@@ -601,6 +670,8 @@ class Slot {
       case "banner": return this.onBanner(reply);
       case "ehlo": return this.onEhlo(reply);
       case "helo": return this.onHelo(reply);
+      case "starttls": return this.onStartTls(reply);
+      case "auth": return this.onAuth(expect.step, reply);
       case "mail": return this.onMail(expect.txn, reply);
       case "rcpt": return this.onRcpt(expect.txn, expect.rcpt, reply);
       case "data": return this.onData(expect.txn, reply);
@@ -630,7 +701,104 @@ class Slot {
       return;
     }
     this.ext = parseEhlo(reply);
+    this.afterEhlo();
+  }
+
+  /** After each EHLO: STARTTLS when it is wanted and offered, then AUTH to a relay, then mail. */
+  private afterEhlo(): void {
+    const tlsMode = this.engine.tlsModeFor(this.hop);
+    if (tlsMode === "none" && this.engine.options.tls === "may") this.engine.plaintextUsed(this.hop);
+    if (!this.secure && tlsMode !== "none") {
+      if (this.ext?.startTls) return this.send("STARTTLS\r\n", { kind: "starttls" });
+      if (tlsMode !== "may") return this.fail(`TLS is required, but was not offered by host ${this.peer}`);
+    }
+    const credentials = this.engine.credentials;
+    if (credentials && !this.authenticated) return this.authenticate(credentials);
     this.sessionReady();
+  }
+
+  private onStartTls(reply: Reply): void {
+    if (reply.code !== 220) {
+      if (this.engine.tlsModeFor(this.hop) === "may") return this.afterEhloWithoutTls();
+      return this.fail(`TLS is required, but host ${this.peer} refused to start TLS: ${printable(replyText(reply))}`, reply);
+    }
+    this.startTls();
+  }
+
+  /** The server offered STARTTLS and then refused it: with "may", plaintext it is. */
+  private afterEhloWithoutTls(): void {
+    if (this.ext) this.ext.startTls = false;
+    this.afterEhlo();
+  }
+
+  /** Upgrades the connection in place; everything learned before it is forgotten (RFC 3207). */
+  private startTls(): void {
+    const raw = this.socket!;
+    raw.removeAllListeners("data");
+    raw.removeAllListeners("error");
+    raw.removeAllListeners("close");
+    raw.on("error", () => undefined);
+    this.parser = new ReplyParser();
+    this.ext = null;
+    this.arm(Stage.Helo);
+    const secure = tls.connect({ socket: raw, ...this.engine.tlsOptions(this.hop) });
+    const failed = (err: Error) => {
+      this.engine.tlsFailed(this.hop);
+      this.fail(`TLS handshake with ${this.peer} failed: ${err.message}`);
+    };
+    secure.once("error", failed);
+    secure.once("secureConnect", () => {
+      secure.off("error", failed);
+      this.socket = secure;
+      this.secure = true;
+      this.listen(secure);
+      this.send(`EHLO ${this.engine.options.helo}\r\n`, { kind: "ehlo" });
+    });
+  }
+
+  /* AUTH to the relay (RFC 4954): XOAUTH2 when a token is given, else PLAIN, else LOGIN. */
+
+  private authenticated = false;
+  private credentials: Credentials | null = null;
+  private mechanism = "";
+
+  private authenticate(credentials: Credentials): void {
+    const offered = this.ext?.auth ?? [];
+    if (!this.secure && this.engine.options.tls !== "none") {
+      return this.fail(`SASL authentication with ${this.peer} refused: the connection is not encrypted (use --tls none to allow it)`);
+    }
+    const mechanism = (credentials.token ? ["XOAUTH2"] : []).concat(["PLAIN", "LOGIN"]).find((m) => offered.includes(m));
+    if (!mechanism) {
+      return this.fail(`SASL authentication failed; server ${this.peer} offered no supported authentication mechanisms (offered: ${offered.join(" ") || "none"})`);
+    }
+    this.credentials = credentials;
+    this.mechanism = mechanism;
+    const b64 = (text: string) => Buffer.from(text, "utf8").toString("base64");
+    if (mechanism === "PLAIN") this.send(`AUTH PLAIN ${b64(`\0${credentials.user}\0${credentials.password}`)}\r\n`, { kind: "auth", step: 0 });
+    else if (mechanism === "XOAUTH2") this.send(`AUTH XOAUTH2 ${b64(`user=${credentials.user}\x01auth=Bearer ${credentials.token}\x01\x01`)}\r\n`, { kind: "auth", step: 0 });
+    else this.send("AUTH LOGIN\r\n", { kind: "auth", step: 0 });
+  }
+
+  private onAuth(step: number, reply: Reply): void {
+    const b64 = (text: string) => Buffer.from(text, "utf8").toString("base64");
+    if (reply.code === 235) {
+      this.authenticated = true;
+      this.credentials = null;
+      return this.sessionReady();
+    }
+    if (reply.code === 334) {
+      if (this.mechanism === "LOGIN" && step < 2) {
+        const answer = step === 0 ? this.credentials!.user : this.credentials!.password;
+        return this.send(`${b64(answer)}\r\n`, { kind: "auth", step: step + 1 });
+      }
+      // An XOAUTH2 error challenge (or a server that wants more than we have): end the exchange.
+      return this.send("*\r\n", { kind: "auth", step: 99 });
+    }
+    const words = printable(replyText(reply));
+    if (reply.code === 535 || reply.code === 534 || classify(reply) === "permanent") {
+      this.engine.authRefused(`SASL authentication failed; server ${this.peer} said: ${words}`);
+    }
+    this.fail(`SASL authentication failed; server ${this.peer} said: ${words}`, reply);
   }
 
   private onHelo(reply: Reply): void {
@@ -1051,6 +1219,7 @@ export class MailEngine extends EventEmitter {
       dnsTimeout: o.dnsTimeout * 1000,
     });
     this.log = new MailLog(this.options.log);
+    this.log.redact(secretForms(this.credentials));
   }
 
   /** Queues a message (get_mailqueue_file + compose); delivery starts at once when the engine runs. */
@@ -1269,7 +1438,7 @@ export class MailEngine extends EventEmitter {
 
   /** Keeps a few jobs ready ahead of the slots, so a slot never waits on the disk between messages. */
   private pump(): void {
-    while (!this.stopping && this.backlogHead < this.backlog.length && this.preparing + this.queuedJobs < this.readahead) {
+    while (!this.stopping && !this.authFailure && this.backlogHead < this.backlog.length && this.preparing + this.queuedJobs < this.readahead) {
       const id = this.backlog[this.backlogHead++];
       if (this.backlogHead > 4096 && this.backlogHead * 2 > this.backlog.length) {
         this.backlog = this.backlog.slice(this.backlogHead);
@@ -1358,7 +1527,7 @@ export class MailEngine extends EventEmitter {
 
   private queueJob(job: Job): void {
     const dest = job.destination;
-    if (this.stopping) return this.jobDone(job);
+    if (this.stopping || this.authFailure) return this.jobDone(job);
     if (dest.deadReason) return this.deferUnsent(job, `delivery temporarily suspended: ${dest.deadReason}`);
     if (dest.route && dest.route !== "pending" && !dest.route.ok) return this.routeFailed(job, dest.route);
     const waiter = dest.waiters.shift();
@@ -1447,7 +1616,7 @@ export class MailEngine extends EventEmitter {
 
   /** check_misc_connects(): open connections while slots are free and jobs wait, until two connects fail. */
   private fillSlots(): void {
-    if (this.stopping) return this.checkIdle();
+    if (this.stopping || this.authFailure) return this.checkIdle();
     for (const dest of this.destinations.values()) {
       if (dest.route === null || dest.route === "pending") continue;
       while (
@@ -1528,6 +1697,78 @@ export class MailEngine extends EventEmitter {
     this.jobDone(job);
   }
 
+  /* Transport security: what each session is allowed and required to do */
+
+  /** Hosts whose TLS handshake failed under "may": the next attempt goes in plaintext, once. */
+  private readonly plaintextOnce = new Set<string>();
+  private authFailure: string | null = null;
+
+  /** The TLS policy for this hop: the option, except once after a failed "may" handshake. */
+  tlsModeFor(hop: Hop): TlsMode {
+    if (this.options.tls === "may" && this.plaintextOnce.has(hop.address)) return "none";
+    return this.options.tls;
+  }
+
+  implicitTls(hop: Hop): boolean {
+    return this.options.tls !== "none" && (this.options.tlsWrapper || (this.options.relay !== null && hop.port === 465));
+  }
+
+  tlsOptions(hop: Hop): tls.ConnectionOptions {
+    const verify = this.options.tls === "verify";
+    return {
+      host: hop.host,
+      ...(net.isIP(hop.host) ? {} : { servername: hop.host }),
+      rejectUnauthorized: verify,
+      ...(this.extraCa ? { ca: [...tls.rootCertificates, this.extraCa] } : {}),
+    };
+  }
+
+  private extraCaRead = false;
+  private extraCaText: string | null = null;
+  private get extraCa(): string | null {
+    if (!this.extraCaRead && this.options.tlsCa) this.extraCaText = fs.readFileSync(this.options.tlsCa, "utf8");
+    this.extraCaRead = true;
+    return this.extraCaText;
+  }
+
+  /** A handshake failed: under "may", that host gets one plaintext attempt next time (and it is said). */
+  tlsFailed(hop: Hop): void {
+    if (this.options.tls !== "may") return;
+    if (this.plaintextOnce.has(hop.address)) return;
+    this.plaintextOnce.add(hop.address);
+    this.log.write("smtp", `warning: TLS handshake with ${hop.host}[${hop.address}]:${hop.port} failed; the next attempt to it goes in plaintext (--tls may)`);
+  }
+
+  /** Called when a plaintext session under "may" began: the one plaintext attempt is used up. */
+  plaintextUsed(hop: Hop): void {
+    this.plaintextOnce.delete(hop.address);
+  }
+
+  get credentials(): Credentials | null {
+    const { auth, xoauth2Token } = this.options;
+    if (!this.options.relay || (auth == null && xoauth2Token == null)) return null;
+    const colon = (auth ?? "").indexOf(":");
+    return {
+      user: colon >= 0 ? auth!.slice(0, colon) : (auth ?? ""),
+      password: colon >= 0 ? auth!.slice(colon + 1) : "",
+      token: xoauth2Token,
+    };
+  }
+
+  /**
+   * The relay refused our credentials (535): a permanent failure for this run, reported
+   * once. Nothing more is tried; every message stays queued as it was.
+   */
+  authRefused(reason: string): void {
+    if (this.authFailure) return;
+    this.authFailure = reason;
+    this.log.write("smtp", `error: ${reason}; no mail is sent in this run, the queue is kept`);
+    this.emit("error", new MailError(reason, "EAUTH", {}));
+    this.backlog = [];
+    this.backlogHead = 0;
+    for (const dest of this.destinations.values()) this.dropJobs(dest, null);
+  }
+
   timeoutMs(stage: Stage): number {
     const row = STAGES[stage];
     return (row.timeout ? (this.options[row.timeout] as number) : row.seconds!) * 1000;
@@ -1576,8 +1817,10 @@ export class MailEngine extends EventEmitter {
     const { msg } = delivery;
     const outcomes = [...delivery.outcomes.values()];
     if (outcomes.length === 0) {
-      // Never tried (the engine is stopping): back where it came from, no attempt counted.
+      // Never tried (the engine is stopping, or the relay refused our credentials): back
+      // where it came from, no attempt counted.
       const id = await this.spool.release(msg.id, delivery.from, delivery.book ?? undefined);
+      if (this.authFailure) this.counts.deferred++;
       if (delivery.from === "deferred") this.due.push(id, delivery.book?.nextAttempt ?? 0);
       else if (delivery.book) this.booked.add(id);
       return id;
@@ -1865,7 +2108,6 @@ const MODE_FLAGS: Record<string, FlagSpec> = {
   "--max-recipients": { kind: "int", arg: "N", help: "--serve: recipients per message, 100..1000 (100)" },
   "--tls-cert": { kind: "string", arg: "FILE", help: "--serve: certificate for STARTTLS" },
   "--tls-key": { kind: "string", arg: "FILE", help: "--serve: key for STARTTLS" },
-  "--tls-wrapper": { kind: "bool", help: "implicit TLS (port 465)" },
   "--dkim-domain": { kind: "string", arg: "D", help: "DKIM signing domain" },
   "--dkim-selector": { kind: "string", arg: "S", help: "DKIM selector" },
   "--dkim-key": { kind: "string", arg: "FILE", help: "DKIM private key" },
@@ -1889,7 +2131,8 @@ const OPTION_FLAGS: Record<string, FlagSpec> = {
   "--helo": { kind: "string", key: "helo", arg: "NAME", help: "name sent in EHLO/HELO (the host name)" },
   "--tls": { kind: "string", key: "tls", arg: "MODE", help: "none, may, encrypt or verify (may; verify with --auth)" },
   "--tls-ca": { kind: "string", key: "tlsCa", arg: "FILE", help: "extra CA bundle for --tls verify" },
-  "--auth": { kind: "string", key: "auth", arg: "USER:PASS", help: "SMTP AUTH to the relay; MUDMAIL_AUTH is preferred" },
+  "--tls-wrapper": { kind: "bool", key: "tlsWrapper", help: "implicit TLS from the first byte (SMTPS; a relay on port 465 implies it)" },
+  "--auth": { kind: "string", key: "auth", arg: "USER:PASS", help: "SMTP AUTH to the relay; MUDMAIL_AUTH is preferred (MUDMAIL_XOAUTH2: a bearer token)" },
   "--log": { kind: "string", key: "log", arg: "FILE", help: "where log lines go (standard error)" },
   "--connect-timeout": { kind: "int", key: "connectTimeout", arg: "S", help: "smtp_connect_timeout (30)" },
   "--helo-timeout": { kind: "int", key: "heloTimeout", arg: "S", help: "smtp_helo_timeout (300)" },
@@ -2003,8 +2246,8 @@ export async function main(argv: string[]): Promise<number> {
     if (modes["--help"]) { process.stdout.write(usage()); return 0; }
     if (modes["--version"]) { process.stdout.write(`mudmail ${VERSION}\n`); return 0; }
     if (options.auth == null && process.env.MUDMAIL_AUTH) options.auth = process.env.MUDMAIL_AUTH;
+    if (process.env.MUDMAIL_XOAUTH2) options.xoauth2Token = process.env.MUDMAIL_XOAUTH2;
     else if (options.auth != null) process.stderr.write("mudmail: warning: --auth shows the password in the process table; prefer MUDMAIL_AUTH\n");
-    if (options.auth != null && !argv.includes("--tls") && !argv.some((a) => a.startsWith("--tls="))) options.tls = "verify";
     if (modes["--max-recipients"] !== undefined) {
       const n = Number(modes["--max-recipients"]);
       if (n < 100 || n > 1000) throw new UsageError(`--max-recipients: expected 100..1000, got ${n}`);
@@ -2048,6 +2291,7 @@ export async function main(argv: string[]): Promise<number> {
   const { modes } = parsed;
   if (modes["--queue"]) return listQueue(engine, Boolean(modes["--json"]));
   if (modes["--flush"]) return flushOnce(engine, Boolean(modes["--force"]));
+  await engine.spool.init(); // an unusable spool stops the daemon now, not at its first tick
   return runDaemon(engine);
 }
 
@@ -2188,7 +2432,8 @@ if (typeof MUDMAIL_CLI !== "undefined" && MUDMAIL_CLI && isMain()) {
     (status) => { process.exitCode = status; },
     (err: Error) => {
       process.stderr.write(`mudmail: ${err.message}\n`);
-      process.exitCode = err instanceof UsageError ? 2 : 1;
+      // A spool that cannot be used is a configuration error, like a bad flag.
+      process.exitCode = err instanceof UsageError || err instanceof SpoolError ? 2 : 1;
     },
   );
 }

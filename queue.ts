@@ -81,6 +81,15 @@ export interface Bookkeeping {
   warned?: boolean;
 }
 
+/** The spool itself cannot be used (another user's, writable by others). */
+export class SpoolError extends Error {
+  readonly code = "EUNSAFE";
+  constructor(message: string) {
+    super(message);
+    this.name = "SpoolError";
+  }
+}
+
 export class CorruptMessageError extends Error {
   constructor(readonly queueId: string, readonly reason: string) {
     super(`${queueId}: corrupt queue file: ${reason}`);
@@ -122,10 +131,14 @@ export class Spool {
     return path.join(this.dir, folder, name);
   }
 
-  /** Creates missing folders (mode 0700); with recover, returns crashed claims to outgoing/. */
+  /**
+   * Creates missing folders (mode 0700; files are 0600) and refuses a spool another user
+   * owns or others may write to; with recover, returns crashed claims to outgoing/.
+   */
   async init(opts: { recover?: boolean } = {}): Promise<{ recovered: string[] }> {
     await fs.promises.mkdir(this.dir, { recursive: true, mode: 0o700 });
     await Promise.all(FOLDERS.map((f) => fs.promises.mkdir(path.join(this.dir, f), { recursive: true, mode: 0o700 })));
+    await this.checkOwnership();
     const recovered: string[] = [];
     if (opts.recover) {
       for (const name of await fs.promises.readdir(path.join(this.dir, "outgoing_active"))) {
@@ -325,6 +338,17 @@ export class Spool {
       await fs.promises.rename(this.pathOf(from, `.${id}`), this.pathOf(to, `.${target}`)).catch(() => undefined);
     }
     return target;
+  }
+
+  /** Mail in a spool someone else can write to could be read, changed or injected: refuse it. */
+  private async checkOwnership(): Promise<void> {
+    const uid = process.getuid?.();
+    for (const dir of [this.dir, ...FOLDERS.map((f) => path.join(this.dir, f))]) {
+      const st = await fs.promises.stat(dir);
+      const problem = uid !== undefined && st.uid !== uid ? `is owned by uid ${st.uid}, not by this user (uid ${uid})`
+        : st.mode & 0o022 ? `is writable by ${st.mode & 0o020 ? "its group" : "others"} (mode ${(st.mode & 0o777).toString(8)})` : null;
+      if (problem) throw new SpoolError(`unsafe spool: ${dir} ${problem}; fix it (chown, chmod 700) or choose another --maildir`);
+    }
   }
 
   /** After a crash: bookkeeping files whose message moved on are put beside it again. */

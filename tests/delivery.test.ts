@@ -3,7 +3,7 @@
 // with backoff, lifetime expiry, and bounces as RFC 3464 reports, one of them delivered
 // to a real Postfix.
 
-import t from "tap";
+import t, { type Test } from "tap";
 import fs from "node:fs/promises";
 import path from "node:path";
 import { MailEngine, type FlushSummary, type Outcome } from "../mail.js";
@@ -29,7 +29,7 @@ interface World {
 let idCounter = 0;
 
 /** A DNS zone, scripted servers on the given loopback addresses (one port), an engine using both. */
-async function world(t: Tap.Test, zone: Zone, servers: Record<string, Script>, options: Record<string, unknown> = {}): Promise<World> {
+async function world(t: Test, zone: Zone, servers: Record<string, Script>, options: Record<string, unknown> = {}): Promise<World> {
   const dns = await startDnsServer(zone);
   t.teardown(() => dns.close());
   let port = 0;
@@ -66,10 +66,6 @@ async function world(t: Tap.Test, zone: Zone, servers: Record<string, Script>, o
   };
 }
 
-declare global {
-  // eslint-disable-next-line @typescript-eslint/no-namespace
-  namespace Tap { type Test = import("tap").Test }
-}
 
 const line = (w: World, id: string, rcpt: string) => w.lines.find((l) => l.includes(`${id}: to=<${rcpt}>`)) ?? "";
 

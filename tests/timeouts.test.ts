@@ -1,7 +1,7 @@
 // Every stage has its timer (Postfix's smtp_*_timeout): a server that stops answering at any
 // stage ends the session within that stage's time, and what was pending is deferred.
 
-import t from "tap";
+import t, { type Test } from "tap";
 import net from "node:net";
 import { MailEngine } from "../mail.js";
 import { startScriptedServer, type Script } from "./helpers/scripted-server.js";
@@ -11,7 +11,7 @@ import { dropQueueFile, listFolder, makeSpool, queueFile, tempMaildir } from "./
 const MESSAGE = "From: a@talker.test\nSubject: s\nDate: Mon, 23 Nov 2026 12:00:00 +0000\nMessage-ID: <t@talker.test>\n\nbody\n";
 const SHORT = { connectTimeout: 1, heloTimeout: 1, mailTimeout: 1, rcptTimeout: 1, dataInitTimeout: 1, dataXferTimeout: 1, dataDoneTimeout: 1, quitTimeout: 1 };
 
-async function attempt(t: Tap.Test, relay: string, message = MESSAGE, extra: Record<string, unknown> = {}) {
+async function attempt(t: Test, relay: string, message = MESSAGE, extra: Record<string, unknown> = {}) {
   const maildir = await tempMaildir();
   await makeSpool(maildir);
   const id = `${Math.floor(Date.now() / 1000)}.1`;
@@ -24,10 +24,6 @@ async function attempt(t: Tap.Test, relay: string, message = MESSAGE, extra: Rec
   return { summary, seconds: (Date.now() - started) / 1000, lines, maildir, id };
 }
 
-declare global {
-  // eslint-disable-next-line @typescript-eslint/no-namespace
-  namespace Tap { type Test = import("tap").Test }
-}
 
 const silent: Array<[string, Script, RegExp]> = [
   ["greeting", { greeting: { action: "silence" } }, /timed out while receiving the initial server greeting/],
