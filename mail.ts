@@ -45,10 +45,11 @@ import * as path from "node:path";
 import { randomBytes } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import {
-  ReplyParser, classify, dsnStatus, expectedReply, makeReply, parseEhlo, printable, replyText,
+  ReplyParser, STAGE_TIMEOUTS, classify, dsnStatus, expectedReply, makeReply, parseEhlo, printable, replyText,
   type Extensions, type Reply,
 } from "./smtp-codes.js";
 import { Router, type Hop, type Route } from "./route.js";
+import { tlsConnectionOptions, vrfy, expn, help } from "./client.js";
 import { composeBounce } from "./bounce.js";
 import {
   Spool, CorruptMessageError, SpoolError, addressProblem, measureWire, wireChunks, errno,
@@ -56,6 +57,10 @@ import {
 } from "./queue.js";
 
 export const VERSION = "0.1.0";
+
+// The direct client (scsh's sendmail, VRFY, EXPN, HELP) is part of the library entry.
+export { sendmail, vrfy, expn, help, smtpTransactions, SmtpSession, ClientError } from "./client.js";
+export type { Answer, Loser, SendmailResult, SendmailOptions, ClientOptions } from "./client.js";
 
 /* ------------------------------------------------------------------------------------ */
 /* Options                                                                               */
@@ -118,8 +123,9 @@ type Resolved = Required<Omit<MailOptions, "log">> & { log: MailOptions["log"] }
 const DEFAULTS: Resolved = {
   maildir: "./maildir", relay: null, port: 25, resolver: null, maxConnections: 5,
   helo: os.hostname(), tls: "may", tlsCa: null, tlsWrapper: false, auth: null, xoauth2Token: null, log: null,
-  connectTimeout: 30, heloTimeout: 300, mailTimeout: 300, rcptTimeout: 300,
-  dataInitTimeout: 120, dataXferTimeout: 180, dataDoneTimeout: 600, quitTimeout: 300,
+  connectTimeout: STAGE_TIMEOUTS.connect, heloTimeout: STAGE_TIMEOUTS.helo, mailTimeout: STAGE_TIMEOUTS.mail,
+  rcptTimeout: STAGE_TIMEOUTS.rcpt, dataInitTimeout: STAGE_TIMEOUTS.dataInit, dataXferTimeout: STAGE_TIMEOUTS.dataXfer,
+  dataDoneTimeout: STAGE_TIMEOUTS.dataDone, quitTimeout: STAGE_TIMEOUTS.quit,
   minBackoff: 300, maxBackoff: 4000, maxQueueLifetime: 432000,
   fallbackRelay: null, inetInterfaces: null, bestMxRelay: null, ignoreMxLookupError: false,
   disableDnsLookups: false, skipQuitResponse: true, notifyClasses: ["resource", "software"],
@@ -362,7 +368,7 @@ const STAGES: Record<Stage, { timeout: keyof MailOptions | null; seconds?: numbe
   [Stage.Data]: { timeout: "dataInitTimeout", label: "sending DATA command", command: "DATA" },
   [Stage.Body]: { timeout: "dataXferTimeout", label: "sending message body", command: "DATA" },
   [Stage.Dot]: { timeout: "dataDoneTimeout", label: "sending end of data -- message may be sent more than once", command: "DOT" },
-  [Stage.Rset]: { timeout: null, seconds: 20, label: "sending RSET", command: "RSET" },
+  [Stage.Rset]: { timeout: null, seconds: STAGE_TIMEOUTS.rset, label: "sending RSET", command: "RSET" },
   [Stage.Quit]: { timeout: "quitTimeout", label: "sending QUIT", command: "QUIT" },
 };
 
@@ -1714,13 +1720,7 @@ export class MailEngine extends EventEmitter {
   }
 
   tlsOptions(hop: Hop): tls.ConnectionOptions {
-    const verify = this.options.tls === "verify";
-    return {
-      host: hop.host,
-      ...(net.isIP(hop.host) ? {} : { servername: hop.host }),
-      rejectUnauthorized: verify,
-      ...(this.extraCa ? { ca: [...tls.rootCertificates, this.extraCa] } : {}),
-    };
+    return tlsConnectionOptions(hop.host, this.options.tls, this.extraCa);
   }
 
   private extraCaRead = false;
@@ -2263,6 +2263,7 @@ export async function main(argv: string[]): Promise<number> {
     if (!modes["--send"] && parsed.rest.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(parsed.rest[0])}`);
     engine = new MailEngine(options);
     const mode = chosen[0];
+    if (mode === "--vrfy" || mode === "--expn" || mode === "--help-server") return await ask(mode, String(modes[mode]), options);
     if (mode && !["--flush", "--queue", "--send"].includes(mode)) {
       process.stderr.write(`mudmail: ${mode} is not in this version yet\n`);
       return 1;
@@ -2293,6 +2294,23 @@ export async function main(argv: string[]): Promise<number> {
   if (modes["--flush"]) return flushOnce(engine, Boolean(modes["--force"]));
   await engine.spool.init(); // an unusable spool stops the daemon now, not at its first tick
   return runDaemon(engine);
+}
+
+/** --vrfy, --expn, --help-server: one question to --relay, its reply printed as the server gave it. */
+async function ask(mode: string, what: string, options: MailOptions): Promise<number> {
+  if (!options.relay) throw new UsageError(`${mode} needs --relay HOST[:PORT]: the server to ask`);
+  const { host, port } = parseHostPort(options.relay, "--relay", 25);
+  const client = { host, port, helo: options.helo, tls: options.tls ?? "may", tlsWrapper: options.tlsWrapper };
+  const call = mode === "--vrfy" ? vrfy : mode === "--expn" ? expn : help;
+  try {
+    const reply = await call(what, client);
+    const lines = reply.text.length ? reply.text : [""];
+    process.stdout.write(lines.map((l, i) => `${reply.code}${i < lines.length - 1 ? "-" : " "}${l}`).join("\n") + "\n");
+    return 0;
+  } catch (err) {
+    process.stderr.write(`mudmail: ${(err as Error).message}\n`);
+    return 1;
+  }
 }
 
 async function flushOnce(engine: MailEngine, force: boolean): Promise<number> {

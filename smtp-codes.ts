@@ -23,6 +23,14 @@
  *   caller must drop the connection. Memory held is bounded by MAX_REPLY_LINE * MAX_REPLY_LINES.
  */
 
+/**
+ * Postfix's smtp(8) timeouts in seconds, per stage of the conversation (smtp_connect_timeout,
+ * smtp_helo_timeout, ...): the engine's defaults and the direct client's.
+ */
+export const STAGE_TIMEOUTS = {
+  connect: 30, helo: 300, mail: 300, rcpt: 300, dataInit: 120, dataXfer: 180, dataDone: 600, quit: 300, rset: 20,
+} as const;
+
 /** RFC 5321 allows 512 octets per reply line; real servers go past it, hostile ones far past it. */
 export const MAX_REPLY_LINE = 4096;
 /** A multi-line reply longer than this is not a server being verbose. */
