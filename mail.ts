@@ -167,6 +167,11 @@ function checkOptions(input: MailOptions): Resolved {
     if (o[key] != null) parseHostPort(String(o[key]), flag, 25);
   }
   if (o.resolver != null) parseHostPort(o.resolver, "--resolver", 53, true);
+  for (const entry of o.inetInterfaces ?? []) {
+    if (!["all", "loopback-only"].includes(entry) && !net.isIP(entry)) {
+      throw new UsageError(`--inet-interfaces: expected all, loopback-only or IP addresses, got ${JSON.stringify(entry)}`);
+    }
+  }
   if (o.delayWarning != null) positive("delayWarning", "--delay-warning");
   if (!o.helo || /[\s<>\x00-\x1f]/.test(o.helo)) throw new UsageError(`--helo: not a host name: ${JSON.stringify(o.helo)}`);
   if (o.postmaster != null && addressProblem(o.postmaster)) throw new UsageError(`--postmaster: ${addressProblem(o.postmaster)}`);
@@ -215,6 +220,20 @@ interface Credentials {
   user: string;
   password: string;
   token: string | null;
+}
+
+/**
+ * inet_interfaces: the addresses this machine receives mail on, so an MX list that leads
+ * back here is cut. "all" (the default) is every interface's address; "loopback-only" is
+ * 127.0.0.1 and ::1; anything else is a list of addresses.
+ */
+function ownAddresses(setting: string[] | null): Set<string> {
+  const list = setting ?? ["all"];
+  if (list.length === 1 && list[0] === "loopback-only") return new Set(["127.0.0.1", "::1"]);
+  if (list.length === 1 && list[0] === "all") {
+    return new Set(Object.values(os.networkInterfaces()).flatMap((addrs) => (addrs ?? []).map((a) => a.address)));
+  }
+  return new Set(list);
 }
 
 /** Every form a credential could take on the wire, so none of them is ever logged. */
@@ -818,6 +837,7 @@ class Slot {
 
   private sessionReady(): void {
     this.setupMs = Date.now() - this.connectedAt;
+    if (this.hop.via) this.engine.note(`${this.destination.key}: delivering through the ${this.hop.via} ${this.relay}`);
     this.engine.slotReady(this);
     this.nextJob();
   }
@@ -1223,6 +1243,10 @@ export class MailEngine extends EventEmitter {
       port: o.port,
       resolver: o.resolver ? parseHostPort(o.resolver, "--resolver", 53, true) : null,
       dnsTimeout: o.dnsTimeout * 1000,
+      fallbackRelay: o.fallbackRelay ? parseHostPort(o.fallbackRelay, "--fallback-relay", 25) : null,
+      bestMxRelay: o.bestMxRelay ? parseHostPort(o.bestMxRelay, "--best-mx-relay", 25) : null,
+      ownAddresses: ownAddresses(o.inetInterfaces),
+      ignoreMxLookupError: o.ignoreMxLookupError,
     });
     this.log = new MailLog(this.options.log);
     this.log.redact(secretForms(this.credentials));
@@ -1701,6 +1725,11 @@ export class MailEngine extends EventEmitter {
       }
     }
     this.jobDone(job);
+  }
+
+  /** An information line of the smtp process. */
+  note(text: string): void {
+    this.log.write("smtp", text);
   }
 
   /* Transport security: what each session is allowed and required to do */

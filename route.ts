@@ -16,6 +16,12 @@
  *   exchanger (RFC 5321 section 5.1). The caller connects to each hop in order until one
  *   greets; after a greeting no error moves it to the next hop.
  *
+ *   Postfix's controls, with its meaning: a fallback relay (fallback_relay) is tried after
+ *   every exchanger of a domain, and takes mail for domains that do not exist; an exchanger
+ *   that is this machine (inet_interfaces) ends the list there, and when it is the best one
+ *   the mail loops back to myself and bounces, unless a best-MX relay (best_mx_transport)
+ *   takes it; with ignore_mx_lookup_error a failed MX lookup falls back to A records.
+ *
  * DIAGNOSTICS
  *   A route that cannot be had says whether that is for good (the domain does not exist,
  *   or publishes the null MX of RFC 7505: the mail bounces) or for now (a DNS timeout or
@@ -30,6 +36,8 @@ export interface Hop {
   host: string;
   address: string;
   port: number;
+  /** Reached through --fallback-relay or --best-mx-relay, not the destination's own hosts. */
+  via?: "fallback relay" | "best-MX relay";
 }
 
 export type Route =
@@ -38,6 +46,11 @@ export type Route =
 
 export interface RouterOptions {
   relay: { host: string; port: number } | null;
+  fallbackRelay?: { host: string; port: number } | null;
+  bestMxRelay?: { host: string; port: number } | null;
+  /** This machine's addresses (inet_interfaces), for mail-loop detection. */
+  ownAddresses?: ReadonlySet<string>;
+  ignoreMxLookupError?: boolean;
   port: number;
   /** IP[:PORT] of the DNS server to ask, or null for the system's. */
   resolver: { host: string; port: number } | null;
@@ -63,42 +76,69 @@ export class Router {
   /** Where mail for this recipient domain goes. */
   async route(domain: string): Promise<Route> {
     if (this.options.relay) return this.hostRoute(this.options.relay.host, this.options.relay.port);
+    const route = await this.domainRoute(domain);
+    const fallback = this.options.fallbackRelay;
+    if (!fallback) return route;
+    // The fallback relay comes after every exchanger, and stands in for a domain not found.
+    if (!route.ok && !(route.permanent && route.dsn === "5.4.4")) return route;
+    const relay = await this.hostRoute(fallback.host, fallback.port);
+    if (!relay.ok) return route;
+    const hops = relay.hops.map((h) => ({ ...h, via: "fallback relay" as const }));
+    return { ok: true, hops: route.ok ? [...route.hops, ...hops] : hops };
+  }
+
+  private async domainRoute(domain: string): Promise<Route> {
     if (domain.startsWith("[") && domain.endsWith("]")) {
       const literal = domain.slice(1, -1).replace(/^IPv6:/i, "");
       return { ok: true, hops: [{ host: literal, address: literal, port: this.options.port }] };
     }
-    let exchangers: string[];
+    let exchangers: Array<{ name: string; preference: number }>;
     try {
       const records = await this.resolver.resolveMx(domain);
       // No MX records (an alias without them answers with an empty list): the domain is its own exchanger.
-      if (records.length === 0) return this.exchangerRoute(domain, [domain]);
+      if (records.length === 0) return this.exchangerRoute(domain, [{ name: domain, preference: 0 }]);
       if (records.some((r) => r.exchange === "" || r.exchange === ".")) {
         return { ok: false, permanent: true, dsn: "5.1.10", reason: `Domain ${domain} does not accept mail (nullMX)` };
       }
       exchangers = records
-        .map((r) => ({ name: r.exchange, key: r.priority + Math.random() / 2 }))
-        .sort((a, b) => a.key - b.key)
-        .map((r) => r.name.replace(/\.$/, ""));
+        .map((r) => ({ name: r.exchange.replace(/\.$/, ""), preference: r.priority, key: r.priority + Math.random() / 2 }))
+        .sort((a, b) => a.key - b.key);
     } catch (err) {
       const code = errorCode(err);
-      if (NO_DATA.has(code)) exchangers = [domain];
+      if (NO_DATA.has(code)) exchangers = [{ name: domain, preference: 0 }];
+      else if (!NOT_FOUND.has(code) && this.options.ignoreMxLookupError) exchangers = [{ name: domain, preference: 0 }];
       else return dnsFailure(domain, "MX", code);
     }
     return this.exchangerRoute(domain, exchangers);
   }
 
-  private async exchangerRoute(domain: string, exchangers: string[]): Promise<Route> {
-    const hops: Hop[] = [];
+  private async exchangerRoute(domain: string, exchangers: Array<{ name: string; preference: number }>): Promise<Route> {
+    const found: Array<{ name: string; preference: number; addresses: string[] }> = [];
     let lastFailure: Route | null = null;
-    for (const name of exchangers) {
-      const found = await this.addresses(name);
-      if (Array.isArray(found)) hops.push(...found.map((address) => ({ host: name, address, port: this.options.port })));
-      else lastFailure = found;
+    for (const mx of exchangers) {
+      const addresses = await this.addresses(mx.name);
+      if (Array.isArray(addresses)) found.push({ ...mx, addresses });
+      else lastFailure = addresses;
     }
+    // inet_interfaces: an exchanger that is this machine ends the list, with every one of
+    // its preference or worse; if that leaves none, the mail would loop back to us.
+    const own = this.options.ownAddresses;
+    const self = own ? found.find((mx) => mx.addresses.some((a) => own.has(a))) : undefined;
+    const usable = self ? found.filter((mx) => mx.preference < self.preference) : found;
+    if (self && usable.length === 0) {
+      const best = this.options.bestMxRelay;
+      if (best) {
+        const relay = await this.hostRoute(best.host, best.port);
+        if (relay.ok) return { ok: true, hops: relay.hops.map((h) => ({ ...h, via: "best-MX relay" as const })) };
+        return relay;
+      }
+      return { ok: false, permanent: true, dsn: "5.4.6", reason: `mail for ${domain} loops back to myself` };
+    }
+    const hops = usable.flatMap((mx) => mx.addresses.map((address) => ({ host: mx.name, address, port: this.options.port })));
     if (hops.length > 0) return { ok: true, hops };
     if (lastFailure && !lastFailure.ok && !lastFailure.permanent) return lastFailure;
-    const what = exchangers.length === 1 && exchangers[0] === domain ? `Host or domain name not found. Name service error for name=${domain} type=A: Host not found`
-      : `no address for any mail exchanger of ${domain} (${exchangers.join(", ")})`;
+    const what = exchangers.length === 1 && exchangers[0].name === domain ? `Host or domain name not found. Name service error for name=${domain} type=A: Host not found`
+      : `no address for any mail exchanger of ${domain} (${exchangers.map((x) => x.name).join(", ")})`;
     return { ok: false, permanent: true, dsn: "5.4.4", reason: what };
   }
 
