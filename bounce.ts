@@ -212,6 +212,28 @@ export function composeBounce(input: BounceInput): Buffer {
   return Buffer.concat([Buffer.from(text, "utf8"), original, Buffer.from(`\n--${boundary}--\n`)]);
 }
 
+/**
+ * A notice to the postmaster (notify_classes: protocol, resource, software): a plain text
+ * message from the null sender, so that it can never bounce back, as a queue file.
+ */
+export function composeNotice(input: { to: string; subject: string; text: string; reportingMta: string; now?: Date }): Buffer {
+  const to = checkSender(input.to);
+  const host = hostName(input.reportingMta, "reportingMta");
+  const now = checkDate(input.now ?? new Date(), "now");
+  const body = input.text.replace(/\n$/, "").split("\n").map((line) => wrap(fieldText(line))).join("");
+  const top = [
+    field("From", `MAILER-DAEMON@${host} (Mail Delivery System)`),
+    field("To", toHeaderAddress(to)),
+    field("Subject", fieldText(input.subject)),
+    field("Date", rfc5322Date(now)),
+    field("Message-ID", `<${compactDate(now)}.${randomBytes(8).toString("hex")}${(serial++ % 0x10000).toString(16)}@${host}>`),
+    field("Auto-Submitted", "auto-generated"),
+    field("MIME-Version", "1.0"),
+    field("Content-Type", "text/plain; charset=us-ascii"),
+  ].join("");
+  return Buffer.from(`<>\n${to}\n${top}\n${body}${body.endsWith("\n") ? "" : "\n"}`, "utf8");
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* Checks                                                                                */
 

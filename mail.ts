@@ -45,15 +45,15 @@ import * as path from "node:path";
 import { randomBytes } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import {
-  ReplyParser, STAGE_TIMEOUTS, classify, dsnStatus, expectedReply, makeReply, parseEhlo, printable, replyText,
+  ReplyParser, STAGE_TIMEOUTS, xtext, classify, dsnStatus, expectedReply, makeReply, parseEhlo, printable, replyText,
   type Extensions, type Reply,
 } from "./smtp-codes.js";
 import { Router, type Hop, type Route } from "./route.js";
 import { tlsConnectionOptions, vrfy, expn, help } from "./client.js";
-import { composeBounce } from "./bounce.js";
+import { composeBounce, composeNotice } from "./bounce.js";
 import {
   Spool, CorruptMessageError, SpoolError, addressProblem, measureWire, wireChunks, errno,
-  type Bookkeeping, type HeaderFacts, type QueuedMessage, type Wire,
+  type Bookkeeping, type DsnRequest, type HeaderFacts, type QueuedMessage, type Wire,
 } from "./queue.js";
 
 export const VERSION = "0.1.0";
@@ -408,6 +408,8 @@ class Delivery {
   openJobs = 0;
   /** settle() has begun: it runs once per delivery. */
   settling = false;
+  /** Recipients delivered to a server that did not offer DSN (for NOTIFY=SUCCESS: "relayed"). */
+  readonly sentWithoutDsn = new Set<string>();
   constructor(
     readonly msg: QueuedMessage,
     readonly wire: Wire,
@@ -576,6 +578,10 @@ class Slot {
   private hop: Hop = { host: "", address: "", port: 0 };
   /** The conversation is encrypted (STARTTLS done, or implicit TLS). */
   private secure = false;
+  /** The last lines of the conversation, when a protocol error would send them to the postmaster. */
+  private transcript: string[] | null = null;
+  /** The peer is in --debug-peer: every line of the conversation is logged. */
+  private debug = false;
   private lastError = "no address to connect to";
 
   private connectNext(): void {
@@ -586,6 +592,8 @@ class Slot {
       return;
     }
     this.hop = hop;
+    this.debug = this.engine.isDebugPeer(hop);
+    this.transcript = this.engine.wantsTranscripts ? [] : null;
     this.connect(hop).then((socket) => {
       if (this.closed) return void socket.destroy();
       this.socket = socket;
@@ -674,10 +682,11 @@ class Slot {
   }
 
   private reply(reply: Reply): void {
+    if (this.transcript || this.debug) reply.lines.forEach((l, i) => this.said("<", `${reply.code < 600 ? reply.code : ""}${i < reply.lines.length - 1 ? "-" : " "}${l}`));
     const expect = this.expects.shift();
     if (!expect) {
       if (this.quitting) return;
-      this.fail(`host ${this.peer} sent an unexpected reply: ${printable(replyText(reply))}`, reply);
+      this.protocolError(`host ${this.peer} sent an unexpected reply: ${printable(replyText(reply))}`, reply);
       return;
     }
     const stage = STAGE_OF[expect.kind];
@@ -687,7 +696,7 @@ class Slot {
     }
     if (reply.code >= 600 || !expectedReply(COMMAND_OF[expect.kind], reply)) {
       if (expect.kind === "quit") return this.close();
-      this.fail(`host ${this.peer} broke the protocol: ${printable(replyText(reply))} (in reply to ${COMMAND_OF[expect.kind]} command)`, reply);
+      this.protocolError(`host ${this.peer} broke the protocol: ${printable(replyText(reply))} (in reply to ${COMMAND_OF[expect.kind]} command)`, reply);
       return;
     }
     this.armNext();
@@ -799,8 +808,8 @@ class Slot {
     this.credentials = credentials;
     this.mechanism = mechanism;
     const b64 = (text: string) => Buffer.from(text, "utf8").toString("base64");
-    if (mechanism === "PLAIN") this.send(`AUTH PLAIN ${b64(`\0${credentials.user}\0${credentials.password}`)}\r\n`, { kind: "auth", step: 0 });
-    else if (mechanism === "XOAUTH2") this.send(`AUTH XOAUTH2 ${b64(`user=${credentials.user}\x01auth=Bearer ${credentials.token}\x01\x01`)}\r\n`, { kind: "auth", step: 0 });
+    if (mechanism === "PLAIN") this.send(`AUTH PLAIN ${b64(`\0${credentials.user}\0${credentials.password}`)}\r\n`, { kind: "auth", step: 0 }, true);
+    else if (mechanism === "XOAUTH2") this.send(`AUTH XOAUTH2 ${b64(`user=${credentials.user}\x01auth=Bearer ${credentials.token}\x01\x01`)}\r\n`, { kind: "auth", step: 0 }, true);
     else this.send("AUTH LOGIN\r\n", { kind: "auth", step: 0 });
   }
 
@@ -814,7 +823,7 @@ class Slot {
     if (reply.code === 334) {
       if (this.mechanism === "LOGIN" && step < 2) {
         const answer = step === 0 ? this.credentials!.user : this.credentials!.password;
-        return this.send(`${b64(answer)}\r\n`, { kind: "auth", step: step + 1 });
+        return this.send(`${b64(answer)}\r\n`, { kind: "auth", step: step + 1 }, true);
       }
       // An XOAUTH2 error challenge (or a server that wants more than we have): end the exchange.
       return this.send("*\r\n", { kind: "auth", step: 99 });
@@ -876,8 +885,8 @@ class Slot {
     this.setupMs = 0;
     const mail = this.mailCommand(delivery);
     if (this.ext?.pipelining) {
-      const lines = [mail, ...job.recipients.map((r) => `RCPT TO:<${r}>\r\n`), "DATA\r\n"];
-      this.write(lines.join(""));
+      const lines = [mail, ...job.recipients.map((r) => this.rcptCommand(delivery, r)), "DATA\r\n"];
+      this.command(lines.join(""));
       this.expect({ kind: "mail", txn });
       for (const rcpt of job.recipients) this.expect({ kind: "rcpt", txn, rcpt });
       this.expect({ kind: "data", txn });
@@ -890,14 +899,26 @@ class Slot {
     let params = "";
     if (this.ext?.size != null) params += ` SIZE=${delivery.wire.size}`;
     if (delivery.wire.eightBit && this.ext?.eightBitMime) params += " BODY=8BITMIME";
+    const dsn = delivery.book?.dsn;
+    if (dsn && this.ext?.dsn) {
+      if (dsn.ret) params += ` RET=${dsn.ret.toUpperCase()}`;
+      if (dsn.envid) params += ` ENVID=${xtext(dsn.envid)}`;
+    }
     return `MAIL FROM:<${delivery.msg.sender}>${params}\r\n`;
+  }
+
+  /** RCPT TO, with RFC 3461's NOTIFY and ORCPT when the sender asked and the server offers DSN. */
+  private rcptCommand(delivery: Delivery, rcpt: string): string {
+    const notify = delivery.book?.dsn?.notify;
+    const params = notify && this.ext?.dsn ? ` NOTIFY=${notify.map((n) => n.toUpperCase()).join(",")} ORCPT=rfc822;${xtext(rcpt)}` : "";
+    return `RCPT TO:<${rcpt}>${params}\r\n`;
   }
 
   private onMail(txn: Txn, reply: Reply): void {
     if (classify(reply) === "ok") {
       txn.mailOk = true;
       this.stage = Stage.Rcpt;
-      if (!this.ext?.pipelining) this.send(`RCPT TO:<${txn.job.recipients[0]}>\r\n`, { kind: "rcpt", txn, rcpt: txn.job.recipients[0] });
+      if (!this.ext?.pipelining) this.send(this.rcptCommand(txn.job.delivery, txn.job.recipients[0]), { kind: "rcpt", txn, rcpt: txn.job.recipients[0] });
       return;
     }
     this.settleAll(txn, this.replyOutcome(txn.job, reply, Stage.Mail));
@@ -917,7 +938,7 @@ class Slot {
     // Without pipelining, a full server is not asked again in this transaction.
     if (txn.overflow.length > 0) txn.overflow.push(...rest.splice(0));
     const next = rest[0];
-    if (next !== undefined) this.send(`RCPT TO:<${next}>\r\n`, { kind: "rcpt", txn, rcpt: next });
+    if (next !== undefined) this.send(this.rcptCommand(txn.job.delivery, next), { kind: "rcpt", txn, rcpt: next });
     else if (txn.accepted.length > 0) this.send("DATA\r\n", { kind: "data", txn });
     else {
       this.finishTxn(txn);
@@ -992,6 +1013,8 @@ class Slot {
     const cls = classify(reply);
     if (cls === "ok") {
       this.delivered++;
+      // A server without DSN cannot send the success report the sender asked for: we will.
+      if (!this.ext?.dsn) for (const rcpt of txn.accepted) txn.job.delivery.sentWithoutDsn.add(rcpt);
       const words = printable(replyText(reply));
       this.settleAccepted(txn, this.outcome(txn.job, "sent", reply.code, dsnStatus(reply), words, words));
     } else {
@@ -1017,7 +1040,7 @@ class Slot {
     this.quitting = true;
     this.stage = Stage.Quit;
     if (this.engine.options.skipQuitResponse) {
-      this.write("QUIT\r\n");
+      this.command("QUIT\r\n");
       this.close();
     } else {
       this.send("QUIT\r\n", { kind: "quit" });
@@ -1026,10 +1049,35 @@ class Slot {
 
   /* The writable side: commands go out when the slot is ready; the body respects drain. */
 
-  private send(line: string, expect: Expect): void {
+  private send(line: string, expect: Expect, secret = false): void {
     this.ready = false;
-    this.write(line);
+    this.command(line, secret);
     this.expect(expect);
+  }
+
+  /** Writes command lines, and keeps them for the transcript (a secret one as "<redacted>"). */
+  private command(text: string, secret = false): void {
+    if (this.transcript || this.debug) {
+      for (const line of text.split("\r\n")) {
+        if (line === "") continue;
+        this.said(">", /^AUTH\b/i.test(line) ? "AUTH <redacted>" : secret ? "<redacted>" : line);
+      }
+    }
+    this.write(text);
+  }
+
+  /**
+   * The conversation, line by line with its direction: the last 100 lines kept for a
+   * postmaster notice (notify_classes protocol), every line logged for a debug peer.
+   * Message bodies never pass through here.
+   */
+  private said(direction: ">" | "<", line: string): void {
+    const entry = `${direction} ${printable(line, 1000)}`;
+    if (this.transcript) {
+      this.transcript.push(entry);
+      if (this.transcript.length > 100) this.transcript.shift();
+    }
+    if (this.debug) this.engine.note(`${this.peer}: ${entry}`);
   }
 
   private write(data: string | Buffer): void {
@@ -1114,6 +1162,12 @@ class Slot {
 
   /* The end of a session */
 
+  /** The server broke the protocol: the postmaster may get the transcript (notify_classes protocol). */
+  private protocolError(reason: string, reply: Reply): void {
+    if (this.transcript) this.engine.protocolNotice(this.peer, reason, this.transcript);
+    this.fail(reason, reply);
+  }
+
   /** The connection dropped: what is pending is deferred, naming the stage it dropped in. */
   private lost(why: string): void {
     if (this.closed) return;
@@ -1190,6 +1244,25 @@ export interface SendMessage {
   headers?: Record<string, string>;
   /** A complete message (header lines, blank line, body) instead of subject/text. */
   raw?: string | Buffer;
+  /** Delivery status notifications (RFC 3461): which reports the sender wants, and what they carry. */
+  dsn?: { notify?: Array<"never" | "success" | "failure" | "delay">; ret?: "full" | "hdrs"; envid?: string };
+}
+
+/** Checks RFC 3461 parameters as a sender gives them; the message names the flag. */
+export function checkDsn(dsn: SendMessage["dsn"]): DsnRequest | undefined {
+  if (!dsn) return undefined;
+  const notify = dsn.notify?.map((n) => String(n).toLowerCase());
+  if (notify) {
+    const known = ["never", "success", "failure", "delay"];
+    const bad = notify.find((n) => !known.includes(n));
+    if (bad) throw new UsageError(`--notify: unknown value ${JSON.stringify(bad)} (expected never, or any of success,failure,delay)`);
+    if (notify.includes("never") && notify.length > 1) throw new UsageError("--notify: never stands alone");
+    if (notify.length === 0) throw new UsageError("--notify: expected never, or any of success,failure,delay");
+  }
+  if (dsn.ret !== undefined && dsn.ret !== "full" && dsn.ret !== "hdrs") throw new UsageError(`--ret: expected full or hdrs, got ${JSON.stringify(dsn.ret)}`);
+  // eslint-disable-next-line no-control-regex
+  if (dsn.envid !== undefined && (dsn.envid.length > 100 || /[\x00-\x1f\x7f]/.test(dsn.envid))) throw new UsageError("envid: at most 100 printable characters");
+  return { ...(notify ? { notify } : {}), ...(dsn.ret ? { ret: dsn.ret } : {}), ...(dsn.envid ? { envid: dsn.envid } : {}) };
 }
 
 export interface MailEngineEvents {
@@ -1255,9 +1328,10 @@ export class MailEngine extends EventEmitter {
   /** Queues a message (get_mailqueue_file + compose); delivery starts at once when the engine runs. */
   async send(message: SendMessage): Promise<string> {
     const content = composeMessage(message, this.options.helo);
+    const dsn = checkDsn(message.dsn);
     this.spoolReady ??= this.spool.init().then(() => undefined);
     await this.spoolReady;
-    const id = await this.spool.create(content);
+    const id = await this.spool.create(content, dsn ? { attempts: 0, nextAttempt: null, lastError: null, dsn } : undefined);
     if (this.active && !this.stopping) {
       this.enqueue(id);
       this.scheduleTick();
@@ -1732,6 +1806,60 @@ export class MailEngine extends EventEmitter {
     this.log.write("smtp", text);
   }
 
+  /* Postfix's debug_peer_list and notify_classes */
+
+  private debugPeers: net.BlockList | null = null;
+
+  /** --debug-peer: a host name (or its parent domain), an address, or a CIDR block. */
+  isDebugPeer(hop: Hop): boolean {
+    const list = this.options.debugPeer;
+    if (list.length === 0) return false;
+    if (!this.debugPeers) {
+      this.debugPeers = new net.BlockList();
+      for (const entry of list) {
+        const [address, bits] = entry.split("/");
+        const family = net.isIPv6(address) ? "ipv6" : "ipv4";
+        if (!net.isIP(address)) continue;
+        if (bits) this.debugPeers.addSubnet(address, Number(bits), family);
+        else this.debugPeers.addAddress(address, family);
+      }
+    }
+    const host = hop.host.toLowerCase();
+    if (list.some((e) => !net.isIP(e.split("/")[0]) && (host === e.toLowerCase() || host.endsWith(`.${e.toLowerCase()}`)))) return true;
+    return net.isIP(hop.address) ? this.debugPeers.check(hop.address, net.isIPv6(hop.address) ? "ipv6" : "ipv4") : false;
+  }
+
+  get wantsTranscripts(): boolean {
+    return this.options.notifyClasses.includes("protocol");
+  }
+
+  private get postmaster(): string {
+    return this.options.postmaster ?? `postmaster@${this.options.helo}`;
+  }
+
+  /** The last time a notice of each class went out: at most one a minute per class. */
+  private readonly noticeSent = new Map<string, number>();
+
+  /** Postfix's smtp_chat_notify: the session transcript to the postmaster, AUTH redacted, no bodies. */
+  protocolNotice(peer: string, reason: string, transcript: string[]): void {
+    const text = `Transcript of session follows.\n\n${transcript.map((l) => (l.startsWith(">") ? ` Out: ${l.slice(2)}` : ` In:  ${l.slice(2)}`)).join("\n")}\n\nFor other details, see the local mail logfile.\n\nThe error: ${reason}\n`;
+    this.queueNotice("protocol", `Postmaster Copy: mudmail SMTP client: errors from ${peer}`, text);
+  }
+
+  private queueNotice(kind: string, subject: string, text: string): void {
+    const last = this.noticeSent.get(kind) ?? 0;
+    if (Date.now() - last < 60_000) return;
+    this.noticeSent.set(kind, Date.now());
+    const content = composeNotice({ to: this.postmaster, subject, text, reportingMta: this.options.helo });
+    this.spool.create(content).then((id) => {
+      this.log.write("qmgr", `${id}: postmaster notice (${kind}): ${printable(subject)}`);
+      if (this.active && !this.stopping) {
+        this.enqueue(id);
+        this.scheduleTick();
+      }
+    }, (err) => this.log.write("qmgr", `warning: cannot queue a postmaster notice: ${printable((err as Error).message)}`));
+  }
+
   /* Transport security: what each session is allowed and required to do */
 
   /** Hosts whose TLS handshake failed under "may": the next attempt goes in plaintext, once. */
@@ -1871,6 +1999,8 @@ export class MailEngine extends EventEmitter {
       this.log.write("qmgr", `${msg.id}: from=<${msg.sender}>, status=expired, returned to sender`);
     }
     if (failed.length > 0) await this.report(delivery, failed, "failed");
+    const relayed = outcomes.filter((o) => o.status === "sent" && delivery.sentWithoutDsn.has(o.recipient));
+    if (relayed.length > 0 && delivery.book?.dsn?.notify?.includes("success")) await this.report(delivery, relayed, "relayed");
     if (pending.length === 0 || expired) {
       await this.spool.complete(msg.id, delivery.book !== null);
       this.log.write("qmgr", `${msg.id}: removed`);
@@ -1882,6 +2012,7 @@ export class MailEngine extends EventEmitter {
     const attempts = (delivery.book?.attempts ?? 0) + 1;
     const nextAttempt = Date.now() + this.backoff(attempts);
     const book: Bookkeeping = { attempts, nextAttempt, lastError: lastDeferral ? lastDeferral.text : "delivery deferred" };
+    if (delivery.book?.dsn) book.dsn = delivery.book.dsn;
     if (delivery.book?.warned) book.warned = true;
     else if (this.options.delayWarning !== null && age >= this.options.delayWarning * 3600_000) {
       const delayed = pending.map((r) => delivery.outcomes.get(r)).filter((o): o is Outcome => o !== undefined);
@@ -1901,19 +2032,34 @@ export class MailEngine extends EventEmitter {
 
   /**
    * A delivery status notification (RFC 3464) to the sender: "failed" for what bounced,
-   * "delayed" for the one --delay-warning asks for. Never to the null sender (no mail loops).
-   * Returns whether a report was queued.
+   * "delayed" for the one --delay-warning asks for, "relayed" for NOTIFY=SUCCESS through a
+   * server without DSN. The sender's RFC 3461 wishes rule: NOTIFY says which reports it
+   * wants (none with NEVER), RET=FULL returns the message (up to 50 kB, as Postfix's
+   * bounce_size_limit), ENVID comes back. Never to the null sender (no mail loops). A copy
+   * of the headers-only report goes to the postmaster for the classes --notify-classes
+   * names. Returns whether the sender's report was queued.
    */
-  private async report(delivery: Delivery, outcomes: Outcome[], action: "failed" | "delayed"): Promise<boolean> {
+  private async report(delivery: Delivery, outcomes: Outcome[], action: "failed" | "delayed" | "relayed"): Promise<boolean> {
     const { msg } = delivery;
-    if (msg.sender === "") {
-      if (action === "failed") this.log.write("qmgr", `${msg.id}: undeliverable mail from the null sender is dropped, not bounced (no mail loops)`);
-      return false;
+    const dsn = delivery.book?.dsn;
+    const wanted = action === "failed" ? "failure" : action === "delayed" ? "delay" : "success";
+    const senderWants = msg.sender !== "" && (dsn?.notify ? dsn.notify.includes(wanted) : action !== "relayed");
+    const postmasterClass = action === "failed" ? "bounce" : action === "delayed" ? "delay" : null;
+    const postmasterWants = postmasterClass !== null && this.options.notifyClasses.includes(postmasterClass);
+    if (!senderWants) {
+      if (action === "failed") {
+        this.log.write("qmgr", msg.sender === ""
+          ? `${msg.id}: undeliverable mail from the null sender is dropped, not bounced (no mail loops)`
+          : `${msg.id}: no non-delivery notification: the sender asked for NOTIFY=${(dsn?.notify ?? []).join(",").toUpperCase()}`);
+      }
+      if (!postmasterWants) return false;
     }
     const now = new Date();
-    const content = composeBounce({
+    const headers = await this.spool.headerBlock(msg);
+    const full = dsn?.ret === "full" && msg.size <= 50_000;
+    const body = full ? await this.bodyOf(msg, headers.length) : undefined;
+    const base = {
       queueId: msg.id,
-      sender: msg.sender,
       arrival: new Date(msg.arrival),
       reportingMta: this.options.helo,
       recipients: outcomes.map((o) => ({
@@ -1926,16 +2072,39 @@ export class MailEngine extends EventEmitter {
         lastAttempt: now,
         willRetryUntil: action === "delayed" ? new Date(msg.arrival + this.options.maxQueueLifetime * 1000) : undefined,
       })),
-      originalHeaders: await this.spool.headerBlock(msg),
+      originalHeaders: headers,
+      ...(dsn?.envid ? { envid: dsn.envid } : {}),
       now,
-    });
+    };
+    const kind = action === "failed" ? "non-delivery" : action === "delayed" ? "delay" : "success";
+    if (senderWants) {
+      const content = composeBounce({ ...base, sender: msg.sender, ...(body ? { returnContent: "full" as const, originalBody: body } : {}) });
+      await this.queueReport(content, `${msg.id}: sender ${kind} notification`);
+    }
+    if (postmasterWants) {
+      await this.queueReport(composeBounce({ ...base, sender: this.postmaster }), `${msg.id}: postmaster ${kind} notification`);
+    }
+    return senderWants;
+  }
+
+  private async queueReport(content: Buffer, what: string): Promise<void> {
     const id = await this.spool.create(content);
-    this.log.write("qmgr", `${msg.id}: sender ${action === "failed" ? "non-delivery" : "delay"} notification: ${id}`);
+    this.log.write("qmgr", `${what}: ${id}`);
     if (this.active && !this.stopping) {
       this.enqueue(id);
       this.scheduleTick();
     }
-    return true;
+  }
+
+  /** The body of a small message (after its header block), for RET=FULL. */
+  private async bodyOf(msg: QueuedMessage, headerLength: number): Promise<Buffer> {
+    const parts: Buffer[] = [];
+    for await (const chunk of this.spool.content(msg)) parts.push(chunk);
+    const whole = Buffer.concat(parts);
+    const rest = whole.subarray(headerLength);
+    // Skip the blank line that separates headers and body.
+    const skip = rest[0] === 0x0d && rest[1] === 0x0a ? 2 : rest[0] === 0x0a ? 1 : 0;
+    return rest.subarray(skip);
   }
 
   private async quarantine(id: string, from: "outgoing" | "outgoing_active", reason: string): Promise<void> {
@@ -1949,6 +2118,11 @@ export class MailEngine extends EventEmitter {
     const error = err instanceof MailError ? err : new MailError(err.message, "EINTERNAL");
     this.log.write("qmgr", `warning: ${printable(error.message, 1000)}`);
     this.emit("error", error);
+    // notify_classes: a file system problem is "resource", anything else "software".
+    const kind = error.code === "EQUEUE" || errno(err) !== undefined ? "resource" : "software";
+    if (this.options.notifyClasses.includes(kind) && !this.stopping) {
+      this.queueNotice(kind, `Postmaster Copy: mudmail ${kind} problem`, `The mail system on ${this.options.helo} had a ${kind} problem:\n\n${error.message}\n`);
+    }
   }
 
   /* Idle: the pass is over when nothing waits, nothing is read ahead, no slot is busy */
@@ -2282,8 +2456,8 @@ export async function main(argv: string[]): Promise<number> {
       if (n < 100 || n > 1000) throw new UsageError(`--max-recipients: expected 100..1000, got ${n}`);
     }
     if (modes["--listen"] !== undefined) parseHostPort(String(modes["--listen"]), "--listen", 2525);
-    for (const flag of ["--force", "--json"]) {
-      const needs = flag === "--force" ? "--flush" : "--queue";
+    for (const flag of ["--force", "--json", "--notify", "--ret", "-f", "-s"]) {
+      const needs = flag === "--force" ? "--flush" : flag === "--json" ? "--queue" : "--send";
       if (modes[flag] && !modes[needs]) throw new UsageError(`${flag} goes with ${needs}`);
     }
     const chosen = ["--flush", "--queue", "--send", "--serve", "--demo", "--dkim-keygen", "--dkim-print-dns", "--check-domain", "--vrfy", "--expn", "--help-server"]
@@ -2306,8 +2480,13 @@ export async function main(argv: string[]): Promise<number> {
       }
       const sender = modes["-f"];
       if (sender !== "" && sender !== "<>" && addressProblem(sender)) throw new UsageError(`-f: bad sender ${JSON.stringify(sender)}: ${addressProblem(sender)}`);
+      const dsn = modes["--notify"] !== undefined || modes["--ret"] !== undefined ? {
+        ...(typeof modes["--notify"] === "string" ? { notify: modes["--notify"].split(",").map((n) => n.trim()) as Array<"never"> } : {}),
+        ...(typeof modes["--ret"] === "string" ? { ret: modes["--ret"].toLowerCase() as "full" } : {}),
+      } : undefined;
+      checkDsn(dsn);
       const text = (await readStdin()).toString("utf8");
-      const id = await engine.send({ from: sender === "<>" ? "" : sender, to: parsed.rest, subject: typeof modes["-s"] === "string" ? modes["-s"] : "", text });
+      const id = await engine.send({ from: sender === "<>" ? "" : sender, to: parsed.rest, subject: typeof modes["-s"] === "string" ? modes["-s"] : "", text, dsn });
       process.stdout.write(`${id}\n`);
       return 0;
     }

@@ -79,6 +79,18 @@ export interface Bookkeeping {
   lastError: string | null;
   /** A "delayed" report (--delay-warning) went to the sender already. */
   warned?: boolean;
+  /** RFC 3461 parameters given when the message was queued; never in the message lines. */
+  dsn?: DsnRequest;
+}
+
+/** What the sender asked of delivery status notifications (RFC 3461). */
+export interface DsnRequest {
+  /** ["never"], or any of "success", "failure", "delay". */
+  notify?: string[];
+  /** Return the full message or only its headers in a report. */
+  ret?: "full" | "hdrs";
+  /** The sender's envelope id (ENVID). */
+  envid?: string;
 }
 
 /** The spool itself cannot be used (another user's, writable by others). */
@@ -156,7 +168,7 @@ export class Spool {
    * <seconds>.<subtime> with subtime counting up within a second, without limit; a name
    * taken in any folder (by this or another program) is skipped.
    */
-  async create(content: Buffer | string): Promise<string> {
+  async create(content: Buffer | string, book?: Bookkeeping): Promise<string> {
     const tmpName = `${process.pid}.${this.tmpCounter++}.${Date.now()}`;
     const tmpPath = this.pathOf("tmp", tmpName);
     await writeExclusive(tmpPath, content, this.options.fsync !== false);
@@ -166,6 +178,9 @@ export class Spool {
         if (await this.idTaken(id)) continue;
         try {
           await fs.promises.link(tmpPath, this.pathOf("outgoing", id));
+          // The bookkeeping follows at once; a reader that claims the file first sees it later
+          // beside the message (init's repair), never lost.
+          if (book) await this.writeBookkeeping(id, "outgoing", book);
           return id;
         } catch (err) {
           if (errno(err) !== "EEXIST") throw err;
@@ -304,6 +319,7 @@ export class Spool {
         nextAttempt: typeof parsed.nextAttempt === "number" ? parsed.nextAttempt : null,
         lastError: typeof parsed.lastError === "string" ? parsed.lastError : null,
         ...(parsed.warned === true ? { warned: true } : {}),
+        ...(parsed.dsn && typeof parsed.dsn === "object" ? { dsn: parsed.dsn } : {}),
       };
     } catch {
       return null;

@@ -311,3 +311,34 @@ export function parseEhlo(reply: Reply): Extensions {
   }
   return ext;
 }
+
+/**
+ * RFC 3461 section 4: xtext, the encoding of ENVID and ORCPT values. Printable ASCII but
+ * "+" and "=" stands for itself; every other octet is "+" and two upper-case hex digits.
+ */
+export function xtext(text: string): string {
+  let out = "";
+  for (const byte of Buffer.from(text, "utf8")) {
+    out += byte >= 33 && byte <= 126 && byte !== 0x2b && byte !== 0x3d ? String.fromCharCode(byte) : `+${byte.toString(16).toUpperCase().padStart(2, "0")}`;
+  }
+  return out;
+}
+
+/** The inverse of xtext(), or null when the text is not valid xtext. */
+export function unxtext(text: string): string | null {
+  const bytes: number[] = [];
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x2b) {
+      const hex = text.slice(i + 1, i + 3);
+      if (!/^[0-9A-F]{2}$/.test(hex)) return null;
+      bytes.push(parseInt(hex, 16));
+      i += 2;
+    } else if (c >= 33 && c <= 126 && c !== 0x3d) {
+      bytes.push(c);
+    } else {
+      return null;
+    }
+  }
+  return Buffer.from(bytes).toString("utf8");
+}

@@ -15,12 +15,26 @@ NEEDED=(
   "/usr/sbin/smtp-source postfix"
   "/usr/lib/postfix/sbin/smtpd postfix"
   "/usr/lib/postfix/sbin/virtual postfix"
+  "/usr/lib/python3/dist-packages/dkim python3-dkim"
+  "/usr/lib/python3/dist-packages/nacl python3-nacl"
+  "/usr/sbin/opendkim-testmsg opendkim-tools"
+  "/usr/bin/openssl openssl"
+  "/usr/bin/swaks swaks"
+  "perl:Net::SSLeay libnet-ssleay-perl"
 )
+
+# A path must exist (and be executable, for a command); "perl:Module" must load in perl.
+present() {
+  case "$1" in
+    perl:*) perl -M"${1#perl:}" -e 1 >/dev/null 2>&1 ;;
+    *) [[ -x "$1" ]] ;;
+  esac
+}
 
 missing=()
 for entry in "${NEEDED[@]}"; do
   read -r cmd pkg <<<"$entry"
-  if [[ ! -x "$cmd" ]]; then
+  if ! present "$cmd"; then
     case " ${missing[*]-} " in *" $pkg "*) ;; *) missing+=("$pkg") ;; esac
   fi
 done
@@ -98,7 +112,7 @@ fi
 # Check that every needed command is there now.
 for entry in "${NEEDED[@]}"; do
   read -r cmd pkg <<<"$entry"
-  if [[ ! -x "$cmd" ]]; then
+  if ! present "$cmd"; then
     echo "pretest: $cmd still missing after installing $pkg (log: $log)" >&2
     exit 1
   fi
