@@ -50,6 +50,7 @@ import {
 } from "./smtp-codes.js";
 import { Router, type Hop, type Route } from "./route.js";
 import { tlsConnectionOptions, vrfy, expn, help } from "./client.js";
+import { startServer, checkServerOptions, type ServerOptions } from "./receiver.js";
 import { composeBounce, composeNotice } from "./bounce.js";
 import {
   Spool, CorruptMessageError, SpoolError, addressProblem, measureWire, wireChunks, errno,
@@ -58,7 +59,9 @@ import {
 
 export const VERSION = "0.1.0";
 
-// The direct client (scsh's sendmail, VRFY, EXPN, HELP) is part of the library entry.
+// The receiver (--serve) and the direct client (scsh's sendmail, VRFY, EXPN, HELP) are part of the library entry.
+export { startServer } from "./receiver.js";
+export type { ServerOptions, ServerHandle, StoredMessage } from "./receiver.js";
 export { sendmail, vrfy, expn, help, smtpTransactions, SmtpSession, ClientError } from "./client.js";
 export type { Answer, Loser, SendmailResult, SendmailOptions, ClientOptions } from "./client.js";
 
@@ -2455,7 +2458,6 @@ export async function main(argv: string[]): Promise<number> {
       const n = Number(modes["--max-recipients"]);
       if (n < 100 || n > 1000) throw new UsageError(`--max-recipients: expected 100..1000, got ${n}`);
     }
-    if (modes["--listen"] !== undefined) parseHostPort(String(modes["--listen"]), "--listen", 2525);
     for (const flag of ["--force", "--json", "--notify", "--ret", "-f", "-s"]) {
       const needs = flag === "--force" ? "--flush" : flag === "--json" ? "--queue" : "--send";
       if (modes[flag] && !modes[needs]) throw new UsageError(`${flag} goes with ${needs}`);
@@ -2467,6 +2469,8 @@ export async function main(argv: string[]): Promise<number> {
     engine = new MailEngine(options);
     const mode = chosen[0];
     if (mode === "--vrfy" || mode === "--expn" || mode === "--help-server") return await ask(mode, String(modes[mode]), options);
+    if (mode === "--serve") return await serve(serverOptions(modes, options));
+    if (mode === "--demo") return await demo(modes, options);
     if (mode && !["--flush", "--queue", "--send"].includes(mode)) {
       process.stderr.write(`mudmail: ${mode} is not in this version yet\n`);
       return 1;
@@ -2502,6 +2506,84 @@ export async function main(argv: string[]): Promise<number> {
   if (modes["--flush"]) return flushOnce(engine, Boolean(modes["--force"]));
   await engine.spool.init(); // an unusable spool stops the daemon now, not at its first tick
   return runDaemon(engine);
+}
+
+/** The receiver's options from the command line; checked, so a bad one exits 2 naming its flag. */
+function serverOptions(modes: Record<string, string | boolean>, options: MailOptions): ServerOptions {
+  const value = (flag: string) => (typeof modes[flag] === "string" ? (modes[flag] as string) : undefined);
+  const number = (flag: string) => (value(flag) === undefined ? undefined : Number(value(flag)));
+  const serve: ServerOptions = {
+    maildir: options.maildir ?? DEFAULTS.maildir,
+    listen: value("--listen"),
+    hostname: value("--hostname") ?? options.helo,
+    maxSize: number("--max-size"),
+    maxRecipients: number("--max-recipients"),
+    tlsCert: value("--tls-cert") ?? null,
+    tlsKey: value("--tls-key") ?? null,
+    ...(typeof options.log === "string" ? { log: appendLine(options.log) } : {}),
+  };
+  checkServerOptions(serve);
+  return serve;
+}
+
+function appendLine(file: string): (line: string) => void {
+  const stream = fs.createWriteStream(file, { flags: "a", mode: 0o600 });
+  return (line) => stream.write(line + "\n");
+}
+
+/** --serve: the receiver until SIGINT or SIGTERM. */
+async function serve(options: ServerOptions): Promise<number> {
+  const server = await startServer(options).catch((err: NodeJS.ErrnoException) => {
+    // An address that cannot be had is a configuration error: exit 2, naming the flag.
+    if (err.syscall === "listen" || err.syscall === "getaddrinfo" || err.code === "ENOTFOUND") {
+      throw new UsageError(`--listen: cannot listen on ${options.listen ?? "127.0.0.1:2525"}: ${err.message}`);
+    }
+    throw err;
+  });
+  process.stderr.write(`mudmail: receiving mail for ${path.join(options.maildir, "users")}/<address>/ on ${server.address.host}:${server.address.port}\n`);
+  await new Promise<void>((resolve) => {
+    const stop = () => { process.off("SIGINT", stop); process.off("SIGTERM", stop); resolve(); };
+    process.on("SIGINT", stop);
+    process.on("SIGTERM", stop);
+  });
+  await server.close();
+  return 0;
+}
+
+/**
+ * --demo: the whole path on loopback, in a fresh spool: the receiver on a free port with a
+ * demo user, a message queued through the engine, flushed through the relay at the receiver,
+ * then the log lines and the mailbox it landed in.
+ */
+async function demo(modes: Record<string, string | boolean>, options: MailOptions): Promise<number> {
+  const maildir = options.maildir ?? path.join(await fs.promises.mkdtemp(path.join(os.tmpdir(), "mudmail-demo-")), "maildir");
+  const user = "demo@localhost";
+  await new Spool(maildir).init();
+  await fs.promises.mkdir(path.join(maildir, "users", user), { recursive: true, mode: 0o700 });
+  const journal: string[] = [];
+  const server = await startServer({ maildir, listen: "127.0.0.1:0", hostname: "localhost", log: (line) => journal.push(line) });
+  const stored = new Promise<string[]>((resolve) => server.once("message", (m: { mailboxes: string[] }) => resolve(m.mailboxes)));
+  const lines: string[] = [];
+  const engine = new MailEngine({ maildir, relay: `127.0.0.1:${server.address.port}`, tls: "may", helo: "localhost", log: (l) => lines.push(l) });
+  try {
+    const say = (text: string) => process.stdout.write(`${text}\n`);
+    say(`mudmail demo: a receiver on 127.0.0.1:${server.address.port} with the user ${user}, the spool in ${maildir}`);
+    const id = await engine.send({ from: "talker@localhost", to: user, subject: "Welcome to the talker", text: "Hello from mudmail!\n.\nThis line follows a line with a lone dot.\n" });
+    say(`queued ${id}; flushing through the relay at the receiver...\n`);
+    const summary = await engine.flush();
+    await engine.stop();
+    for (const l of lines) say(l);
+    say(`\nmudmail: flush: ${summary.sent} sent, ${summary.deferred} deferred, ${summary.bounced} bounced, ${summary.corrupt} corrupt`);
+    const [mailbox] = await Promise.race([stored, new Promise<string[]>((_, reject) => setTimeout(() => reject(new Error("the receiver stored nothing")), 10_000))]);
+    say(`\nThe receiver's journal:`);
+    for (const l of journal) say(`  ${l}`);
+    say(`\nIt landed in ${mailbox}:\n`);
+    say((await fs.promises.readFile(mailbox, "utf8")).replace(/\n$/, ""));
+    return summary.sent === 1 ? 0 : 1;
+  } finally {
+    await engine.stop();
+    await server.close();
+  }
 }
 
 /** --vrfy, --expn, --help-server: one question to --relay, its reply printed as the server gave it. */
