@@ -52,6 +52,7 @@ import { Router, type Hop, type Route } from "./route.js";
 import { tlsConnectionOptions, vrfy, expn, help } from "./client.js";
 import { startServer, checkServerOptions, type ServerOptions } from "./receiver.js";
 import { composeBounce, composeNotice } from "./bounce.js";
+import { loadDkimKeys, signByFrom, generateDkimKey, dnsRecord, spfRecord, dmarcRecord, checkDomain, formatCheck, DkimConfigError, type DkimKey } from "./dkim.js";
 import {
   Spool, CorruptMessageError, SpoolError, addressProblem, measureWire, wireChunks, errno,
   type Bookkeeping, type DsnRequest, type HeaderFacts, type QueuedMessage, type Wire,
@@ -119,6 +120,11 @@ export interface MailOptions {
   fsync?: boolean;
   /** Seconds a DNS query may take per try (two tries); an embedding option, no flag. */
   dnsTimeout?: number;
+  /** DKIM signing: one key (--dkim-domain, --dkim-selector, --dkim-key) or a key table (--dkim-keys). */
+  dkimDomain?: string | null;
+  dkimSelector?: string | null;
+  dkimKey?: string | null;
+  dkimKeys?: string | null;
 }
 
 type Resolved = Required<Omit<MailOptions, "log">> & { log: MailOptions["log"] };
@@ -134,6 +140,7 @@ const DEFAULTS: Resolved = {
   disableDnsLookups: false, skipQuitResponse: true, notifyClasses: ["resource", "software"],
   postmaster: null, debugPeer: [], delayWarning: null,
   recipientLimit: 50, destinationConcurrencyLimit: 20, tickInterval: 60, fsync: true, dnsTimeout: 5,
+  dkimDomain: null, dkimSelector: null, dkimKey: null, dkimKeys: null,
 };
 
 /** A bad option: names the flag, exits 2 from the command line. */
@@ -1326,7 +1333,10 @@ export class MailEngine extends EventEmitter {
     });
     this.log = new MailLog(this.options.log);
     this.log.redact(secretForms(this.credentials));
+    this.dkimKeys = loadDkimKeys({ domain: o.dkimDomain, selector: o.dkimSelector, keyFile: o.dkimKey, keysFile: o.dkimKeys });
   }
+
+  private readonly dkimKeys: DkimKey[];
 
   /** Queues a message (get_mailqueue_file + compose); delivery starts at once when the engine runs. */
   async send(message: SendMessage): Promise<string> {
@@ -1582,9 +1592,14 @@ export class MailEngine extends EventEmitter {
     let msg: QueuedMessage;
     let wire: Wire;
     let prefix: Buffer = Buffer.alloc(0);
+    const stored = hasBook ? await this.spool.readBookkeeping(id, "outgoing_active") : null;
     try {
       msg = await this.spool.open(id);
-      wire = await measureWire(this.spool, msg, (facts) => (prefix = addedHeaders(facts, msg, this.options.helo)));
+      // A prefix made (and signed) at an earlier attempt is used again as it was: one
+      // signature per message, valid whatever the clock or the queue id says now.
+      const kept = stored?.prefix ? Buffer.from(stored.prefix, "base64") : null;
+      wire = await measureWire(this.spool, msg, (facts) => (prefix = kept ?? addedHeaders(facts, msg, this.options.helo)));
+      if (!kept && this.dkimKeys.length > 0) ({ prefix, wire } = await this.sign(msg, prefix, wire));
     } catch (err) {
       if (err instanceof CorruptMessageError) {
         this.forget(id);
@@ -1593,7 +1608,7 @@ export class MailEngine extends EventEmitter {
       this.forget(id, await this.spool.release(id, from).catch(() => id));
       throw new MailError(`${id}: cannot read queue file: ${(err as Error).message}`, "EQUEUE", { queueId: id });
     }
-    const book = hasBook ? await this.spool.readBookkeeping(id, "outgoing_active") : null;
+    const book = stored;
     this.booked.delete(id);
     const delivery = new Delivery(msg, wire, prefix, claimedAt, book, from);
     this.log.write("qmgr", `${id}: from=<${msg.sender}>, size=${msg.size}, nrcpt=${msg.recipients.length} (queue active)`);
@@ -1604,6 +1619,29 @@ export class MailEngine extends EventEmitter {
     const jobs = this.splitJobs(delivery);
     delivery.openJobs = jobs.length;
     for (const job of jobs) this.queueJob(job);
+  }
+
+  /** DKIM: signs what will go on the wire (our added headers, then the message) and prepends the signature. */
+  private async sign(msg: QueuedMessage, prefix: Buffer, wire: Wire): Promise<{ prefix: Buffer; wire: Wire }> {
+    const content = (async function* (spool: Spool) {
+      yield prefix;
+      yield* spool.content(msg);
+    })(this.spool);
+    try {
+      const result = await signByFrom(content, this.dkimKeys);
+      if (result.skipped) {
+        this.log.write("qmgr", `${msg.id}: ${result.skipped}`);
+        return { prefix, wire };
+      }
+      const fields = Buffer.from(result.fields);
+      return {
+        prefix: Buffer.concat([fields, prefix]),
+        wire: { ...wire, size: wire.size + fields.length, bytes: wire.bytes ? Buffer.concat([fields, wire.bytes]) : null },
+      };
+    } catch (err) {
+      this.log.write("qmgr", `warning: ${msg.id}: not DKIM-signed: ${printable((err as Error).message)}`);
+      return { prefix, wire };
+    }
   }
 
   private splitJobs(delivery: Delivery): Job[] {
@@ -2016,6 +2054,7 @@ export class MailEngine extends EventEmitter {
     const nextAttempt = Date.now() + this.backoff(attempts);
     const book: Bookkeeping = { attempts, nextAttempt, lastError: lastDeferral ? lastDeferral.text : "delivery deferred" };
     if (delivery.book?.dsn) book.dsn = delivery.book.dsn;
+    if (this.dkimKeys.length > 0) book.prefix = delivery.prefix.toString("base64");
     if (delivery.book?.warned) book.warned = true;
     else if (this.options.delayWarning !== null && age >= this.options.delayWarning * 3600_000) {
       const delayed = pending.map((r) => delivery.outcomes.get(r)).filter((o): o is Outcome => o !== undefined);
@@ -2314,10 +2353,6 @@ const MODE_FLAGS: Record<string, FlagSpec> = {
   "--max-recipients": { kind: "int", arg: "N", help: "--serve: recipients per message, 100..1000 (100)" },
   "--tls-cert": { kind: "string", arg: "FILE", help: "--serve: certificate for STARTTLS" },
   "--tls-key": { kind: "string", arg: "FILE", help: "--serve: key for STARTTLS" },
-  "--dkim-domain": { kind: "string", arg: "D", help: "DKIM signing domain" },
-  "--dkim-selector": { kind: "string", arg: "S", help: "DKIM selector" },
-  "--dkim-key": { kind: "string", arg: "FILE", help: "DKIM private key" },
-  "--dkim-keys": { kind: "string", arg: "FILE", help: "DKIM key table (JSON)" },
   "--dkim-keygen": { kind: "bool", help: "write a new DKIM key and print its DNS record" },
   "--dkim-algorithm": { kind: "string", arg: "ed25519|rsa", help: "DKIM key type for --dkim-keygen" },
   "--dkim-print-dns": { kind: "bool", help: "print the DNS record of an existing DKIM key" },
@@ -2362,6 +2397,10 @@ const OPTION_FLAGS: Record<string, FlagSpec> = {
   "--postmaster": { kind: "string", key: "postmaster", arg: "ADDRESS", help: "error_notice_recipient" },
   "--debug-peer": { kind: "list", key: "debugPeer", arg: "HOST|IP|CIDR", help: "debug_peer_list (repeatable)" },
   "--delay-warning": { kind: "int", key: "delayWarning", arg: "HOURS", help: "delay_warning_time (off)" },
+  "--dkim-domain": { kind: "string", key: "dkimDomain", arg: "D", help: "DKIM: sign mail From this domain (or a subdomain)" },
+  "--dkim-selector": { kind: "string", key: "dkimSelector", arg: "S", help: "DKIM: the selector (S._domainkey.D)" },
+  "--dkim-key": { kind: "string", key: "dkimKey", arg: "FILE", help: "DKIM: the private key (PEM; RSA >= 2048 bits or Ed25519)" },
+  "--dkim-keys": { kind: "string", key: "dkimKeys", arg: "FILE", help: "DKIM: a JSON table of From domains to selector and key" },
 };
 
 export function usage(): string {
@@ -2466,15 +2505,15 @@ export async function main(argv: string[]): Promise<number> {
       .filter((m) => modes[m] !== undefined);
     if (chosen.length > 1) throw new UsageError(`choose one mode, not ${chosen.join(" and ")}`);
     if (!modes["--send"] && parsed.rest.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(parsed.rest[0])}`);
-    engine = new MailEngine(options);
     const mode = chosen[0];
+    // Modes that do not send from the spool come first: --dkim-keygen's --dkim-key is a file still to be made.
+    if (mode === "--dkim-keygen") return await dkimKeygen(modes, options);
+    if (mode === "--dkim-print-dns") return printDkimDns(options);
+    if (mode === "--check-domain") return await checkDomainMode(String(modes["--check-domain"]), modes, options);
     if (mode === "--vrfy" || mode === "--expn" || mode === "--help-server") return await ask(mode, String(modes[mode]), options);
     if (mode === "--serve") return await serve(serverOptions(modes, options));
+    engine = new MailEngine(options);
     if (mode === "--demo") return await demo(modes, options);
-    if (mode && !["--flush", "--queue", "--send"].includes(mode)) {
-      process.stderr.write(`mudmail: ${mode} is not in this version yet\n`);
-      return 1;
-    }
     if (mode === "--send") {
       if (typeof modes["-f"] !== "string") throw new UsageError("--send needs -f FROM");
       if (parsed.rest.length === 0) throw new UsageError("--send needs at least one recipient");
@@ -2495,7 +2534,7 @@ export async function main(argv: string[]): Promise<number> {
       return 0;
     }
   } catch (err) {
-    if (err instanceof UsageError) {
+    if (err instanceof UsageError || err instanceof DkimConfigError) {
       process.stderr.write(`mudmail: ${err.message}\n`);
       return 2;
     }
@@ -2584,6 +2623,59 @@ async function demo(modes: Record<string, string | boolean>, options: MailOption
     await engine.stop();
     await server.close();
   }
+}
+
+/** --dkim-keygen: a new private key (0600) and the TXT record to publish, with SPF and DMARC starters. */
+async function dkimKeygen(modes: Record<string, string | boolean>, options: MailOptions): Promise<number> {
+  const domain = options.dkimDomain;
+  const selector = options.dkimSelector;
+  if (!domain) throw new UsageError("--dkim-keygen needs --dkim-domain D");
+  if (!selector) throw new UsageError("--dkim-keygen needs --dkim-selector S");
+  const algorithm = typeof modes["--dkim-algorithm"] === "string" ? modes["--dkim-algorithm"] : "ed25519";
+  if (algorithm !== "ed25519" && algorithm !== "rsa") throw new UsageError(`--dkim-algorithm: expected ed25519 or rsa, got ${JSON.stringify(algorithm)}`);
+  const file = options.dkimKey ?? `${selector}.${domain}.${algorithm}.key`;
+  const key = await generateDkimKey(algorithm, file, { domain, selector });
+  process.stdout.write(`Wrote the private key to ${file} (mode 0600). Publish:\n\n`);
+  printRecords(key, options, modes);
+  return 0;
+}
+
+function printRecords(key: DkimKey, options: MailOptions, modes: Record<string, string | boolean>): void {
+  const record = dnsRecord(key);
+  const out: string[] = [`; DKIM (${key.algorithm}, selector ${key.selector})`, record.zone, `; ${record.note}`];
+  const ip = typeof modes["--source-ip"] === "string" ? modes["--source-ip"] : null;
+  if (ip) {
+    const spf = spfRecord(key.domain, ip);
+    out.push("", "; SPF: the address mail leaves from", spf.zone, `; ${spf.note}`);
+  } else {
+    out.push("", "; SPF: give --source-ip ADDRESS for a record naming the address mail leaves from");
+  }
+  const dmarc = dmarcRecord(key.domain);
+  out.push("", "; DMARC starter", dmarc.zone, `; ${dmarc.note}`);
+  process.stdout.write(out.join("\n") + "\n");
+  void options;
+}
+
+/** --dkim-print-dns: the TXT record of each configured key. */
+function printDkimDns(options: MailOptions): number {
+  const keys = loadDkimKeys({ domain: options.dkimDomain, selector: options.dkimSelector, keyFile: options.dkimKey, keysFile: options.dkimKeys });
+  if (keys.length === 0) throw new UsageError("--dkim-print-dns needs --dkim-domain, --dkim-selector and --dkim-key, or --dkim-keys");
+  for (const key of keys) printRecords(key, options, {});
+  return 0;
+}
+
+/** --check-domain: MX, SPF, DMARC, DKIM and PTR in one table; a published key that is not ours exits 2. */
+async function checkDomainMode(domain: string, modes: Record<string, string | boolean>, options: MailOptions): Promise<number> {
+  const keys = loadDkimKeys({ domain: options.dkimDomain, selector: options.dkimSelector, keyFile: options.dkimKey, keysFile: options.dkimKeys });
+  const rows = await checkDomain(domain, {
+    resolver: options.resolver ?? null,
+    keys,
+    sourceIp: typeof modes["--source-ip"] === "string" ? modes["--source-ip"] : null,
+  });
+  process.stdout.write(formatCheck(rows) + "\n");
+  const mismatch = rows.find((r) => r.error);
+  if (mismatch?.error) throw mismatch.error;
+  return 0;
 }
 
 /** --vrfy, --expn, --help-server: one question to --relay, its reply printed as the server gave it. */
@@ -2741,7 +2833,7 @@ if (typeof MUDMAIL_CLI !== "undefined" && MUDMAIL_CLI && isMain()) {
     (err: Error) => {
       process.stderr.write(`mudmail: ${err.message}\n`);
       // A spool that cannot be used is a configuration error, like a bad flag.
-      process.exitCode = err instanceof UsageError || err instanceof SpoolError ? 2 : 1;
+      process.exitCode = err instanceof UsageError || err instanceof SpoolError || err instanceof DkimConfigError ? 2 : 1;
     },
   );
 }

@@ -81,6 +81,9 @@ export interface Bookkeeping {
   warned?: boolean;
   /** RFC 3461 parameters given when the message was queued; never in the message lines. */
   dsn?: DsnRequest;
+  /** The header lines the engine put before the message at its first attempt (DKIM signature
+   * included), base64: later attempts send exactly these, so the signature stays valid. */
+  prefix?: string;
 }
 
 /** What the sender asked of delivery status notifications (RFC 3461). */
@@ -320,6 +323,7 @@ export class Spool {
         lastError: typeof parsed.lastError === "string" ? parsed.lastError : null,
         ...(parsed.warned === true ? { warned: true } : {}),
         ...(parsed.dsn && typeof parsed.dsn === "object" ? { dsn: parsed.dsn } : {}),
+        ...(typeof parsed.prefix === "string" ? { prefix: parsed.prefix } : {}),
       };
     } catch {
       return null;
