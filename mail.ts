@@ -189,6 +189,7 @@ function checkOptions(input: MailOptions): Resolved {
   for (const c of o.notifyClasses) if (!classes.includes(c)) throw new UsageError(`--notify-classes: unknown class ${JSON.stringify(c)} (expected ${classes.join(", ")})`);
   if (o.auth != null && !o.auth.includes(":")) throw new UsageError("--auth: expected USER:PASS");
   if ((o.auth != null || o.xoauth2Token != null) && !o.relay) throw new UsageError("--auth needs --relay: credentials go to a relay, never to MX hosts");
+  if (o.xoauth2Token != null && !o.auth) throw new UsageError("XOAUTH2 needs the user name: --auth USER: or MUDMAIL_AUTH=USER: with the token in MUDMAIL_XOAUTH2");
   // With credentials, the default is to check the relay's certificate (SPEC section 3).
   if ((o.auth != null || o.xoauth2Token != null) && input.tls === undefined) o.tls = "verify";
   if (o.tlsCa != null) {
@@ -588,6 +589,9 @@ class Slot {
   private hop: Hop = { host: "", address: "", port: 0 };
   /** The conversation is encrypted (STARTTLS done, or implicit TLS). */
   private secure = false;
+  /** Reads so far, and the read during which each expected reply was asked for. */
+  private chunkSeq = 0;
+  private readonly expectedAt = new WeakMap<Expect, number>();
   /** The last lines of the conversation, when a protocol error would send them to the postmaster. */
   private transcript: string[] | null = null;
   /** The peer is in --debug-peer: every line of the conversation is logged. */
@@ -683,6 +687,7 @@ class Slot {
 
   private readable(chunk: Buffer): void {
     const parser = this.parser;
+    this.chunkSeq++;
     for (const reply of parser.push(chunk)) {
       // After STARTTLS's 220 the plaintext parser is gone: whatever else came with it is
       // dropped unread (RFC 3207; the STARTTLS command-injection class of bugs).
@@ -694,6 +699,13 @@ class Slot {
   private reply(reply: Reply): void {
     if (this.transcript || this.debug) reply.lines.forEach((l, i) => this.said("<", `${reply.code < 600 ? reply.code : ""}${i < reply.lines.length - 1 ? "-" : " "}${l}`));
     const expect = this.expects.shift();
+    // A reply that came in the same read as the reply before it cannot answer a command we
+    // wrote only after that read: the server spoke before it was asked (Nodemailer's
+    // position-only matching takes such a reply as the answer).
+    if (expect && (this.expectedAt.get(expect) ?? 0) >= this.chunkSeq && expect.kind !== "banner") {
+      this.protocolError(`host ${this.peer} sent a reply before the command it would answer: ${printable(replyText(reply))}`, reply);
+      return;
+    }
     if (!expect) {
       if (this.quitting) return;
       this.protocolError(`host ${this.peer} sent an unexpected reply: ${printable(replyText(reply))}`, reply);
@@ -920,7 +932,10 @@ class Slot {
   /** RCPT TO, with RFC 3461's NOTIFY and ORCPT when the sender asked and the server offers DSN. */
   private rcptCommand(delivery: Delivery, rcpt: string): string {
     const notify = delivery.book?.dsn?.notify;
-    const params = notify && this.ext?.dsn ? ` NOTIFY=${notify.map((n) => n.toUpperCase()).join(",")} ORCPT=rfc822;${xtext(rcpt)}` : "";
+    // RFC 6533: an address that is not ASCII goes as utf-8, with \x{HEX} for each such character.
+    const orcpt = /^[\x20-\x7e]*$/.test(rcpt) ? `rfc822;${xtext(rcpt)}`
+      : `utf-8;${xtext([...rcpt].map((c) => (c.codePointAt(0)! > 0x7e ? `\\x{${c.codePointAt(0)!.toString(16).toUpperCase()}}` : c)).join(""))}`;
+    const params = notify && this.ext?.dsn ? ` NOTIFY=${notify.map((n) => n.toUpperCase()).join(",")} ORCPT=${orcpt}` : "";
     return `RCPT TO:<${rcpt}>${params}\r\n`;
   }
 
@@ -1097,6 +1112,7 @@ class Slot {
 
   private expect(e: Expect): void {
     if (this.closed) return;
+    this.expectedAt.set(e, this.chunkSeq);
     this.expects.push(e);
     if (this.expects.length === 1) this.arm(STAGE_OF[e.kind]);
   }
@@ -1270,8 +1286,10 @@ export function checkDsn(dsn: SendMessage["dsn"]): DsnRequest | undefined {
     if (notify.length === 0) throw new UsageError("--notify: expected never, or any of success,failure,delay");
   }
   if (dsn.ret !== undefined && dsn.ret !== "full" && dsn.ret !== "hdrs") throw new UsageError(`--ret: expected full or hdrs, got ${JSON.stringify(dsn.ret)}`);
-  // eslint-disable-next-line no-control-regex
-  if (dsn.envid !== undefined && (dsn.envid.length > 100 || /[\x00-\x1f\x7f]/.test(dsn.envid))) throw new UsageError("envid: at most 100 printable characters");
+  // RFC 3461 section 4.4: printable US-ASCII, at most 100 characters once xtext-encoded.
+  if (dsn.envid !== undefined && (!/^[\x20-\x7e]*$/.test(dsn.envid) || xtext(dsn.envid).length > 100)) {
+    throw new UsageError("envid: printable US-ASCII, at most 100 characters as xtext");
+  }
   return { ...(notify ? { notify } : {}), ...(dsn.ret ? { ret: dsn.ret } : {}), ...(dsn.envid ? { envid: dsn.envid } : {}) };
 }
 
@@ -1420,6 +1438,7 @@ export class MailEngine extends EventEmitter {
   private async runTick(force = false): Promise<void> {
     await this.init();
     if (this.stopping) return;
+    this.pass++;
     for (const [key, dest] of this.destinations) {
       // A destination with nothing going on is forgotten; the others start the tick afresh.
       if (dest.slots === 0 && dest.jobs.length === 0 && dest.waiters.length === 0) this.destinations.delete(key);
@@ -1473,6 +1492,7 @@ export class MailEngine extends EventEmitter {
       const { recovered } = await this.spool.init({ recover: true });
       for (const id of recovered) this.log.write("qmgr", `${id}: requeued from outgoing_active/ after an unclean stop`);
       await this.loadDeferred();
+      await this.loadTlsFallback();
     }
   }
 
@@ -1904,12 +1924,16 @@ export class MailEngine extends EventEmitter {
   /* Transport security: what each session is allowed and required to do */
 
   /** Hosts whose TLS handshake failed under "may": the next attempt goes in plaintext, once. */
-  private readonly plaintextOnce = new Set<string>();
+  /** Address -> the pass its handshake failed in (-1: an earlier run, read from the spool). */
+  private readonly plaintextOnce = new Map<string, number>();
   private authFailure: string | null = null;
+  /** Counts ticks: "the next attempt" of a host is one in a later pass. */
+  private pass = 0;
 
-  /** The TLS policy for this hop: the option, except once after a failed "may" handshake. */
+  /** The TLS policy for this hop: the option, except once, in a later pass, after a failed "may" handshake. */
   tlsModeFor(hop: Hop): TlsMode {
-    if (this.options.tls === "may" && this.plaintextOnce.has(hop.address)) return "none";
+    const failedIn = this.plaintextOnce.get(hop.address);
+    if (this.options.tls === "may" && failedIn !== undefined && failedIn < this.pass) return "none";
     return this.options.tls;
   }
 
@@ -1933,13 +1957,24 @@ export class MailEngine extends EventEmitter {
   tlsFailed(hop: Hop): void {
     if (this.options.tls !== "may") return;
     if (this.plaintextOnce.has(hop.address)) return;
-    this.plaintextOnce.add(hop.address);
+    this.plaintextOnce.set(hop.address, this.pass);
+    this.saveTlsFallback();
     this.log.write("smtp", `warning: TLS handshake with ${hop.host}[${hop.address}]:${hop.port} failed; the next attempt to it goes in plaintext (--tls may)`);
   }
 
   /** Called when a plaintext session under "may" began: the one plaintext attempt is used up. */
   plaintextUsed(hop: Hop): void {
-    this.plaintextOnce.delete(hop.address);
+    if (this.plaintextOnce.delete(hop.address)) this.saveTlsFallback();
+  }
+
+  /** The hosts owed a plaintext attempt outlive the process: a --flush run is one pass. */
+  private saveTlsFallback(): void {
+    this.spool.writeState("tls-plaintext", [...this.plaintextOnce.keys()]).catch(() => undefined);
+  }
+
+  private async loadTlsFallback(): Promise<void> {
+    const saved = await this.spool.readState("tls-plaintext");
+    if (Array.isArray(saved)) for (const address of saved) if (typeof address === "string") this.plaintextOnce.set(address, -1);
   }
 
   get credentials(): Credentials | null {
@@ -2490,9 +2525,9 @@ export async function main(argv: string[]): Promise<number> {
     const { modes, options } = parsed;
     if (modes["--help"]) { process.stdout.write(usage()); return 0; }
     if (modes["--version"]) { process.stdout.write(`mudmail ${VERSION}\n`); return 0; }
-    if (options.auth == null && process.env.MUDMAIL_AUTH) options.auth = process.env.MUDMAIL_AUTH;
+    if (options.auth != null) process.stderr.write("mudmail: warning: --auth shows the password in the process table; prefer MUDMAIL_AUTH\n");
+    else if (process.env.MUDMAIL_AUTH) options.auth = process.env.MUDMAIL_AUTH;
     if (process.env.MUDMAIL_XOAUTH2) options.xoauth2Token = process.env.MUDMAIL_XOAUTH2;
-    else if (options.auth != null) process.stderr.write("mudmail: warning: --auth shows the password in the process table; prefer MUDMAIL_AUTH\n");
     if (modes["--max-recipients"] !== undefined) {
       const n = Number(modes["--max-recipients"]);
       if (n < 100 || n > 1000) throw new UsageError(`--max-recipients: expected 100..1000, got ${n}`);

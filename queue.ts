@@ -360,6 +360,21 @@ export class Spool {
     return target;
   }
 
+  /** Small engine state beside the folders (".state-NAME", JSON), e.g. hosts owed a plaintext attempt. */
+  async readState(name: string): Promise<unknown> {
+    try {
+      return JSON.parse(await fs.promises.readFile(path.join(this.dir, `.state-${name}`), "utf8"));
+    } catch {
+      return null;
+    }
+  }
+
+  async writeState(name: string, value: unknown): Promise<void> {
+    const tmpPath = this.pathOf("tmp", `${process.pid}.${this.tmpCounter++}.${Date.now()}`);
+    await writeExclusive(tmpPath, JSON.stringify(value) + "\n", false);
+    await fs.promises.rename(tmpPath, path.join(this.dir, `.state-${name}`));
+  }
+
   /** Mail in a spool someone else can write to could be read, changed or injected: refuse it. */
   private async checkOwnership(): Promise<void> {
     const uid = process.getuid?.();
@@ -703,14 +718,23 @@ export class HeaderScan {
   }
 }
 
+/** RFC 5321 section 4.5.3.1.6: a text line is at most 1000 octets with its CRLF. */
+export const MAX_LINE = 998;
+
 /**
  * The stuffer (the scsh seed's smtp-stuff): CRLF for every bare CR, bare LF or CRLF, a
  * second dot for a dot at the start of a line, and state carried across chunks so a CR at
- * the end of one chunk and an LF at the start of the next make one line end.
+ * the end of one chunk and an LF at the start of the next make one line end. A line longer
+ * than 998 octets is broken with CRLF and a space, as Postfix's smtp_line_length_limit does:
+ * nothing is lost, and a folded header stays one header.
  */
 export class Stuffer {
   private atLineStart = true;
   private afterCR = false;
+  /** Octets of the current output line so far. */
+  private column = 0;
+  /** Lines broken at MAX_LINE so far. */
+  folded = 0;
   /** Whether any byte pushed had the high bit set (8BITMIME). */
   eightBit = false;
 
@@ -721,10 +745,11 @@ export class Stuffer {
   constructor(private readonly options: { dots?: boolean } = {}) {}
 
   push(chunk: Buffer): Buffer {
-    const out = Buffer.allocUnsafe(chunk.length * 2);
+    const out = Buffer.allocUnsafe(chunk.length * 2 + 4);
     let j = 0;
     let atLineStart = this.atLineStart;
     let afterCR = this.afterCR;
+    let column = this.column;
     let high = 0;
     const dots = this.options.dots !== false;
     for (let i = 0; i < chunk.length; i++) {
@@ -738,15 +763,28 @@ export class Stuffer {
         out[j++] = LF;
         atLineStart = true;
         afterCR = b === CR;
+        column = 0;
         continue;
       }
-      if (atLineStart && b === DOT && dots) out[j++] = DOT;
+      if (column >= MAX_LINE) {
+        out[j++] = CR;
+        out[j++] = LF;
+        out[j++] = 0x20;
+        column = 1;
+        this.folded++;
+      }
+      if (atLineStart && b === DOT && dots) {
+        out[j++] = DOT;
+        column++;
+      }
       atLineStart = false;
       high |= b;
       out[j++] = b;
+      column++;
     }
     this.atLineStart = atLineStart;
     this.afterCR = afterCR;
+    this.column = column;
     if (high & 0x80) this.eightBit = true;
     return out.subarray(0, j);
   }

@@ -27,9 +27,10 @@
  *   behind the final dot. While the pump works (a file write, a delivery) the socket is
  *   paused, so input never piles up in memory; replies go out when the input runs dry.
  *
- *   Command lines end in CRLF or, liberally, a bare LF; one longer than 512 octets is
- *   discarded as it arrives and answered 500. DATA is framed strictly: only CRLF . CRLF
- *   ends it (a bare LF or CR next to the dot is content, so SMTP smuggling finds no end).
+ *   Command lines end in CRLF or, liberally, a bare LF; one longer than 512 octets (MAIL
+ *   and RCPT: 1012, room for RFC 3461's parameters) is discarded as it arrives and
+ *   answered 500. DATA is framed strictly: only CRLF . CRLF ends it (a bare LF or CR
+ *   next to the dot is content, so SMTP smuggling finds no end).
  *   DotDecoder removes the dot-stuffing and MboxEncoder turns CRLF into LF and quotes
  *   /^>*From / lines (mboxrd), both a byte at a time across chunk boundaries, straight
  *   into a temporary file maildir/tmp/receiver.<pid>.<id>; past maxSize nothing more is
@@ -40,6 +41,18 @@
  *   after LOCK_STALE_MS), then appends "From " line, Return-Path:, Received: and the
  *   message, fsyncs, and only then answers 250. Any failure truncates every mailbox of the
  *   message back to its old length and answers 451: a mailbox holds whole messages only.
+ *
+ *   Delivery status notifications (RFC 3461): EHLO offers DSN, and a client that said EHLO
+ *   may give RET=FULL|HDRS and ENVID=<xtext> on MAIL, NOTIFY=NEVER|<SUCCESS,FAILURE,DELAY>
+ *   and ORCPT=<addr-type>;<xtext> on RCPT, each at most once per command. Keywords and the
+ *   RET and NOTIFY values are case-insensitive; ENVID (at most 100 characters as sent,
+ *   printable US-ASCII once decoded) and ORCPT's address (at most 500 characters for the
+ *   whole value; printable US-ASCII, or any text but controls for addr-type utf-8, whose
+ *   \x{HEX} escapes of RFC 6533 are decoded too) are xtext-decoded. A bad value or a
+ *   repeated parameter is answered 501 5.5.4 naming it; after HELO they are unknown (555).
+ *   The receiver keeps them for the journal (ret= envid= on the MAIL line, notify= orcpt=
+ *   on the RCPT line, xtext-encoded as RFC 3461 writes them) and the "message" event (its
+ *   dsn field); it sends no notifications itself and the stored message is unchanged.
  *
  *   Every event (connect, HELO/EHLO, MAIL, RCPT accepted or refused, message stored or
  *   refused, errors, timeouts, STARTTLS, QUIT, disconnect) is one line, "<date> <time>
@@ -55,7 +68,9 @@
  *   commandTimeout seconds, gets 421 and is closed; past maxSessions a connection gets 421.
  *
  * BUGS
- *   No AUTH, no DSN, no SMTPUTF8, no CHUNKING (BDAT). One size limit for every mailbox, and
+ *   No AUTH, no SMTPUTF8, no CHUNKING (BDAT). DSN parameters are accepted and recorded, but
+ *   the receiver is a final destination that writes no delivery reports (no "delivered"
+ *   DSN for NOTIFY=SUCCESS). One size limit for every mailbox, and
  *   no quota. A message accepted for several mailboxes is written once per mailbox.
  *   A client that disconnects while its message is being delivered (after the final dot,
  *   before the 250) may send it again: the data-done window every MTA has.
@@ -71,7 +86,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import * as tls from "node:tls";
 import { randomBytes } from "node:crypto";
-import { printable } from "./smtp-codes.js";
+import { printable, unxtext, xtext } from "./smtp-codes.js";
 import { Spool, addressProblem, errno } from "./queue.js";
 import { UsageError, rfc5322Date } from "./mail.js";
 
@@ -93,6 +108,15 @@ export const DEFAULT_MAX_ERRORS = 10;
 export const DEFAULT_MAX_SESSIONS = 50;
 /** RFC 5321 4.5.3.1.4: a command line, CRLF included. */
 export const MAX_COMMAND_LINE = 512;
+/**
+ * MAIL and RCPT lines: RFC 3461 section 4 lets NOTIFY and ORCPT make RCPT up to 500 octets
+ * longer (RET and ENVID: MAIL 110, and SIZE 26 more, RFC 1870); one limit for both.
+ */
+export const MAX_PARAMS_LINE = MAX_COMMAND_LINE + 500;
+/** RFC 3461 4.4: ENVID, as sent (xtext), at most 100 characters. */
+export const MAX_ENVID = 100;
+/** RFC 3461 4.2: ORCPT's value ("addr-type;xtext"), at most 500 characters. */
+export const MAX_ORCPT = 500;
 /** How long a closing session may take to say goodbye before its socket is destroyed. */
 const CLOSE_GRACE_MS = 2000;
 /** Replies held back for the end of the input are sent once they reach this many bytes. */
@@ -150,6 +174,33 @@ export interface StoredMessage {
   size: number;
   /** The mbox files it was appended to: maildir/users/<address>/mail. */
   mailboxes: string[];
+  /** RFC 3461 parameters the client gave (all null when it gave none). */
+  dsn: DsnEnvelope;
+}
+
+/** NOTIFY's values, lower case: "never" alone, or any of the other three. */
+export type DsnNotify = "never" | "success" | "failure" | "delay";
+
+/** ORCPT: the address type (lower case: "rfc822", "utf-8", ...) and the decoded address. */
+export interface DsnOrcpt {
+  type: string;
+  address: string;
+}
+
+/** One accepted RCPT and its RFC 3461 parameters. */
+export interface DsnRecipient {
+  /** The recipient as accepted (as in `to`). */
+  rcpt: string;
+  notify: DsnNotify[] | null;
+  orcpt: DsnOrcpt | null;
+}
+
+/** The RFC 3461 parameters of a message: MAIL's RET and ENVID (decoded), every accepted RCPT's. */
+export interface DsnEnvelope {
+  ret: "full" | "hdrs" | null;
+  envid: string | null;
+  /** Every accepted RCPT in order, duplicates included (`to` has one per mailbox). */
+  recipients: DsnRecipient[];
 }
 
 export interface ServerHandle extends EventEmitter {
@@ -286,8 +337,8 @@ const R = {
 const HELP: Readonly<Record<string, string>> = {
   HELO: "HELO hostname: start a session",
   EHLO: "EHLO hostname: start a session and list the service extensions",
-  MAIL: "MAIL FROM:<address> [SIZE=octets] [BODY=7BIT|8BITMIME]: start a message",
-  RCPT: "RCPT TO:<address>: add a recipient (local users only)",
+  MAIL: "MAIL FROM:<address> [SIZE=octets] [BODY=7BIT|8BITMIME] [RET=FULL|HDRS] [ENVID=xtext]: start a message",
+  RCPT: "RCPT TO:<address> [NOTIFY=NEVER|SUCCESS,FAILURE,DELAY] [ORCPT=addr-type;xtext]: add a recipient (local users only)",
   DATA: "DATA: send the message; end it with a line holding only a dot",
   RSET: "RSET: forget the message under way",
   NOOP: "NOOP: do nothing",
@@ -297,6 +348,10 @@ const HELP: Readonly<Record<string, string>> = {
   EXPN: "EXPN: not available",
   STARTTLS: "STARTTLS: start TLS, when EHLO offers it",
 };
+
+/** RFC 3461's syntax errors name the parameter (Postfix: "Bad NOTIFY parameter syntax"). */
+const badValue = (key: string) => `501 5.5.4 Bad ${key} parameter value`;
+const duplicate = (key: string) => `501 5.5.4 Duplicate ${key} parameter`;
 
 /** A command verb, its argument: "MAIL", "FROM:<a@b> SIZE=10". */
 const COMMAND = /^([A-Za-z][A-Za-z0-9-]*)(?:[ \t]+(.*?))?[ \t]*$/s;
@@ -343,6 +398,90 @@ export function parsePath(text: string): { address: string; params: string[] } |
   }
   const params = rest.trim() === "" ? [] : rest.trim().split(/[ \t]+/);
   return { address, params };
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* DSN parameters (RFC 3461)                                                             */
+
+/** "KEY=value" of MAIL or RCPT: the keyword in upper case, the value (null without "="). */
+export function splitParam(param: string): { key: string; value: string | null } {
+  const eq = param.indexOf("=");
+  return eq < 0 ? { key: param.toUpperCase(), value: null } : { key: param.slice(0, eq).toUpperCase(), value: param.slice(eq + 1) };
+}
+
+const PRINTABLE_ASCII = /^[\x20-\x7e]+$/;
+// eslint-disable-next-line no-control-regex
+const CONTROLS = /[\x00-\x1f\x7f-\x9f\ufffd]/;
+
+/** RET=FULL|HDRS, in any case; null for anything else. */
+export function parseRet(value: string | null): "full" | "hdrs" | null {
+  const v = value?.toLowerCase();
+  return v === "full" || v === "hdrs" ? v : null;
+}
+
+/** ENVID=xtext: at most 100 characters as sent, printable US-ASCII once decoded; the decoded text, or null. */
+export function parseEnvid(value: string | null): string | null {
+  if (!value || value.length > MAX_ENVID) return null;
+  const decoded = unxtext(value);
+  return decoded !== null && PRINTABLE_ASCII.test(decoded) ? decoded : null;
+}
+
+/** NOTIFY=NEVER, or a list of SUCCESS, FAILURE, DELAY (each once), in any case; null when bad. */
+export function parseNotify(value: string | null): DsnNotify[] | null {
+  if (!value) return null;
+  const list = value.toLowerCase().split(",");
+  const seen = new Set<string>();
+  for (const v of list) {
+    if (v !== "never" && v !== "success" && v !== "failure" && v !== "delay") return null;
+    if (seen.has(v)) return null;
+    seen.add(v);
+  }
+  if (seen.has("never") && list.length > 1) return null;
+  return list as DsnNotify[];
+}
+
+/** ORCPT's addr-type: an RFC 5322 atom (no "=", which ends an ESMTP keyword). */
+const ADDR_TYPE = /^[A-Za-z0-9!#$%&'*+/?^_`{|}~-]+$/;
+
+/**
+ * ORCPT=addr-type;xtext, at most 500 characters: the type in lower case and the decoded
+ * address, or null. The address must be printable US-ASCII (RFC 3461 4.2), except for
+ * addr-type utf-8, whose \x{HEX} escapes (RFC 6533 utf-8-addr-xtext) are decoded as well
+ * and which may hold any text but control characters.
+ */
+export function parseOrcpt(value: string | null): DsnOrcpt | null {
+  if (!value || value.length > MAX_ORCPT) return null;
+  const semi = value.indexOf(";");
+  if (semi < 0) return null;
+  const type = value.slice(0, semi);
+  if (!ADDR_TYPE.test(type)) return null;
+  let address = unxtext(value.slice(semi + 1));
+  if (!address) return null;
+  if (type.toLowerCase() === "utf-8") {
+    address = decodeUnicodeEscapes(address);
+    if (!address || CONTROLS.test(address)) return null;
+  } else if (!PRINTABLE_ASCII.test(address)) {
+    return null;
+  }
+  return { type: type.toLowerCase(), address };
+}
+
+/** RFC 6533's EmbeddedUnicodeChar, \x{HEX}: decoded; null on a backslash that starts none. */
+function decodeUnicodeEscapes(text: string): string | null {
+  let out = "";
+  for (let i = 0; i < text.length;) {
+    if (text[i] !== "\\") {
+      out += text[i++];
+      continue;
+    }
+    const m = /^\\x\{([0-9A-F]{1,6})\}/.exec(text.slice(i, i + 11));
+    if (!m) return null;
+    const cp = parseInt(m[1], 16);
+    if (cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return null;
+    out += String.fromCodePoint(cp);
+    i += m[0].length;
+  }
+  return out;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -896,6 +1035,10 @@ class Session {
   private recipients: string[] = [];
   private boxes = new Map<string, { dir: string; recipient: string }>();
   private refusedRecipients = 0;
+  /** RFC 3461: MAIL's RET and ENVID (decoded), and every accepted RCPT's NOTIFY and ORCPT. */
+  private ret: "full" | "hdrs" | null = null;
+  private envid: string | null = null;
+  private dsnRecipients: DsnRecipient[] = [];
   private transfer: Transfer | null = null;
   /** Counters for the journal and the limits. */
   private errors = 0;
@@ -1177,7 +1320,7 @@ class Session {
     }
     if (line.length > 0 && line[line.length - 1] === CR) line = line.subarray(0, line.length - 1);
     this.commands++;
-    if (line.length > MAX_COMMAND_LINE - 2) {
+    if (line.length > lineLimit(line) - 2) {
       this.error(R.lineTooLong, "line too long");
       return next;
     }
@@ -1189,8 +1332,9 @@ class Session {
   /** A piece of a command line: kept up to the limit, then dropped as it comes until its line end. */
   private keepPartial(piece: Buffer): void {
     if (this.discarding || piece.length === 0) return;
-    // One octet more than a line may hold, for the CR whose LF is still on its way.
-    if (this.partialLength + piece.length > MAX_COMMAND_LINE - 1) {
+    // One octet more than a line may hold, for the CR whose LF is still on its way; the
+    // verb decides the limit once the line is whole.
+    if (this.partialLength + piece.length > MAX_PARAMS_LINE - 1) {
       this.discarding = true;
       this.partial = [];
       this.partialLength = 0;
@@ -1248,6 +1392,9 @@ class Session {
     this.recipients = [];
     this.boxes = new Map();
     this.refusedRecipients = 0;
+    this.ret = null;
+    this.envid = null;
+    this.dsnRecipients = [];
     if (this.stage > Stage.Helo) this.stage = Stage.Helo;
   }
 
@@ -1263,7 +1410,7 @@ class Session {
       this.reply(`250 ${this.o.hostname}`);
       return;
     }
-    const lines = [this.o.hostname, `SIZE ${this.o.maxSize}`, "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"];
+    const lines = [this.o.hostname, `SIZE ${this.o.maxSize}`, "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN"];
     if (this.o.secureContext && !this.tls) lines.push("STARTTLS");
     lines.push("HELP");
     lines.forEach((text, i) => this.reply(`250${i === lines.length - 1 ? " " : "-"}${text}`));
@@ -1281,19 +1428,36 @@ class Session {
     }
     let size: number | null = null;
     let body = "7BIT";
+    let ret: "full" | "hdrs" | null = null;
+    let envid: string | null = null;
+    const seen = new Set<string>();
     for (const param of p.params) {
-      const [key, value = ""] = param.split("=", 2);
-      switch (key.toUpperCase()) {
+      const { key, value } = splitParam(param);
+      const note = `mail from=<${printable(address, 400)}> ${printable(param, 200)}`;
+      const dsn = key === "RET" || key === "ENVID";
+      if (!(key === "SIZE" || key === "BODY" || (dsn && this.esmtp))) {
+        // RFC 3461's parameters are an ESMTP extension: after HELO they are as unknown as any other.
+        return this.error(`555 5.5.4 Unsupported option: ${printable(key, 40)}`, note);
+      }
+      if (seen.has(key)) return this.error(duplicate(key), note);
+      seen.add(key);
+      switch (key) {
         case "SIZE":
-          if (!/^\d{1,15}$/.test(value)) return this.error(R.badSize);
+          if (value === null || !/^\d{1,15}$/.test(value)) return this.error(R.badSize, note);
           size = Number(value);
           break;
         case "BODY":
-          if (!/^(7BIT|8BITMIME)$/i.test(value)) return this.error(R.badBody);
+          if (value === null || !/^(7BIT|8BITMIME)$/i.test(value)) return this.error(R.badBody, note);
           body = value.toUpperCase();
           break;
-        default:
-          return this.error(`555 5.5.4 Unsupported option: ${printable(key, 40)}`);
+        case "RET":
+          ret = parseRet(value);
+          if (ret === null) return this.error(badValue(key), note);
+          break;
+        case "ENVID":
+          envid = parseEnvid(value);
+          if (envid === null) return this.error(badValue(key), note);
+          break;
       }
     }
     if (size !== null && size > this.o.maxSize) {
@@ -1302,8 +1466,11 @@ class Session {
       return;
     }
     this.sender = address;
+    this.ret = ret;
+    this.envid = envid;
     this.stage = Stage.Mail;
-    this.log(`mail from=<${printable(address, 400)}>${size !== null ? ` size=${size}` : ""} body=${body}`);
+    const dsnNote = `${ret !== null ? ` ret=${ret.toUpperCase()}` : ""}${envid !== null ? ` envid=${xtext(envid)}` : ""}`;
+    this.log(`mail from=<${printable(address, 400)}>${size !== null ? ` size=${size}` : ""} body=${body}${dsnNote}`);
     this.reply(R.mailOk);
   }
 
@@ -1312,8 +1479,26 @@ class Session {
     const m = /^TO:(.*)$/is.exec(arg);
     const p = m ? parsePath(m[1]) : null;
     if (!p || p.address === "") return this.error(R.rcptSyntax);
-    const shown = `rcpt to=<${printable(p.address, 400)}>`;
-    if (p.params.length > 0) return this.error(`555 5.5.4 Unsupported option: ${printable(p.params[0].split("=")[0], 40)}`, shown);
+    let shown = `rcpt to=<${printable(p.address, 400)}>`;
+    let notify: DsnNotify[] | null = null;
+    let orcpt: DsnOrcpt | null = null;
+    const seen = new Set<string>();
+    for (const param of p.params) {
+      const { key, value } = splitParam(param);
+      const note = `${shown} ${printable(param, 600)}`;
+      if (!((key === "NOTIFY" || key === "ORCPT") && this.esmtp)) return this.error(`555 5.5.4 Unsupported option: ${printable(key, 40)}`, note);
+      if (seen.has(key)) return this.error(duplicate(key), note);
+      seen.add(key);
+      if (key === "NOTIFY") {
+        notify = parseNotify(value);
+        if (notify === null) return this.error(badValue(key), note);
+      } else {
+        orcpt = parseOrcpt(value);
+        if (orcpt === null) return this.error(badValue(key), note);
+      }
+    }
+    if (notify) shown += ` notify=${notify.join(",").toUpperCase()}`;
+    if (orcpt) shown += ` orcpt=${orcpt.type};${xtext(orcpt.address)}`;
     if (this.recipients.length >= this.o.maxRecipients) {
       this.reply(R.tooManyRecipients);
       this.log(`${shown}: refused: ${R.tooManyRecipients}`);
@@ -1333,6 +1518,7 @@ class Session {
     const key = address.toLowerCase();
     if (!this.boxes.has(key)) this.boxes.set(key, { dir, recipient: address });
     this.recipients.push(address);
+    this.dsnRecipients.push({ rcpt: address, notify, orcpt });
     this.stage = Stage.Rcpt;
     this.log(`${shown}: accepted`);
     this.reply(R.rcptOk);
@@ -1482,13 +1668,22 @@ class Session {
       this.messages++;
       this.reply(`250 2.0.0 Ok: queued as ${id}`);
       this.log(`stored id=${id} from=<${printable(this.sender, 400)}> size=${size} nrcpt=${mailboxes.length} mailboxes=${mailboxes.join(",")}`);
-      this.server.report({ id, from: this.sender, to: [...this.boxes.values()].map((b) => b.recipient), size, mailboxes });
+      this.server.report({
+        id, from: this.sender, to: [...this.boxes.values()].map((b) => b.recipient), size, mailboxes,
+        dsn: { ret: this.ret, envid: this.envid, recipients: this.dsnRecipients },
+      });
     } finally {
       await fs.promises.unlink(t.path).catch(() => undefined);
       this.resetTransaction();
       this.waitingSince = Date.now();
     }
   }
+}
+
+/** The longest a command line may be, CRLF included: MAIL and RCPT may carry RFC 3461's parameters. */
+function lineLimit(line: Buffer): number {
+  const verb = line.subarray(0, 5).toString("latin1").toUpperCase();
+  return /^(MAIL|RCPT)[ \t]$/.test(verb) ? MAX_PARAMS_LINE : MAX_COMMAND_LINE;
 }
 
 async function discard(t: Transfer): Promise<void> {

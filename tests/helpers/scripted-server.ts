@@ -28,8 +28,21 @@
  * - `message.data` is un-dot-stuffed and keeps the CRLF that ends its last line
  *   (RFC 5321 4.1.1.4: that CRLF is both the end of the last line and the start of
  *   the terminator); only the final ".CRLF" is removed. `message.raw` is exact.
+ *
+ * Transport security and authentication (all off unless the script asks):
+ * - `tls: { key, cert }` advertises STARTTLS while the session is in plaintext; a STARTTLS answered 220
+ *   upgrades the connection in place (node:tls, server side) and, as RFC 3207 says, forgets the greeting
+ *   (helo, extensions), the transaction and the AUTH state. Input the client sent after the STARTTLS line
+ *   and before the handshake is discarded and kept in `session.plaintextAfterStartTls`.
+ *   `afterStartTls220` is written in the same write as that 220 (the command-injection test).
+ * - `implicitTls: true` speaks TLS from the first byte (SMTPS, port 465) with the same key and certificate.
+ * - `auth` advertises and answers AUTH PLAIN (initial response or empty challenge), LOGIN and XOAUTH2:
+ *   235 for a known user/password (token), 535 5.7.8 otherwise; every decoded attempt is recorded in
+ *   `session.authAttempts`. SASL responses are recorded in `commands` like command lines.
+ * - `session.tls`, `message.tls` and `session.plaintextCommands` tell what happened over TLS and what not.
  */
 import net from "node:net";
+import tls from "node:tls";
 import { setTimeout as sleep } from "node:timers/promises";
 
 /** Special replies. */
@@ -62,6 +75,26 @@ export interface Message {
   raw: Buffer;
   /** Un-dot-stuffed content, ending with the CRLF of its last line, without ".CRLF". */
   data: Buffer;
+  /** The message came over an encrypted connection (STARTTLS or implicit TLS). */
+  tls: boolean;
+}
+
+/** One AUTH exchange as the server decoded it (the test's view; never log these). */
+export interface AuthAttempt {
+  /** "PLAIN", "LOGIN" or "XOAUTH2" as the client named it (upper-cased). */
+  mechanism: string;
+  /** Authentication identity; "" when the response could not be decoded. */
+  user: string;
+  /** PLAIN and LOGIN: the password given. */
+  password?: string;
+  /** PLAIN: the authorization identity (usually ""). */
+  authzid?: string;
+  /** XOAUTH2: the bearer token given. */
+  token?: string;
+  /** Answered 235. */
+  ok: boolean;
+  /** The attempt was made over TLS. */
+  tls: boolean;
 }
 
 export interface Session {
@@ -95,6 +128,18 @@ export interface Session {
    * PIPELINING was not advertised, and "<before greeting>" for talk before the greeting.
    */
   pipeliningViolations: string[];
+  /** The connection is encrypted now (after a successful STARTTLS upgrade, or implicit TLS from the start). */
+  tls: boolean;
+  /** The commands (and SASL responses) received in plaintext, i.e. before TLS; all of them without TLS. */
+  plaintextCommands: string[];
+  /** Bytes the client sent after its STARTTLS line and before the TLS handshake (discarded unread). */
+  plaintextAfterStartTls: Buffer;
+  /** The TLS error of this connection (handshake failed, bad record), or null. */
+  tlsError: string | null;
+  /** Every AUTH attempt, in order, as decoded by the server. */
+  authAttempts: AuthAttempt[];
+  /** The identity of the successful AUTH in the current TLS state, or null. */
+  authenticated: string | null;
 }
 
 export interface Script {
@@ -120,6 +165,28 @@ export interface Script {
   onCommand?: (command: string, session: Session) => HookResult;
   /** Called when a message's data has been received; answers the data phase. */
   onData?: (message: Message, session: Session) => HookResult;
+  /**
+   * Key and certificate (PEM): STARTTLS is advertised while the session is in plaintext and a
+   * STARTTLS answered 220 upgrades the connection (RFC 3207: the session state is forgotten).
+   */
+  tls?: { key: string | Buffer; cert: string | Buffer };
+  /** TLS from the first byte (SMTPS, port 465) with the key and certificate of `tls`; no STARTTLS then. */
+  implicitTls?: boolean;
+  /** Bytes written in the same write right after the 220 to STARTTLS, e.g. "250 injected\r\n". */
+  afterStartTls220?: string;
+  /** SMTP AUTH (RFC 4954): advertised mechanisms and the accounts that succeed. */
+  auth?: {
+    /** Advertised and accepted, e.g. ["PLAIN", "LOGIN", "XOAUTH2"]. */
+    mechanisms: string[];
+    /** user -> password for PLAIN and LOGIN. */
+    users: Record<string, string>;
+    /** user -> bearer token for XOAUTH2. */
+    tokens?: Record<string, string>;
+    /** Advertise and accept AUTH only over TLS (Postfix's smtpd_tls_auth_only). Default false. */
+    onlyOverTls?: boolean;
+    /** MAIL is refused with 530 5.7.0 until AUTH succeeded. Default false. */
+    required?: boolean;
+  };
 }
 
 export interface ScriptedServer {
@@ -168,7 +235,7 @@ const DEFAULT_TIMEOUT_MS = 5000;
 const TERMINATOR = Buffer.from("\r\n.\r\n");
 const EMPTY_MESSAGE = Buffer.from(".\r\n");
 /** RFC 2920: these may only be the last command of a pipelined group. */
-const LAST_IN_GROUP = new Set(["EHLO", "HELO", "DATA", "QUIT", "NOOP", "VRFY", "EXPN", "TURN"]);
+const LAST_IN_GROUP = new Set(["EHLO", "HELO", "DATA", "QUIT", "NOOP", "VRFY", "EXPN", "TURN", "STARTTLS", "AUTH"]);
 
 /** What a Connection needs from its server. */
 interface Host {
@@ -233,7 +300,12 @@ class Scripted implements ScriptedServer, Host {
       socket.destroy();
       return;
     }
-    const connection = new Connection(socket, this, this.sessions.length + 1);
+    const wrap = this.script.implicitTls === true && this.script.tls !== undefined;
+    const connection = new Connection(wrap ? serverTlsSocket(socket, this.script.tls!) : socket, this, this.sessions.length + 1);
+    if (wrap) {
+      socket.on("error", () => undefined);
+      connection.session.tls = true;
+    }
     this.sessions.push(connection.session);
     this.open.add(connection);
     socket.once("close", () => this.open.delete(connection));
@@ -347,7 +419,18 @@ function newSession(id: number): Session {
     mailFrom: null,
     rcptTo: [],
     pipeliningViolations: [],
+    tls: false,
+    plaintextCommands: [],
+    plaintextAfterStartTls: Buffer.alloc(0),
+    tlsError: null,
+    authAttempts: [],
+    authenticated: null,
   };
+}
+
+/** The server side of a TLS connection over `socket` (STARTTLS upgrade or implicit TLS). */
+function serverTlsSocket(socket: net.Socket, keys: { key: string | Buffer; cert: string | Buffer }): tls.TLSSocket {
+  return new tls.TLSSocket(socket, { isServer: true, key: keys.key, cert: keys.cert });
 }
 
 /** One client connection: a loop taking one command line or one message at a time. */
@@ -364,8 +447,11 @@ class Connection {
   private greetingSent = false;
   private wake: (() => void) | null = null;
 
+  /** A SASL exchange waiting for the client's next response line (AUTH with a 334 challenge). */
+  private sasl: { mechanism: string; step: number; user: string } | null = null;
+
   constructor(
-    private readonly socket: net.Socket,
+    private socket: net.Socket,
     private readonly host: Host,
     id: number,
   ) {
@@ -373,8 +459,13 @@ class Connection {
     socket.setNoDelay(true);
     socket.on("data", (chunk: Buffer) => this.onInput(chunk));
     socket.on("end", () => this.onClientEnd());
-    socket.on("error", (error: NodeJS.ErrnoException) => this.note(`C: [error ${error.code ?? error.message}]`));
+    socket.on("error", (error: NodeJS.ErrnoException) => this.onSocketError(error));
     socket.on("close", () => this.onClose());
+  }
+
+  private onSocketError(error: NodeJS.ErrnoException): void {
+    this.note(`C: [error ${error.code ?? error.message}]`);
+    if (this.session.tls && this.session.tlsError === null) this.session.tlsError = error.message;
   }
 
   async run(): Promise<void> {
@@ -478,12 +569,25 @@ class Connection {
 
   private async handleCommand(line: string): Promise<void> {
     const s = this.session;
-    const verb = verbOf(line);
     s.commands.push(line);
+    if (!s.tls) s.plaintextCommands.push(line);
     this.note(`C: ${line}`);
+    if (this.sasl) {
+      // A SASL response: the client must wait for our reply to it (RFC 4954).
+      if (!this.mute && this.input.length > 0) this.violation("<sasl response>");
+      if (this.mute) return;
+      await this.respond(this.saslStep(line));
+      this.host.notify();
+      return;
+    }
+    const verb = verbOf(line);
     this.checkPipelining(verb, line);
     if (this.mute) return;
-    const reply = await this.chooseReply(line, verb);
+    let reply = await this.chooseReply(line, verb);
+    const inject = this.host.script.afterStartTls220;
+    if (verb === "STARTTLS" && inject !== undefined && typeof reply === "string" && replyCode(reply) === 220) {
+      reply = { action: "raw", bytes: `${reply}\r\n${inject}` };
+    }
     const sent = await this.respond(reply);
     if (sent !== null) this.apply(verb, argOf(line), replyCode(sent), sent);
     this.host.notify();
@@ -499,6 +603,7 @@ class Connection {
       const reply = typeof script.ehlo === "function" ? await script.ehlo(arg, s) : script.ehlo;
       if (reply !== undefined) return reply;
     }
+    if (verb === "AUTH" && script.auth) return this.authCommand(arg);
     if (verb === "MAIL" || verb === "RCPT") {
       const hook = verb === "MAIL" ? script.mail : script.rcpt;
       const path = parsePath(arg, verb === "MAIL" ? "FROM" : "TO");
@@ -514,12 +619,13 @@ class Connection {
     const hostname = script.hostname ?? DEFAULT_HOSTNAME;
     switch (verb) {
       case "EHLO":
-        return arg ? multiline(250, [hostname, ...advertisedExtensions(script)]) : "501 5.5.4 Syntax: EHLO hostname";
+        return arg ? multiline(250, [hostname, ...advertisedExtensions(script, s)]) : "501 5.5.4 Syntax: EHLO hostname";
       case "HELO":
         return arg ? `250 ${hostname}` : "501 5.5.4 Syntax: HELO hostname";
       case "MAIL": {
         if (s.helo === null) return "503 5.5.1 Error: send HELO/EHLO first";
         if (s.mailFrom !== null) return "503 5.5.1 Error: nested MAIL command";
+        if (script.auth?.required && s.authenticated === null) return "530 5.7.0 Authentication required";
         const path = parsePath(arg, "FROM");
         if (!path) return "501 5.5.4 Syntax: MAIL FROM:<address>";
         const limit = sizeLimit(script);
@@ -539,6 +645,11 @@ class Connection {
         return "250 2.0.0 Ok";
       case "QUIT":
         return "221 2.0.0 Bye";
+      case "STARTTLS":
+        if (!script.tls || script.implicitTls) return "502 5.5.2 Error: command not recognized";
+        if (s.tls) return "554 5.5.1 Error: TLS already active";
+        if (arg) return "501 5.5.4 Syntax: STARTTLS";
+        return "220 2.0.0 Ready to start TLS";
       case "":
         return "500 5.5.2 Error: bad syntax";
       default:
@@ -581,6 +692,119 @@ class Connection {
       case "QUIT":
         if (ok) this.end();
         return;
+      case "STARTTLS":
+        if (code === 220) this.startTls();
+        return;
+    }
+  }
+
+  /** RFC 3207: the upgrade; everything learned in plaintext is forgotten. */
+  private startTls(): void {
+    const keys = this.host.script.tls;
+    const s = this.session;
+    if (!keys || s.tls || this.done) return;
+    if (this.input.length > 0) {
+      // Sent by the client after STARTTLS in plaintext: never read as commands (the injection class).
+      s.plaintextAfterStartTls = Buffer.concat([s.plaintextAfterStartTls, this.input]);
+      this.note(`C: [${this.input.length} plaintext bytes after STARTTLS, discarded: ${JSON.stringify(this.input.toString("latin1"))}]`);
+      this.input = Buffer.alloc(0);
+    }
+    const raw = this.socket;
+    raw.removeAllListeners("data");
+    raw.removeAllListeners("end");
+    const secure = serverTlsSocket(raw, keys);
+    this.socket = secure;
+    secure.on("data", (chunk: Buffer) => this.onInput(chunk));
+    secure.on("end", () => this.onClientEnd());
+    secure.on("error", (error: NodeJS.ErrnoException) => this.onSocketError(error));
+    secure.on("close", () => this.onClose());
+    secure.once("secure", () => {
+      this.note(`S: [TLS established, ${secure.getProtocol() ?? "?"}]`);
+      this.host.notify();
+    });
+    s.tls = true;
+    s.helo = null;
+    s.esmtp = false;
+    s.extensions = [];
+    s.authenticated = null;
+    this.sasl = null;
+    this.resetTransaction();
+    this.note("S: [TLS handshake]");
+  }
+
+  /* AUTH (RFC 4954): PLAIN, LOGIN, XOAUTH2 */
+
+  private authCommand(arg: string): Reply {
+    const auth = this.host.script.auth!;
+    const s = this.session;
+    if (s.helo === null || !s.esmtp) return "503 5.5.1 Error: send EHLO first";
+    if (s.authenticated !== null) return "503 5.5.1 Error: already authenticated";
+    if (s.mailFrom !== null) return "503 5.5.1 Error: MAIL transaction in progress";
+    if (auth.onlyOverTls && !s.tls) return "538 5.7.11 Encryption required for requested authentication mechanism";
+    const [name = "", initial, extra] = arg.split(/\s+/);
+    const mechanism = name.toUpperCase();
+    if (extra !== undefined) return "501 5.5.4 Syntax: AUTH mechanism [initial-response]";
+    if (!auth.mechanisms.map((m) => m.toUpperCase()).includes(mechanism)) return "504 5.5.4 Unsupported authentication mechanism";
+    this.sasl = { mechanism, step: 0, user: "" };
+    if (initial !== undefined) return this.saslStep(initial);
+    return mechanism === "LOGIN" ? `334 ${b64("Username:")}` : "334 ";
+  }
+
+  /** One client response of the SASL exchange in progress; answers 334, 235 or 535 (or 501). */
+  private saslStep(response: string): Reply {
+    const sasl = this.sasl!;
+    const s = this.session;
+    const auth = this.host.script.auth!;
+    if (response === "*") {
+      this.sasl = null;
+      if (sasl.step === 99) return "535 5.7.8 Error: authentication failed";
+      return "501 5.7.0 Authentication aborted";
+    }
+    if (sasl.step === 99) {
+      // After an XOAUTH2 error challenge the client answers anything (an empty line): the failure.
+      this.sasl = null;
+      return "535 5.7.8 Error: authentication failed";
+    }
+    if (response !== "=" && !/^[A-Za-z0-9+/]*={0,2}$/.test(response)) {
+      this.sasl = null;
+      return "501 5.5.2 Error: cannot decode response";
+    }
+    const decoded = response === "=" ? "" : Buffer.from(response, "base64").toString("utf8");
+    const finish = (attempt: Omit<AuthAttempt, "ok" | "tls">, ok: boolean): Reply => {
+      s.authAttempts.push({ ...attempt, ok, tls: s.tls });
+      this.sasl = null;
+      if (!ok) return "535 5.7.8 Error: authentication failed";
+      s.authenticated = attempt.user;
+      return "235 2.7.0 Authentication successful";
+    };
+    switch (sasl.mechanism) {
+      case "PLAIN": {
+        const parts = decoded.split("\0");
+        if (parts.length !== 3) return finish({ mechanism: "PLAIN", user: "" }, false);
+        const [authzid, user, password] = parts;
+        return finish({ mechanism: "PLAIN", user, password, authzid }, Object.hasOwn(auth.users, user) && auth.users[user] === password);
+      }
+      case "LOGIN":
+        if (sasl.step === 0) {
+          sasl.user = decoded;
+          sasl.step = 1;
+          return `334 ${b64("Password:")}`;
+        }
+        return finish({ mechanism: "LOGIN", user: sasl.user, password: decoded },
+          Object.hasOwn(auth.users, sasl.user) && auth.users[sasl.user] === decoded);
+      case "XOAUTH2": {
+        const m = /^user=([^\x01]*)\x01auth=Bearer ([^\x01]*)\x01\x01$/.exec(decoded);
+        const user = m?.[1] ?? "";
+        const token = m?.[2];
+        const ok = m !== null && auth.tokens !== undefined && Object.hasOwn(auth.tokens, user) && auth.tokens[user] === token;
+        if (ok) return finish({ mechanism: "XOAUTH2", user, token }, true);
+        s.authAttempts.push({ mechanism: "XOAUTH2", user, token, ok: false, tls: s.tls });
+        sasl.step = 99;
+        return `334 ${b64('{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}')}`;
+      }
+      default:
+        this.sasl = null;
+        return "504 5.5.4 Unsupported authentication mechanism";
     }
   }
 
@@ -613,6 +837,7 @@ class Connection {
       to: [...s.rcptTo],
       raw,
       data: unstuff(raw.subarray(0, raw.length - EMPTY_MESSAGE.length)),
+      tls: s.tls,
     };
     this.note(`C: [message data, ${raw.length} bytes]`);
     this.checkPipelining("", "<message data>");
@@ -731,6 +956,10 @@ class Connection {
 
 // --- small pure helpers ------------------------------------------------------------
 
+function b64(text: string): string {
+  return Buffer.from(text, "utf8").toString("base64");
+}
+
 function verbOf(line: string): string {
   return (/^\S*/.exec(line)?.[0] ?? "").toUpperCase();
 }
@@ -769,11 +998,13 @@ function sizeLimit(script: Script): number | null {
   return size !== null && size > 0 ? size : null;
 }
 
-function advertisedExtensions(script: Script): string[] {
+function advertisedExtensions(script: Script, session: Session): string[] {
   const list: string[] = [];
   if (script.pipelining !== false) list.push("PIPELINING");
   const size = script.size === undefined ? DEFAULT_SIZE : script.size;
   if (size !== null) list.push(`SIZE ${size}`);
+  if (script.tls && !script.implicitTls && !session.tls) list.push("STARTTLS");
+  if (script.auth && (!script.auth.onlyOverTls || session.tls)) list.push(`AUTH ${script.auth.mechanisms.join(" ")}`);
   list.push("8BITMIME", "ENHANCEDSTATUSCODES", ...(script.extensions ?? []));
   const removed = new Set((script.withoutExtensions ?? []).map((k) => k.toUpperCase()));
   return list.filter((e) => !removed.has(keywordOf(e)));

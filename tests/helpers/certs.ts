@@ -1,0 +1,96 @@
+// Test helper: throw-away TLS keys and certificates, made with Debian's /usr/bin/openssl into a
+// temp dir (removed at process exit), once per test process.
+//
+//   ca          a CA ("mudmail test CA"); give its certificate to the client as tlsCa
+//   server      signed by the CA, for DNS:localhost and IP:127.0.0.1: verifies with the CA
+//   wrongName   signed by the CA, for DNS:wrong.example only: the chain verifies, the name does not
+//   selfSigned  for DNS:localhost and IP:127.0.0.1 but signed by itself, NOT by the CA
+//
+// RSA 2048 keys: every TLS stack here (node, Postfix 3.7's smtpd_tls_cert_file) takes them.
+// Key files are mode 0600 (Postfix reads its key as root before it drops privileges).
+
+import { execFile } from "node:child_process";
+import { existsSync, rmSync } from "node:fs";
+import fs from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+
+export const OPENSSL = "/usr/bin/openssl";
+
+export interface KeyPair {
+  /** PEM text of the private key. */
+  key: string;
+  /** PEM text of the certificate. */
+  cert: string;
+  keyFile: string;
+  certFile: string;
+}
+
+export interface TestCerts {
+  dir: string;
+  ca: { cert: string; certFile: string };
+  server: KeyPair;
+  wrongName: KeyPair;
+  selfSigned: KeyPair;
+}
+
+function openssl(args: string[], cwd: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    execFile(OPENSSL, args, { cwd, timeout: 30_000, killSignal: "SIGKILL" }, (error, _stdout, stderr) => {
+      if (error) reject(new Error(`openssl ${args.join(" ")} failed: ${error.message}\n${stderr}`));
+      else resolve();
+    });
+  });
+}
+
+const DAYS = "2";
+
+async function signedBy(dir: string, name: string, subject: string, san: string): Promise<KeyPair> {
+  const keyFile = path.join(dir, `${name}.key`);
+  const csrFile = path.join(dir, `${name}.csr`);
+  const certFile = path.join(dir, `${name}.crt`);
+  const extFile = path.join(dir, `${name}.ext`);
+  await fs.writeFile(extFile, [
+    "basicConstraints = critical, CA:FALSE",
+    "keyUsage = critical, digitalSignature, keyEncipherment",
+    "extendedKeyUsage = serverAuth",
+    `subjectAltName = ${san}`,
+    "",
+  ].join("\n"));
+  await openssl(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", keyFile, "-out", csrFile, "-subj", subject], dir);
+  await openssl(["x509", "-req", "-in", csrFile, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+    "-out", certFile, "-days", DAYS, "-sha256", "-extfile", extFile], dir);
+  return read(keyFile, certFile);
+}
+
+async function read(keyFile: string, certFile: string): Promise<KeyPair> {
+  await fs.chmod(keyFile, 0o600);
+  return { key: await fs.readFile(keyFile, "utf8"), cert: await fs.readFile(certFile, "utf8"), keyFile, certFile };
+}
+
+async function make(): Promise<TestCerts> {
+  if (!existsSync(OPENSSL)) throw new Error(`${OPENSSL} is missing: scripts/pretest.sh should install the openssl package`);
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-certs-"));
+  process.once("exit", () => rmSync(dir, { recursive: true, force: true }));
+  await fs.chmod(dir, 0o755);
+  await openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", DAYS,
+    "-sha256", "-subj", "/O=mudmail tests/CN=mudmail test CA",
+    "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"], dir);
+  await fs.chmod(path.join(dir, "ca.key"), 0o600);
+  const caFile = path.join(dir, "ca.crt");
+  const server = await signedBy(dir, "server", "/O=mudmail tests/CN=localhost", "DNS:localhost, IP:127.0.0.1");
+  const wrongName = await signedBy(dir, "wrong", "/O=mudmail tests/CN=wrong.example", "DNS:wrong.example");
+  await openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "self.key", "-out", "self.crt", "-days", DAYS,
+    "-sha256", "-subj", "/O=mudmail tests/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    "-addext", "basicConstraints=critical,CA:FALSE"], dir);
+  const selfSigned = await read(path.join(dir, "self.key"), path.join(dir, "self.crt"));
+  return { dir, ca: { cert: await fs.readFile(caFile, "utf8"), certFile: caFile }, server, wrongName, selfSigned };
+}
+
+let made: Promise<TestCerts> | null = null;
+
+/** The test certificates of this process (made on first use, in about a second). */
+export function testCerts(): Promise<TestCerts> {
+  made ??= make();
+  return made;
+}
