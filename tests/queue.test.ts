@@ -925,3 +925,17 @@ t.test("measureWire + wireChunks: a 3 MB message", async (t) => {
   t.same(problems.slice(0, 5), [], "well-formed wire form");
   t.ok(lines.join("\r\n") + "\r\n" === normalise(content) + (normalise(content).endsWith("\r\n") ? "" : "\r\n"), "un-stuffs to the content");
 });
+
+t.test("Stuffer: a line over 998 octets is broken with CRLF and a space, nothing lost (Postfix's smtp_line_length_limit)", async (t) => {
+  const long = "x".repeat(2500);
+  const body = Buffer.from(`short\n${long}\n.${"y".repeat(1500)}\nend`);
+  for (const split of [1, 997, 998, 999, 1000, 2500, body.length - 1]) {
+    const s = new Stuffer();
+    const out = Buffer.concat([s.push(body.subarray(0, split)), s.push(body.subarray(split)), s.end()]).toString("latin1");
+    const lines = out.split("\r\n");
+    t.ok(lines.every((l) => l.length <= 998), `split at ${split}: no line over 998 octets`);
+    t.equal(s.folded, 3, "three breaks: two in the long line, one in the dotted one");
+    const unfolded = out.replace(/\r\n /g, "");
+    t.equal(unfolded, `short\r\n${long}\r\n..${"y".repeat(1500)}\r\nend\r\n.\r\n`, "unfolding gives the line back (dot still stuffed)");
+  }
+});
