@@ -523,6 +523,16 @@ class Txn {
   constructor(readonly job: Job) {}
 }
 
+/** RFC 6531: a transaction whose envelope has an address that is not ASCII must say SMTPUTF8. */
+function needsSmtpUtf8Address(sender: string, recipients: string[]): boolean {
+  const ascii = (a: string) => /^[\x00-\x7f]*$/.test(a);
+  return !ascii(sender) || recipients.some((r) => !ascii(r));
+}
+
+function needsSmtpUtf8(job: Job): boolean {
+  return needsSmtpUtf8Address(job.delivery.msg.sender, job.recipients);
+}
+
 /** RFC 5321 section 4.5.3.1.10: "452 too many recipients" asks for another transaction, not a retry later. */
 function tooManyRecipients(reply: Reply): boolean {
   return reply.code === 452 && (reply.enhanced === "4.5.3" || /too many recipients/i.test(reply.lines.join(" ")));
@@ -589,6 +599,8 @@ class Slot {
   private hop: Hop = { host: "", address: "", port: 0 };
   /** The conversation is encrypted (STARTTLS done, or implicit TLS). */
   private secure = false;
+  /** Between STARTTLS's 220 and the end of the handshake. */
+  private handshaking = false;
   /** Reads so far, and the read during which each expected reply was asked for. */
   private chunkSeq = 0;
   private readonly expectedAt = new WeakMap<Expect, number>();
@@ -798,12 +810,15 @@ class Slot {
     this.ext = null;
     this.arm(Stage.Helo);
     const secure = tls.connect({ socket: raw, ...this.engine.tlsOptions(this.hop) });
+    this.handshaking = true;
     const failed = (err: Error) => {
+      this.handshaking = false;
       this.engine.tlsFailed(this.hop);
       this.fail(`TLS handshake with ${this.peer} failed: ${err.message}`);
     };
     secure.once("error", failed);
     secure.once("secureConnect", () => {
+      this.handshaking = false;
       secure.off("error", failed);
       this.socket = secure;
       this.secure = true;
@@ -900,6 +915,12 @@ class Slot {
       if (this.txns.length === 0 && this.expects.length === 0) this.nextJob();
       return;
     }
+    if (needsSmtpUtf8(job) && !this.ext?.smtpUtf8) {
+      // RFC 6531: an address that is not ASCII needs SMTPUTF8; a server without it cannot take it.
+      this.settleAll(txn, this.outcome(job, "bounced", 553, "5.6.7", `SMTPUTF8 is required, but was not offered by host ${this.peer}`));
+      if (this.txns.length === 0 && this.expects.length === 0) this.nextJob();
+      return;
+    }
     this.ready = false;
     this.txns.push(txn);
     job.startedAt = Date.now();
@@ -921,6 +942,7 @@ class Slot {
     let params = "";
     if (this.ext?.size != null) params += ` SIZE=${delivery.wire.size}`;
     if (delivery.wire.eightBit && this.ext?.eightBitMime) params += " BODY=8BITMIME";
+    if (this.ext?.smtpUtf8 && needsSmtpUtf8Address(delivery.msg.sender, delivery.msg.recipients)) params += " SMTPUTF8";
     const dsn = delivery.book?.dsn;
     if (dsn && this.ext?.dsn) {
       if (dsn.ret) params += ` RET=${dsn.ret.toUpperCase()}`;
@@ -1207,6 +1229,11 @@ class Slot {
   /** A failure of the session: every transaction in flight is deferred with the reason. */
   fail(reason: string, reply?: Reply): void {
     if (this.closed) return;
+    // A handshake that never finishes is a failed handshake too (the timer ends it).
+    if (this.handshaking) {
+      this.handshaking = false;
+      this.engine.tlsFailed(this.hop);
+    }
     if (this.stage <= Stage.Banner && this.hops.length > 0 && !this.engine.stopping) return this.nextHop(reason);
     const failedEarly = this.stage <= Stage.Helo && this.delivered === 0;
     this.closed = true;

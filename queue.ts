@@ -437,8 +437,8 @@ export class Spool {
         envelope = findEnvelope(buf, length, length >= fileSize);
       }
       if (!envelope) throw new CorruptMessageError(id, describeMissingEnvelope(buf, length, fileSize));
-      const sender = parseSender(id, buf.toString("utf8", 0, envelope.senderEnd));
-      const recipients = parseRecipients(id, buf.toString("utf8", envelope.recipientsStart, envelope.recipientsEnd));
+      const sender = parseSender(id, envelopeText(id, buf.subarray(0, envelope.senderEnd), "sender"));
+      const recipients = parseRecipients(id, envelopeText(id, buf.subarray(envelope.recipientsStart, envelope.recipientsEnd), "recipient"));
       const contentOffset = envelope.contentOffset;
       const head = buf.subarray(contentOffset, Math.min(length, contentOffset + CHUNK));
       return {
@@ -527,6 +527,17 @@ function describeMissingEnvelope(buf: Buffer, length: number, fileSize: number):
     return length >= MAX_ENVELOPE ? "sender line longer than 1 MiB" : "no recipient line";
   }
   return "recipient line longer than 1 MiB";
+}
+
+const STRICT_UTF8 = new TextDecoder("utf-8", { fatal: true });
+
+/** An envelope line as text; bytes that are not UTF-8 would change the address, so they make the file corrupt. */
+function envelopeText(id: string, bytes: Buffer, what: string): string {
+  try {
+    return STRICT_UTF8.decode(bytes);
+  } catch {
+    throw new CorruptMessageError(id, `the ${what} line is not valid UTF-8`);
+  }
 }
 
 function parseSender(id: string, line: string): string {
@@ -659,7 +670,6 @@ export interface HeaderFacts {
   complete: boolean;
 }
 
-const HEADER_NAME = /^[\x21-\x39\x3b-\x7e]+:/;
 const CR = 0x0d, LF = 0x0a, DOT = 0x2e;
 
 /**
@@ -668,10 +678,16 @@ const CR = 0x0d, LF = 0x0a, DOT = 0x2e;
  */
 export class HeaderScan {
   readonly facts: HeaderFacts = { hasDate: false, hasMessageId: false, hasFrom: false, startsWithHeader: false, complete: false };
-  private line = "";
-  private lineStarted = false;
   private afterCR = false;
   private lines = 0;
+  /* The current line, as far as the scan needs it: its first byte, whether it is still a
+     field name (printable, no colon yet), the name's start, and whether a colon ended it. */
+  private lineStarted = false;
+  private first = -1;
+  private inName = true;
+  private nameLength = 0;
+  private name = "";
+  private colon = false;
 
   push(chunk: Buffer): void {
     for (let i = 0; i < chunk.length && !this.facts.complete; i++) {
@@ -683,9 +699,21 @@ export class HeaderScan {
       if (b === CR || b === LF) {
         this.afterCR = b === CR;
         this.endLine();
-      } else {
+        continue;
+      }
+      if (!this.lineStarted) {
         this.lineStarted = true;
-        if (this.line.length < 80) this.line += String.fromCharCode(b);
+        this.first = b;
+      }
+      if (!this.inName) continue;
+      if (b === 0x3a) {
+        this.inName = false;
+        this.colon = this.nameLength > 0;
+      } else if (b >= 0x21 && b <= 0x7e) {
+        this.nameLength++;
+        if (this.name.length < 16) this.name += String.fromCharCode(b | 0x20);
+      } else {
+        this.inName = false;
       }
     }
   }
@@ -698,17 +726,21 @@ export class HeaderScan {
   }
 
   private endLine(): void {
-    const line = this.line;
-    this.line = "";
+    const started = this.lineStarted, first = this.first, isField = this.colon;
+    const name = this.nameLength <= 16 ? this.name : "";
     this.lineStarted = false;
-    const first = this.lines++ === 0;
-    if (line === "") {
+    this.first = -1;
+    this.inName = true;
+    this.nameLength = 0;
+    this.name = "";
+    this.colon = false;
+    const firstLine = this.lines++ === 0;
+    if (!started) {
       this.facts.complete = true;
-    } else if ((line[0] === " " || line[0] === "\t") && !first) {
+    } else if ((first === 0x20 || first === 0x09) && !firstLine) {
       // a folded continuation of the previous header
-    } else if (HEADER_NAME.test(line)) {
-      if (first) this.facts.startsWithHeader = true;
-      const name = line.slice(0, line.indexOf(":")).toLowerCase();
+    } else if (isField) {
+      if (firstLine) this.facts.startsWithHeader = true;
       if (name === "date") this.facts.hasDate = true;
       else if (name === "message-id") this.facts.hasMessageId = true;
       else if (name === "from") this.facts.hasFrom = true;
