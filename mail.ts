@@ -2055,10 +2055,12 @@ export class MailEngine extends EventEmitter {
 
   jobDone(job: Job): void {
     const delivery = job.delivery;
-    this.pump();
-    if (--delivery.openJobs > 0 || delivery.settling) return;
+    if (--delivery.openJobs > 0 || delivery.settling) return this.pump();
     delivery.settling = true;
-    this.settle(delivery).then(
+    // The unlink after a 250 goes first: every moment before it is a window for a duplicate.
+    const settled = this.settle(delivery);
+    this.pump();
+    settled.then(
       (putBack) => this.forget(delivery.msg.id, putBack ?? undefined),
       (err) => {
         this.forget(delivery.msg.id, delivery.msg.id);
