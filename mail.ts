@@ -1022,17 +1022,22 @@ class Slot {
     }
   }
 
+  /**
+   * A large message, piece by piece from its file: each stuffed piece is handed to the
+   * kernel before the next is made in the same buffer, so a 50 MB message costs two
+   * buffers of memory, whatever the server's speed (the data-xfer timer bounds a stall).
+   */
   private async streamBody(txn: Txn): Promise<void> {
     const socket = this.socket!;
-    const chunks = wireChunks(this.engine.spool, txn.job.delivery.msg, txn.job.delivery.prefix);
+    const chunks = wireChunks(this.engine.spool, txn.job.delivery.msg, txn.job.delivery.prefix, { reuse: true });
     try {
       for await (const chunk of chunks) {
         if (this.closed) return;
         this.arm(Stage.Body);
-        if (!socket.write(chunk) && !socket.destroyed) await new Promise<void>((resolve) => {
-          const done = () => { socket.off("drain", done); socket.off("close", done); resolve(); };
-          socket.on("drain", done);
-          socket.on("close", done);
+        await new Promise<void>((resolve) => {
+          const done = () => { socket.off("close", done); resolve(); };
+          socket.once("close", done);
+          socket.write(chunk, done);
         });
       }
     } finally {

@@ -474,17 +474,21 @@ export class Spool {
     return seen;
   }
 
-  /** Reads the content from `offset` (relative to line 3) in CHUNK pieces. */
-  async *content(msg: QueuedMessage): AsyncGenerator<Buffer> {
+  /**
+   * Reads the content (line 3 on) in CHUNK pieces. With `reuse`, every piece is a view of one
+   * buffer, valid until the next: for readers that do not keep the pieces (memory stays flat).
+   */
+  async *content(msg: QueuedMessage, options: { reuse?: boolean } = {}): AsyncGenerator<Buffer> {
     if (msg.whole) {
       yield msg.head;
       return;
     }
     const fd = await fsOpen(this.pathOf(msg.folder, msg.id));
+    const shared = options.reuse ? Buffer.allocUnsafe(CHUNK) : null;
     try {
       let position = msg.contentOffset;
       for (;;) {
-        const buf = Buffer.allocUnsafe(CHUNK);
+        const buf = shared ?? Buffer.allocUnsafe(CHUNK);
         const n = await fsRead(fd, buf, position);
         if (n === 0) return;
         position += n;
@@ -779,8 +783,13 @@ export class Stuffer {
    */
   constructor(private readonly options: { dots?: boolean } = {}) {}
 
-  push(chunk: Buffer): Buffer {
-    const out = Buffer.allocUnsafe(chunk.length * 2 + 4);
+  /**
+   * Stuffs a chunk; the result is a new buffer, or a view into `into` when it is given and
+   * large enough (2 × chunk + 4 octets): a pass that only counts needs no new memory.
+   */
+  push(chunk: Buffer, into?: Buffer): Buffer {
+    const need = chunk.length * 2 + 4;
+    const out = into && into.length >= need ? into : Buffer.allocUnsafe(need);
     let j = 0;
     let atLineStart = this.atLineStart;
     let afterCR = this.afterCR;
@@ -860,20 +869,27 @@ export async function measureWire(spool: Spool, msg: QueuedMessage, makePrefix: 
     return { size: bytes.length, eightBit: stuffer.eightBit, bytes, facts };
   }
   let size = 0;
-  for await (const chunk of spool.content(msg)) {
+  const scratch = Buffer.allocUnsafe(CHUNK * 2 + 4);
+  for await (const chunk of spool.content(msg, { reuse: true })) {
     if (!scan.facts.complete) scan.push(chunk);
-    size += stuffer.push(chunk).length;
+    size += stuffer.push(chunk, scratch).length;
   }
   const facts = scan.end();
   size += makePrefix(facts).length + stuffer.end().length;
   return { size, eightBit: stuffer.eightBit, bytes: null, facts };
 }
 
-/** The wire form of a large message, chunk by chunk, read from the file as it is sent. */
-export async function* wireChunks(spool: Spool, msg: QueuedMessage, prefix: Buffer): AsyncGenerator<Buffer> {
+/**
+ * The wire form of a large message, chunk by chunk, read from the file as it is sent. With
+ * `reuse`, each chunk is a view of one buffer, valid until the generator resumes: the caller
+ * must be done with it (written out) before asking for the next.
+ */
+export async function* wireChunks(spool: Spool, msg: QueuedMessage, prefix: Buffer, options: { reuse?: boolean } = {}): AsyncGenerator<Buffer> {
   const stuffer = new Stuffer();
+  const out = options.reuse ? Buffer.allocUnsafe(CHUNK * 2 + 4) : undefined;
   yield prefix;
-  for await (const chunk of spool.content(msg)) yield stuffer.push(chunk);
+  // The stuffer copies each piece out of the read buffer, so that one can be reused always.
+  for await (const chunk of spool.content(msg, { reuse: true })) yield stuffer.push(chunk, out);
   yield stuffer.end();
 }
 
