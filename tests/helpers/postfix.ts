@@ -48,6 +48,7 @@ import os from "node:os";
 import path from "node:path";
 import { randomBytes } from "node:crypto";
 import type { Test } from "tap";
+import { atExit, listMaildir, lookupId, readTail, waitForGreeting } from "./daemon.js";
 
 export const SMTP_SINK = "/usr/sbin/smtp-sink";
 export const SMTP_SOURCE = "/usr/sbin/smtp-source";
@@ -120,79 +121,8 @@ export async function freePort(host = "127.0.0.1"): Promise<number> {
   });
 }
 
-/**
- * One probe: connect, wait for a complete 220 greeting, QUIT. Resolves true only on a 220.
- * Bounded by `timeoutMs`.
- */
-function probeGreeting(host: string, port: number, timeoutMs: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    let buf = "";
-    let done = false;
-    const sock = net.connect({ host, port });
-    const finish = (ok: boolean) => {
-      if (done) return;
-      done = true;
-      clearTimeout(timer);
-      if (ok) sock.end("QUIT\r\n");
-      sock.destroySoon?.();
-      setTimeout(() => sock.destroy(), 200).unref();
-      resolve(ok);
-    };
-    const timer = setTimeout(() => finish(false), timeoutMs);
-    sock.setEncoding("latin1");
-    sock.on("data", (d: string) => {
-      buf += d;
-      // last line of a (possibly multi-line) greeting is "220 ..."
-      if (/(^|\r\n)220 [^\r\n]*\r\n/.test(buf)) finish(true);
-      else if (/(^|\r\n)\d{3} [^\r\n]*\r\n/.test(buf)) finish(false);
-    });
-    sock.on("error", () => finish(false));
-    sock.on("close", () => finish(false));
-  });
-}
-
-/** Poll until a 220 greeting comes, at most `totalMs`; `abort()` returning a string stops early. */
-async function waitForGreeting(
-  host: string,
-  port: number,
-  totalMs: number,
-  abort?: () => string | undefined,
-): Promise<{ ok: true } | { ok: false; why: string }> {
-  const deadline = Date.now() + totalMs;
-  let delay = 20;
-  while (Date.now() < deadline) {
-    const why = abort?.();
-    if (why) return { ok: false, why };
-    if (await probeGreeting(host, port, Math.max(100, Math.min(2000, deadline - Date.now())))) return { ok: true };
-    await sleep(delay);
-    delay = Math.min(200, delay * 2);
-  }
-  return { ok: false, why: `no 220 greeting on ${host}:${port} within ${totalMs} ms` };
-}
-
-async function readTail(file: string, max = 20000): Promise<string> {
-  try {
-    const s = await fs.readFile(file, "utf8");
-    return s.length > max ? "...\n" + s.slice(-max) : s;
-  } catch (e) {
-    return `(cannot read ${file}: ${(e as Error).message})`;
-  }
-}
-
 function hostPort(host: string, port: number): string {
   return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
-}
-
-function lookupId(file: string, name: string, fallback: number): number {
-  try {
-    for (const line of readFileSync(file, "utf8").split("\n")) {
-      const f = line.split(":");
-      if (f[0] === name) return Number(f[2]);
-    }
-  } catch {
-    /* fall through */
-  }
-  return fallback;
 }
 
 /** True while `pid` runs. A zombie counts as gone: Postfix's master is reparented to pid 1
@@ -211,39 +141,6 @@ function isAlive(pid: number): boolean {
   } catch (e) {
     return (e as NodeJS.ErrnoException).code === "EPERM";
   }
-}
-
-// Kill what we started when the test process goes away without stop() (test timeout, crash).
-const cleanups = new Set<() => void>();
-let hooked = false;
-function atExit(fn: () => void): () => void {
-  if (!hooked) {
-    hooked = true;
-    const runAll = () => {
-      for (const f of [...cleanups]) {
-        try {
-          f();
-        } catch {
-          /* best effort */
-        }
-      }
-      cleanups.clear();
-    };
-    process.on("exit", runAll);
-    for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
-      const onSig = () => {
-        runAll();
-        // If nobody else (tap's signal-exit, ...) handles this signal, behave as the default would.
-        if (process.listenerCount(sig) === 1) {
-          process.removeListener(sig, onSig);
-          process.kill(process.pid, sig);
-        }
-      };
-      process.on(sig, onSig);
-    }
-  }
-  cleanups.add(fn);
-  return () => cleanups.delete(fn);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -277,7 +174,7 @@ export async function startSmtpSink(opts: SmtpSinkOptions = {}): Promise<SmtpSin
   if (opts.dump) {
     dumpDir = path.join(dir, "dump");
     await fs.mkdir(dumpDir, { mode: 0o755 });
-    if (isRoot) await fs.chown(dumpDir, lookupId("/etc/passwd", "nobody", 65534), lookupId("/etc/group", "nogroup", 65534));
+    if (isRoot) await fs.chown(dumpDir, (lookupId("/etc/passwd", "nobody") ?? 65534), (lookupId("/etc/group", "nogroup") ?? 65534));
   }
   const outFile = path.join(dir, "stdout");
   const errFile = path.join(dir, "stderr");
@@ -542,21 +439,6 @@ async function killMaster(pid: number): Promise<void> {
   if (isAlive(pid)) throw new Error(`Postfix master ${pid} still alive 5 s after SIGKILL`);
 }
 
-async function listMaildir(maildir: string): Promise<string[]> {
-  const files: { name: string; full: string }[] = [];
-  for (const sub of ["new", "cur"]) {
-    let names: string[] = [];
-    try {
-      names = await fs.readdir(path.join(maildir, sub));
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
-    }
-    for (const name of names) files.push({ name, full: path.join(maildir, sub, name) });
-  }
-  files.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-  return files.map((f) => f.full);
-}
-
 /**
  * Postfix's command-line tools print errors on stderr only when it is a terminal (otherwise
  * only to syslog/maillog, which is not up yet when `postfix start` dies early, e.g. on a bad
@@ -577,8 +459,8 @@ export async function startPostfix(opts: PostfixOptions = {}): Promise<PostfixIn
   for (const p of [POSTFIX, POSTCONF, POSTFIX_SMTPD, POSTFIX_VIRTUAL]) {
     if (!existsSync(p)) throw new Error(`startPostfix: ${p} is missing; run ${PRETEST} (as root)`);
   }
-  const uid = lookupId("/etc/passwd", "nobody", 65534);
-  const gid = lookupId("/etc/group", "nogroup", 65534);
+  const uid = (lookupId("/etc/passwd", "nobody") ?? 65534);
+  const gid = (lookupId("/etc/group", "nogroup") ?? 65534);
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-postfix-"));
   await fs.chmod(dir, 0o755);
   const conf = path.join(dir, "conf");
