@@ -18,9 +18,10 @@ import * as path from "node:path";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
 import { MailEngine } from "../dist/mail.js";
+import { HOST, startSink } from "./lib/sink.mjs";
+import { makeBody, rfc2822Date } from "./lib/spool.mjs";
 
 const SMTP_SINK = "/usr/sbin/smtp-sink";
-const HOST = "127.0.0.1";
 
 /* ---------------------------------------------------------------------------------- */
 /* Arguments                                                                           */
@@ -49,143 +50,6 @@ function usage(message) {
 
 /* ---------------------------------------------------------------------------------- */
 /* smtp-sink                                                                           */
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once("error", reject);
-    server.listen(0, HOST, () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
-}
-
-/** Connects until smtp-sink's 220 greeting arrives, then says QUIT. Bounded by `ms`. */
-async function waitForGreeting(port, ms, exited) {
-  const deadline = Date.now() + ms;
-  let last = "no attempt";
-  while (Date.now() < deadline) {
-    if (exited()) return { ok: false, why: exited() };
-    const result = await new Promise((resolve) => {
-      const sock = net.connect({ host: HOST, port });
-      const timer = setTimeout(() => { sock.destroy(); resolve({ ok: false, why: "no greeting within 1 s" }); }, 1000);
-      let buf = "";
-      let quitSent = false;
-      sock.setEncoding("latin1");
-      sock.on("data", (d) => {
-        buf += d;
-        if (!quitSent && /^220 [^\n]*\n/.test(buf)) {
-          quitSent = true;
-          sock.write("QUIT\r\n");
-        }
-        if (/\n221[ -]/.test(buf)) { clearTimeout(timer); sock.end(); resolve({ ok: true }); }
-      });
-      sock.on("error", (e) => { clearTimeout(timer); resolve({ ok: false, why: e.message }); });
-      sock.on("close", () => { clearTimeout(timer); resolve({ ok: false, why: "closed before 221" }); });
-    });
-    if (result.ok) return result;
-    last = result.why;
-    await sleep(50);
-  }
-  return { ok: false, why: `smtp-sink not ready after ${ms} ms (${last})` };
-}
-
-/** smtp-sink -c counters ("sess=N quit=N mesg=N", CR-separated), the last one in its output. */
-function readCounters(file) {
-  let text = "";
-  try {
-    const fd = fs.openSync(file, "r");
-    try {
-      const size = fs.fstatSync(fd).size;
-      const len = Math.min(size, 4096);
-      const buf = Buffer.alloc(len);
-      fs.readSync(fd, buf, 0, len, size - len);
-      text = buf.toString("latin1");
-    } finally {
-      fs.closeSync(fd);
-    }
-  } catch {
-    return null;
-  }
-  const all = [...text.matchAll(/sess=(\d+) quit=(\d+) mesg=(\d+)/g)];
-  if (!all.length) return null;
-  const m = all[all.length - 1];
-  return { sess: Number(m[1]), quit: Number(m[2]), mesg: Number(m[3]) };
-}
-
-async function startSink(dir) {
-  const outFile = path.join(dir, "smtp-sink.out");
-  const errFile = path.join(dir, "smtp-sink.err");
-  let lastError = "";
-  for (let attempt = 1; attempt <= 3; attempt++) {
-    const port = await freePort();
-    const args = [];
-    if (process.getuid?.() === 0) args.push("-u", "nobody");
-    // -c: running counters on stdout (sessions, QUITs, messages) - to a file, never a pipe.
-    // PIPELINING is announced by default. The last argument is the listen(2) backlog.
-    args.push("-c", `${HOST}:${port}`, "1024");
-    const out = fs.openSync(outFile, "w");
-    const err = fs.openSync(errFile, "w");
-    let child;
-    try {
-      child = spawn(SMTP_SINK, args, { stdio: ["ignore", out, err] });
-    } finally {
-      fs.closeSync(out);
-      fs.closeSync(err);
-    }
-    let exited = null;
-    const exitPromise = new Promise((resolve) => {
-      child.once("exit", (code, signal) => { exited = `smtp-sink exited (code ${code}, signal ${signal})`; resolve(); });
-      child.once("error", (e) => { exited = `cannot run ${SMTP_SINK}: ${e.message}`; resolve(); });
-    });
-    const ready = await waitForGreeting(port, 5000, () => exited);
-    const sink = {
-      port, outFile, command: `${SMTP_SINK} ${args.join(" ")}`,
-      async stop() {
-        if (exited) return;
-        child.kill("SIGTERM");
-        const t = setTimeout(() => child.kill("SIGKILL"), 3000);
-        await exitPromise;
-        clearTimeout(t);
-      },
-    };
-    if (ready.ok) return sink;
-    await sink.stop();
-    const stderr = fs.readFileSync(errFile, "utf8").trim();
-    lastError = `${ready.why}; command: ${sink.command}; stderr: ${stderr || "(empty)"}`;
-    if (!/in use/i.test(stderr)) break; // retry only a port race
-  }
-  throw new Error(`cannot start smtp-sink: ${lastError}`);
-}
-
-/* ---------------------------------------------------------------------------------- */
-/* The queue                                                                           */
-
-/** A body of exactly `size` bytes (LF line ends): normal text, and lines the engine must dot-stuff. */
-function makeBody(size) {
-  const lines = [];
-  let length = 0;
-  const words = "the quick brown fox jumps over the lazy dog while the talker keeps on talking".split(" ");
-  for (let i = 0; length < size; i++) {
-    let line;
-    if (i % 10 === 3) line = ".";                                  // a lone dot: would end DATA
-    else if (i % 10 === 7) line = `.leading dot on line ${i}`;     // must go out as "..leading"
-    else if (i % 10 === 9) line = `..two dots on line ${i}`;
-    else line = Array.from({ length: 11 }, (_, k) => words[(i + k) % words.length]).join(" ");
-    lines.push(line);
-    length += line.length + 1;
-  }
-  return (lines.join("\n") + "\n").slice(0, size);
-}
-
-function rfc2822Date(d) {
-  const days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
-  const months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-  const p = (n) => String(n).padStart(2, "0");
-  return `${days[d.getUTCDay()]}, ${d.getUTCDate()} ${months[d.getUTCMonth()]} ${d.getUTCFullYear()} ` +
-    `${p(d.getUTCHours())}:${p(d.getUTCMinutes())}:${p(d.getUTCSeconds())} +0000`;
-}
 
 /** Writes N queue files the way another program drops them: tmp/ first, then rename into outgoing/. */
 async function fillQueue(maildir, n, size) {
@@ -236,7 +100,7 @@ async function main() {
   try {
     sink = await startSink(dir);
     await fillQueue(maildir, opts.messages, opts.size);
-    const before = readCounters(sink.outFile) ?? { sess: 0, quit: 0, mesg: 0 };
+    const before = sink.counters();
 
     engine = new MailEngine({
       maildir, relay: `${HOST}:${sink.port}`, maxConnections: opts.slots, log: logFile, fsync: false,
@@ -272,13 +136,13 @@ async function main() {
     for (const e of errors.slice(0, 5)) problems.push(`engine error: ${e.message}`);
 
     // smtp-sink counts a session when it ends: give it a moment to see the last ones.
-    let after = readCounters(sink.outFile);
+    let after = sink.counters();
     for (let i = 0; i < 40 && (!after || after.mesg - before.mesg < summary.sent); i++) {
       await sleep(50);
-      after = readCounters(sink.outFile);
+      after = sink.counters();
     }
     await sleep(100);
-    after = readCounters(sink.outFile) ?? after;
+    after = sink.counters() ?? after;
     const sinkConnections = after ? after.sess - before.sess : null;
     const sinkMessages = after ? after.mesg - before.mesg : null;
     if (sinkMessages !== null && sinkMessages !== opts.messages) problems.push(`smtp-sink counted ${sinkMessages} messages, expected ${opts.messages}`);
