@@ -1768,8 +1768,19 @@ export class MailEngine extends EventEmitter {
     const job = this.jobNow(dest);
     if (job) return give(job);
     if (this.stopping || (this.backlogHead >= this.backlog.length && this.preparing === 0 && !this.scanning && !this.mayRescan())) return give(null);
+    // Every slot taken and mail waiting for a destination without one: this slot, with
+    // nothing to do, gives way (QUIT) instead of waiting for its own destination's next job.
+    if (this.slots.size >= this.options.maxConnections && this.starving(dest)) return give(null);
     dest.waiters.push(give);
     this.pump();
+  }
+
+  /** Another destination has jobs that no slot of its own will take. */
+  private starving(except: Destination): boolean {
+    for (const d of this.destinations.values()) {
+      if (d !== except && d.jobs.length > d.slots && d.failures < 2 && d.route !== null && d.route !== "pending" && d.route.ok) return true;
+    }
+    return false;
   }
 
   /** While the backlog ran dry, files may have been dropped in: read outgoing/ again, at most once a second. */

@@ -206,17 +206,21 @@ t.test("--delay-warning: one 'delayed' report, not one per attempt", async (t) =
 });
 
 t.test("many domains share the slots: none starves, the flush ends", async (t) => {
-  const zone: Zone = {};
-  const servers: Record<string, Script> = {};
-  for (let d = 2; d <= 7; d++) {
-    zone[`d${d}.test`] = { A: [`127.0.0.${d}`] };
-    servers[`127.0.0.${d}`] = {};
+  // Three rounds: whether every slot ends up idle on a destination without mail while
+  // another's jobs fill the read-ahead depends on timing (it hung one round in three once).
+  for (let round = 1; round <= 3; round++) {
+    const zone: Zone = {};
+    const servers: Record<string, Script> = {};
+    for (let d = 2; d <= 7; d++) {
+      zone[`d${d}.test`] = { A: [`127.0.0.${d}`] };
+      servers[`127.0.0.${d}`] = {};
+    }
+    const w = await world(t, zone, servers, { maxConnections: 5 });
+    for (let n = 0; n < 300; n++) await w.drop([`u${n}@d${2 + (n % 6)}.test`]);
+    const summary = await Promise.race([w.flush(), new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`flush hung in round ${round}`)), 20_000))]);
+    t.match(summary, { sent: 300, deferred: 0, messages: 300 }, `round ${round}`);
+    for (let d = 2; d <= 7; d++) t.equal(w.servers.get(`127.0.0.${d}`)!.messages.length, 50, `round ${round}: d${d}.test got its 50`);
   }
-  const w = await world(t, zone, servers, { maxConnections: 5 });
-  for (let n = 0; n < 300; n++) await w.drop([`u${n}@d${2 + (n % 6)}.test`]);
-  const summary = await Promise.race([w.flush(), new Promise<never>((_, reject) => setTimeout(() => reject(new Error("flush hung")), 30_000))]);
-  t.match(summary, { sent: 300, deferred: 0, messages: 300 });
-  for (let d = 2; d <= 7; d++) t.equal(w.servers.get(`127.0.0.${d}`)!.messages.length, 50, `d${d}.test got its 50`);
 });
 
 t.test("a dead relay with more messages than the read-ahead: the flush ends, all deferred", async (t) => {
