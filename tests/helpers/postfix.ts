@@ -48,7 +48,7 @@ import os from "node:os";
 import path from "node:path";
 import { randomBytes } from "node:crypto";
 import type { Test } from "tap";
-import { atExit, listMaildir, lookupId, readTail, waitForGreeting } from "./daemon.js";
+import { atExit, listMaildir, lookupId, readTail, requireAll, waitForGreeting } from "./daemon.js";
 
 export const SMTP_SINK = "/usr/sbin/smtp-sink";
 export const SMTP_SOURCE = "/usr/sbin/smtp-source";
@@ -69,32 +69,13 @@ const PRETEST = "scripts/pretest.sh";
  */
 export function requireTool(t: Test, toolPath: string | string[]): boolean {
   const paths = Array.isArray(toolPath) ? toolPath : [toolPath];
-  const missing = paths.filter((p) => !existsSync(p));
-  if (missing.length === 0) return true;
-  const what = `missing ${missing.join(", ")}: ${PRETEST} (run by \`npm test\` as pretest) should install it`;
-  if (process.env.CI) {
-    t.fail(what);
-    t.end();
-  } else {
-    t.plan(0, what);
-  }
-  return false;
+  return requireAll(t, paths.map((p) => () => (existsSync(p) ? null : `missing ${p}: ${PRETEST} (run by \`npm test\` as pretest) should install it`)));
 }
 
 /** requireTool for a private Postfix instance: the tools, and root (Postfix's master needs it). */
 export function requirePostfix(t: Test): boolean {
-  if (!requireTool(t, [POSTFIX, POSTCONF, POSTFIX_SMTPD, POSTFIX_VIRTUAL])) return false;
-  if (process.getuid?.() !== 0) {
-    const what = "a private Postfix instance needs root (its master starts as root)";
-    if (process.env.CI) {
-      t.fail(what);
-      t.end();
-    } else {
-      t.plan(0, what);
-    }
-    return false;
-  }
-  return true;
+  return requireTool(t, [POSTFIX, POSTCONF, POSTFIX_SMTPD, POSTFIX_VIRTUAL]) &&
+    requireAll(t, [() => (process.getuid?.() === 0 ? null : "a private Postfix instance needs root (its master starts as root)")]);
 }
 
 // ---------------------------------------------------------------------------------------------
