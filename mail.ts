@@ -1351,7 +1351,6 @@ export class MailEngine extends EventEmitter {
   /** When each deferred message is due. */
   private readonly due = new DueHeap();
   private readonly router: Router;
-  private booked = new Set<string>();
   private preparing = 0;
   private queuedJobs = 0;
   private scanning: Promise<void> | null = null;
@@ -1543,8 +1542,7 @@ export class MailEngine extends EventEmitter {
     this.scanning ??= (async () => {
       this.lastScan = Date.now();
       try {
-        const { ids, booked, badNames } = await this.spool.scan("outgoing");
-        for (const id of booked) this.booked.add(id);
+        const { ids, badNames } = await this.spool.scan("outgoing");
         for (const id of ids) this.enqueue(id);
         for (const name of badNames) await this.quarantine(name, "outgoing", "file name is not a queue id");
       } finally {
@@ -1628,23 +1626,23 @@ export class MailEngine extends EventEmitter {
 
   private async prepare(queued: string): Promise<void> {
     const from = this.fromDeferred.delete(queued) ? "deferred" : "outgoing";
-    const hasBook = from === "deferred" || this.booked.has(queued);
-    let id: string | null;
+    let claimed: { id: string; booked: boolean } | null;
     try {
-      id = await this.spool.claim(queued, from, hasBook);
+      claimed = await this.spool.claim(queued, from);
     } catch (err) {
       this.known.delete(queued);
       throw new MailError(`${queued}: cannot claim queue file: ${(err as Error).message}`, "EQUEUE", { queueId: queued });
     }
-    if (id !== queued) this.known.delete(queued);
-    if (id === null) return;
+    if (claimed?.id !== queued) this.known.delete(queued);
+    if (claimed === null) return;
+    const { id } = claimed;
     this.known.add(id);
     this.inFlight.add(id);
     const claimedAt = Date.now();
     let msg: QueuedMessage;
     let wire: Wire;
     let prefix: Buffer = Buffer.alloc(0);
-    const stored = hasBook ? await this.spool.readBookkeeping(id, "outgoing_active") : null;
+    const stored = claimed.booked ? await this.spool.readBookkeeping(id, "outgoing_active") : null;
     try {
       msg = await this.spool.open(id);
       // A prefix made (and signed) at an earlier attempt is used again as it was: one
@@ -1661,7 +1659,6 @@ export class MailEngine extends EventEmitter {
       throw new MailError(`${id}: cannot read queue file: ${(err as Error).message}`, "EQUEUE", { queueId: id });
     }
     const book = stored;
-    this.booked.delete(id);
     const delivery = new Delivery(msg, wire, prefix, claimedAt, book, from);
     this.log.write("qmgr", `${id}: from=<${msg.sender}>, size=${msg.size}, nrcpt=${msg.recipients.length} (queue active)`);
     this.counts.messages++;
@@ -2100,7 +2097,6 @@ export class MailEngine extends EventEmitter {
       const id = await this.spool.release(msg.id, delivery.from, delivery.book ?? undefined);
       if (this.authFailure) this.counts.deferred++;
       if (delivery.from === "deferred") this.due.push(id, delivery.book?.nextAttempt ?? 0);
-      else if (delivery.book) this.booked.add(id);
       return id;
     }
     const pending = msg.recipients.filter((r) => delivery.outcomes.get(r)?.status === "deferred" || !delivery.outcomes.has(r));

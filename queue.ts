@@ -23,15 +23,18 @@
  *     corrupt/<id>          could not be parsed; kept for a human, never retried.
  *
  *   Beside a message may stand its bookkeeping, .<id> (JSON: attempts, next attempt, last
- *   error), in the same folder. It follows the message on every move, after it; init()
- *   puts an orphaned one back beside its message, or removes it when the message is gone.
+ *   error, DSN request), in the same folder. It is there before its message is (create), and
+ *   follows the message on every move, after it; a claim always takes it along. init() puts
+ *   an orphaned one back beside its message, or removes it when the message is gone.
  *
  *   Commit points, and what a crash (kill -9, power loss after the fsync) between two steps
  *   leaves behind; init({ recover: true }) repairs each case:
  *
  *     step                           crash after it leaves          recovery
- *     create: write+fsync tmp/T      tmp/T only                     swept from tmp/ after an hour
- *     create: link tmp/T outgoing/X  outgoing/X (+ tmp/T, a link)   nothing; tmp/T swept later
+ *     create: write+fsync tmp/T, B   tmp/T (and B) only             swept from tmp/ after an hour
+ *     create: link B outgoing/.X     .X orphaned in outgoing/       removed (its message never came)
+ *     create: link T outgoing/X      outgoing/X (+ tmp/T, a link)   nothing; tmp/T swept later
+ *       (the link of X is the commit point; outgoing/ is fsynced before send() resolves)
  *     claim: rename to active/X      outgoing_active/X              renamed back to outgoing/X
  *     claim: rename .X to active/    message and .X in active/      as above, .X follows
  *     (mid-claim: X moved, .X not)   .X orphaned in the old folder  .X moved beside X
@@ -172,26 +175,34 @@ export class Spool {
    * taken in any folder (by this or another program) is skipped.
    */
   async create(content: Buffer | string, book?: Bookkeeping): Promise<string> {
-    const tmpName = `${process.pid}.${this.tmpCounter++}.${Date.now()}`;
-    const tmpPath = this.pathOf("tmp", tmpName);
-    await writeExclusive(tmpPath, content, this.options.fsync !== false);
+    const sync = this.options.fsync !== false;
+    const tmpPath = this.tmpPath();
+    const bookPath = book ? this.tmpPath() : null;
     try {
+      await writeExclusive(tmpPath, content, sync);
+      if (book) await writeExclusive(bookPath!, JSON.stringify(book) + "\n", sync);
       for (;;) {
         const id = this.nextId();
         if (await this.idTaken(id)) continue;
-        try {
-          await fs.promises.link(tmpPath, this.pathOf("outgoing", id));
-          // The bookkeeping follows at once; a reader that claims the file first sees it later
-          // beside the message (init's repair), never lost.
-          if (book) await this.writeBookkeeping(id, "outgoing", book);
-          return id;
-        } catch (err) {
-          if (errno(err) !== "EEXIST") throw err;
+        // The bookkeeping lands first and the message last: the message's link is the commit
+        // point, so whoever claims it finds its bookkeeping beside it.
+        if (bookPath && !(await linkIfFree(bookPath, this.pathOf("outgoing", `.${id}`)))) continue;
+        if (!(await linkIfFree(tmpPath, this.pathOf("outgoing", id)))) {
+          if (bookPath) await fs.promises.unlink(this.pathOf("outgoing", `.${id}`)).catch(() => undefined);
+          continue;
         }
+        // A new name survives a power cut only once its directory is on disk.
+        if (sync) await syncDir(path.join(this.dir, "outgoing"));
+        return id;
       }
     } finally {
       await fs.promises.unlink(tmpPath).catch(() => undefined);
+      if (bookPath) await fs.promises.unlink(bookPath).catch(() => undefined);
     }
+  }
+
+  private tmpPath(): string {
+    return this.pathOf("tmp", `${process.pid}.${this.tmpCounter++}.${Date.now()}`);
   }
 
   private nextId(): string {
@@ -240,12 +251,13 @@ export class Spool {
   }
 
   /**
-   * Takes a queued message for a slot: one rename. Returns the id it is claimed under, or
-   * null when someone else took it first. The caller holds the spool's lock, so only this
-   * Spool puts files in outgoing_active/: a name it already has there belongs to another
-   * message (dropped by a program that only looked in outgoing/), which first gets a fresh id.
+   * Takes a queued message for a slot: one rename, and its bookkeeping follows when it has
+   * any. Returns the id it is claimed under and whether bookkeeping came with it, or null
+   * when someone else took it first. The caller holds the spool's lock, so only this Spool
+   * puts files in outgoing_active/: a name it already has there belongs to another message
+   * (dropped by a program that only looked in outgoing/), which first gets a fresh id.
    */
-  async claim(id: string, from: Folder = "outgoing", hasBookkeeping = false): Promise<string | null> {
+  async claim(id: string, from: Folder = "outgoing"): Promise<{ id: string; booked: boolean } | null> {
     let name = id;
     try {
       if (this.active.has(name)) name = await this.move(name, from, from);
@@ -258,8 +270,9 @@ export class Spool {
       throw err;
     }
     this.active.add(name);
-    if (hasBookkeeping) await this.moveBookkeeping(name, from, "outgoing_active");
-    return name;
+    // Always looked for: whoever queued the message wrote its bookkeeping before it.
+    const booked = await this.moveBookkeeping(name, from, "outgoing_active");
+    return { id: name, booked };
   }
 
   /** Delivered (or given up on): the message leaves the queue. */
@@ -286,7 +299,7 @@ export class Spool {
 
   /** Rewrites line 2 of a claimed message with the recipients still pending. */
   async rewriteRecipients(msg: QueuedMessage, pending: string[]): Promise<void> {
-    const tmpPath = this.pathOf("tmp", `${process.pid}.${this.tmpCounter++}.${Date.now()}`);
+    const tmpPath = this.tmpPath();
     const envelope = Buffer.from(`${msg.sender === "" ? "<>" : msg.sender}\n${pending.join(", ")}\n`);
     const source = this.pathOf("outgoing_active", msg.id);
     try {
@@ -334,15 +347,20 @@ export class Spool {
   }
 
   private async writeBookkeeping(id: string, folder: Folder, book: Bookkeeping): Promise<void> {
-    const tmpPath = this.pathOf("tmp", `${process.pid}.${this.tmpCounter++}.${Date.now()}`);
+    const tmpPath = this.tmpPath();
     await writeExclusive(tmpPath, JSON.stringify(book) + "\n", false);
     await fs.promises.rename(tmpPath, this.pathOf(folder, `.${id}`));
   }
 
-  private async moveBookkeeping(id: string, from: Folder, to: Folder): Promise<void> {
-    await fs.promises.rename(this.pathOf(from, `.${id}`), this.pathOf(to, `.${id}`)).catch((err) => {
+  /** Moves .<id> along with its message; false when there was none. */
+  private async moveBookkeeping(id: string, from: Folder, to: Folder): Promise<boolean> {
+    try {
+      await fs.promises.rename(this.pathOf(from, `.${id}`), this.pathOf(to, `.${id}`));
+      return true;
+    } catch (err) {
       if (errno(err) !== "ENOENT") throw err;
-    });
+      return false;
+    }
   }
 
   /**
@@ -373,7 +391,7 @@ export class Spool {
   }
 
   async writeState(name: string, value: unknown): Promise<void> {
-    const tmpPath = this.pathOf("tmp", `${process.pid}.${this.tmpCounter++}.${Date.now()}`);
+    const tmpPath = this.tmpPath();
     await writeExclusive(tmpPath, JSON.stringify(value) + "\n", false);
     await fs.promises.rename(tmpPath, path.join(this.dir, `.state-${name}`));
   }
@@ -895,6 +913,30 @@ export async function* wireChunks(spool: Spool, msg: QueuedMessage, prefix: Buff
 
 /* ------------------------------------------------------------------------------------ */
 /* Small file-system helpers: callback fs, cheaper than fs.promises' FileHandle per call */
+
+/** Links `from` to the new name `to`; false when that name is taken. */
+async function linkIfFree(from: string, to: string): Promise<boolean> {
+  try {
+    await fs.promises.link(from, to);
+    return true;
+  } catch (err) {
+    if (errno(err) === "EEXIST") return false;
+    throw err;
+  }
+}
+
+/** fsync a directory, so the names just made in it survive a power cut. */
+export async function syncDir(dir: string): Promise<void> {
+  const handle = await fs.promises.open(dir, "r");
+  try {
+    await handle.sync();
+  } catch (err) {
+    // Some file systems cannot fsync a directory; their names are as safe as they get.
+    if (errno(err) !== "EINVAL" && errno(err) !== "EISDIR") throw err;
+  } finally {
+    await handle.close();
+  }
+}
 
 async function writeExclusive(file: string, content: Buffer | string, sync: boolean): Promise<void> {
   const handle = await fs.promises.open(file, "wx", 0o600);

@@ -338,7 +338,7 @@ async function queued(content: Buffer | ((file: string) => Promise<void>)): Prom
   await fs.rename(tmp, path.join(maildir, "outgoing", id));
   const claimed = await spool.claim(id);
   if (claimed === null) throw new Error("claim failed");
-  return { spool, msg: await spool.open(claimed) };
+  return { spool, msg: await spool.open(claimed.id) };
 }
 
 /**

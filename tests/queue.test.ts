@@ -416,7 +416,7 @@ t.test("Spool.claim, release, complete", async (t) => {
   const spool = await tempSpool(t, { fsync: false });
   const content = "a@b.org\nr@x.org\n\nbody\n";
   const id = await spool.create(content);
-  t.equal(await spool.claim(id), id, "claimed under its own name");
+  t.same(await spool.claim(id), { id, booked: false }, "claimed under its own name");
   t.same(await list(spool, "outgoing"), [], "gone from outgoing/");
   t.same(await list(spool, "outgoing_active"), [id], "now in outgoing_active/");
   t.equal(await spool.claim(id), null, "a second claim finds nothing");
@@ -426,7 +426,7 @@ t.test("Spool.claim, release, complete", async (t) => {
   t.same(await list(spool, "outgoing"), [id]);
   t.same(await list(spool, "outgoing_active"), []);
 
-  t.equal(await spool.claim(id), id);
+  t.same(await spool.claim(id), { id, booked: false });
   const book = { attempts: 2, nextAttempt: 1_800_000_000_000, lastError: "451 4.3.0 try later" };
   t.equal(await spool.release(id, "deferred", book), id, "deferred");
   t.same(await list(spool, "deferred"), [`.${id}`, id], "message and bookkeeping in deferred/");
@@ -434,7 +434,7 @@ t.test("Spool.claim, release, complete", async (t) => {
   t.equal((await read(spool, "deferred", id)).toString(), content, "content unchanged");
   t.same(await list(spool, "outgoing_active"), []);
 
-  t.equal(await spool.claim(id, "deferred", true), id, "claimed from deferred/ with its bookkeeping");
+  t.same(await spool.claim(id, "deferred"), { id, booked: true }, "claimed from deferred/ with its bookkeeping");
   t.same(await list(spool, "deferred"), []);
   t.same(await list(spool, "outgoing_active"), [`.${id}`, id]);
   t.same(await spool.readBookkeeping(id, "outgoing_active"), book);
@@ -451,10 +451,10 @@ t.test("Spool.claim never overwrites a message of the same name in outgoing_acti
   // destroy the message in flight. (The spool's lock means only this Spool claims.)
   const spool = await tempSpool(t, { fsync: false });
   await put(spool, "outgoing", "1700000003.0", "in flight\n");
-  t.equal(await spool.claim("1700000003.0"), "1700000003.0");
+  t.same(await spool.claim("1700000003.0"), { id: "1700000003.0", booked: false });
   await put(spool, "outgoing", "1700000003.0", "dropped later\n");
   const second = await spool.claim("1700000003.0");
-  t.not(second, "1700000003.0", "the second message is claimed under a fresh id");
+  t.not(second?.id, "1700000003.0", "the second message is claimed under a fresh id");
   const contents: string[] = [];
   for (const f of ["outgoing", "outgoing_active", "deferred", "corrupt"] as const) {
     for (const name of await list(spool, f)) if (!name.startsWith(".")) contents.push((await read(spool, f, name)).toString());
