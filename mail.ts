@@ -516,6 +516,8 @@ class Txn {
   mailOk = false;
   /** The DATA reply was 354 and the body has been (or is being) sent. */
   inBody = false;
+  /** The final dot went out: from now on the server may have the message (qmail's flagcritical). */
+  dotSent = false;
   settled = false;
   /** Recipients the server had no room for (452 4.5.3): a new transaction takes them at once. */
   readonly overflow: string[] = [];
@@ -1048,6 +1050,7 @@ class Slot {
 
   /** The terminator is on its way: wait for the reply, and with PIPELINING send the next envelope behind it. */
   private endOfData(txn: Txn): void {
+    txn.dotSent = true;
     this.stage = Stage.Dot;
     this.expect({ kind: "dot", txn });
     if (this.ext?.pipelining) {
@@ -1270,8 +1273,17 @@ class Slot {
     this.engine.slotClosed(this);
   }
 
-  /** stop(): abandon the session; what it carried goes back to the queue. */
+  /**
+   * stop(): abandon the session. A transaction whose final dot went out unanswered was an
+   * attempt (the server may have the message); the others were never tried, and their
+   * recipients go back to the queue with no outcome at all.
+   */
   abort(): void {
+    for (const txn of [...this.txns]) {
+      if (txn.dotSent) continue;
+      txn.overflow.length = 0;
+      this.finishTxn(txn);
+    }
     this.fail(`delivery stopped: mudmail is shutting down`);
   }
 }
@@ -2091,18 +2103,13 @@ export class MailEngine extends EventEmitter {
   private async settle(delivery: Delivery): Promise<string | null> {
     const { msg } = delivery;
     const outcomes = [...delivery.outcomes.values()];
-    if (outcomes.length === 0) {
-      // Never tried (the engine is stopping, or the relay refused our credentials): back
-      // where it came from, no attempt counted.
-      const id = await this.spool.release(msg.id, delivery.from, delivery.book ?? undefined);
-      if (this.authFailure) this.counts.deferred++;
-      if (delivery.from === "deferred") this.due.push(id, delivery.book?.nextAttempt ?? 0);
-      return id;
-    }
     const pending = msg.recipients.filter((r) => delivery.outcomes.get(r)?.status === "deferred" || !delivery.outcomes.has(r));
     const lastDeferral = outcomes.filter((o) => o.status === "deferred").pop();
     const age = Date.now() - msg.arrival;
-    const expired = pending.length > 0 && age >= this.options.maxQueueLifetime * 1000;
+    // Nothing went wrong in this attempt, but some recipients were never tried (the engine
+    // is stopping, or the relay refused our credentials): no attempt is counted for them.
+    const untried = pending.length > 0 && !lastDeferral;
+    const expired = pending.length > 0 && !untried && age >= this.options.maxQueueLifetime * 1000;
     const failed = outcomes.filter((o) => o.status === "bounced");
     if (expired) {
       for (const rcpt of pending) {
@@ -2126,9 +2133,10 @@ export class MailEngine extends EventEmitter {
       return null;
     }
     if (pending.length < msg.recipients.length) await this.spool.rewriteRecipients(msg, pending);
+    if (!lastDeferral) return this.putBack(delivery);
     const attempts = (delivery.book?.attempts ?? 0) + 1;
     const nextAttempt = Date.now() + this.backoff(attempts);
-    const book: Bookkeeping = { attempts, nextAttempt, lastError: lastDeferral ? lastDeferral.text : "delivery deferred" };
+    const book: Bookkeeping = { attempts, nextAttempt, lastError: lastDeferral.text };
     if (delivery.book?.dsn) book.dsn = delivery.book.dsn;
     if (this.dkimKeys.length > 0) book.prefix = delivery.prefix.toString("base64");
     if (delivery.book?.warned) book.warned = true;
@@ -2139,6 +2147,19 @@ export class MailEngine extends EventEmitter {
     const id = await this.spool.release(msg.id, "deferred", book);
     this.due.push(id, nextAttempt);
     this.counts.deferred++;
+    return id;
+  }
+
+  /**
+   * A message (or what is left of it) that was not tried: with its bookkeeping unchanged, back
+   * to outgoing/ when the engine stops (SPEC section 3), or where it came from after the relay
+   * refused our credentials, to wait for a later run.
+   */
+  private async putBack(delivery: Delivery): Promise<string> {
+    const to = this.stopping ? "outgoing" : delivery.from;
+    const id = await this.spool.release(delivery.msg.id, to);
+    if (this.authFailure) this.counts.deferred++;
+    if (to === "deferred") this.due.push(id, delivery.book?.nextAttempt ?? 0);
     return id;
   }
 
