@@ -421,6 +421,8 @@ class Delivery {
   settling = false;
   /** Recipients delivered to a server that did not offer DSN (for NOTIFY=SUCCESS: "relayed"). */
   readonly sentWithoutDsn = new Set<string>();
+  /** What settling decided, made once; its steps are done once each, retried until done. */
+  settlement: Settlement | null = null;
   constructor(
     readonly msg: QueuedMessage,
     readonly wire: Wire,
@@ -430,6 +432,23 @@ class Delivery {
     /** The folder it was claimed from, where an untried stop puts it back. */
     readonly from: "outgoing" | "deferred",
   ) {}
+}
+
+/**
+ * The fate of a delivery, decided once when its last job is done: the reports still to queue
+ * (each queued once), then the message leaves the queue, waits in deferred/ with `book`, or
+ * goes back untried. A step that fails is tried again at the next tick, from where it stopped.
+ */
+interface Settlement {
+  fate: "complete" | "defer" | "putBack";
+  /** Recipients still to deliver (the queue file's line 2 after settling). */
+  pending: string[];
+  reports: Array<{ outcomes: Outcome[]; action: "failed" | "delayed" | "relayed" }>;
+  /** For "defer": the bookkeeping to write; `warned` is filled by the "delayed" report. */
+  book: Bookkeeping | null;
+  bounced: boolean;
+  /** Failed tries so far, for the log. */
+  tries: number;
 }
 
 /** Deferred messages by the time they are due: a binary min-heap, so a tick takes only what is due. */
@@ -1374,7 +1393,6 @@ export class MailEngine extends EventEmitter {
   private active = false;
   private counts: FlushSummary = emptySummary();
   private idleWaiters: Array<() => void> = [];
-  private lockFile: string | null = null;
   private spoolReady: Promise<void> | null = null;
 
   constructor(options: MailOptions = {}) {
@@ -1454,6 +1472,7 @@ export class MailEngine extends EventEmitter {
     for (const slot of [...this.slots]) slot.abort();
     for (const dest of this.destinations.values()) this.dropJobs(dest, null);
     await this.idle();
+    await this.retryStranded();
     this.active = false;
     this.releaseLock();
     await this.log.flush();
@@ -1491,6 +1510,7 @@ export class MailEngine extends EventEmitter {
       }
     }
     this.forgetTried();
+    await this.retryStranded();
     this.takeDue(force ? Infinity : Date.now());
     await this.scan();
     this.pump();
@@ -1531,7 +1551,7 @@ export class MailEngine extends EventEmitter {
   private async initOnce(): Promise<void> {
     {
       await this.spool.init();
-      this.takeLock();
+      this.spool.lock();
       const { recovered } = await this.spool.init({ recover: true });
       for (const id of recovered) this.log.write("qmgr", `${id}: requeued from outgoing_active/ after an unclean stop`);
       await this.loadDeferred();
@@ -2087,20 +2107,79 @@ export class MailEngine extends EventEmitter {
     this.pump();
     settled.then(
       (putBack) => this.forget(delivery.msg.id, putBack ?? undefined),
-      (err) => {
-        this.forget(delivery.msg.id, delivery.msg.id);
-        this.reportError(err as Error);
-      },
+      (err) => this.strand(delivery, err as Error),
     ).finally(() => this.checkIdle());
+  }
+
+  /** Deliveries whose settling failed (EIO, ENOSPC, a folder replaced by a file): still ours, tried again each tick. */
+  private readonly stranded = new Set<Delivery>();
+
+  /**
+   * A settle step failed. The message stays in outgoing_active/, held by this engine (a scan
+   * never takes it, the summary counts it as deferred), and the next tick, or stop(), tries
+   * the rest of its settlement again.
+   */
+  private strand(delivery: Delivery, err: Error): void {
+    const plan = delivery.settlement;
+    if (plan) plan.tries++;
+    if (!this.stranded.has(delivery)) this.counts.deferred++;
+    this.stranded.add(delivery);
+    this.inFlight.delete(delivery.msg.id);
+    const error = new MailError(`${delivery.msg.id}: cannot settle the queue file (${plan ? `${plan.fate}, try ${plan.tries}` : "deciding"}): ` +
+      `${(err as Error).message}; it stays in outgoing_active/ ${this.stopping ? "until the next start puts it back in outgoing/" : "and is tried again at the next tick"}`,
+      "EQUEUE", { queueId: delivery.msg.id });
+    this.reportError(error);
+  }
+
+  /** Each tick, and at stop(): stranded settlements are tried again from where they stopped. */
+  private async retryStranded(): Promise<void> {
+    for (const delivery of [...this.stranded]) {
+      this.stranded.delete(delivery);
+      this.inFlight.add(delivery.msg.id);
+      try {
+        const putBack = await this.settle(delivery);
+        this.log.write("qmgr", `${delivery.msg.id}: settled after ${delivery.settlement?.tries ?? 0} failed tries`);
+        this.forget(delivery.msg.id, putBack ?? undefined);
+      } catch (err) {
+        this.strand(delivery, err as Error);
+      }
+    }
+    this.checkIdle();
   }
 
   /**
    * All jobs of a delivery are done: bounce what failed for good (a DSN to the sender), then
    * remove the message, or put it in deferred/ with the recipients still pending and the time
    * of its next attempt, or, past --max-queue-lifetime, give those up too. Returns the id it
-   * was put back under, or null when it left the queue.
+   * was put back under, or null when it left the queue. Each step is done once: called again
+   * after a failure, it goes on from the step that failed.
    */
   private async settle(delivery: Delivery): Promise<string | null> {
+    const { msg } = delivery;
+    const plan = (delivery.settlement ??= this.planSettlement(delivery));
+    while (plan.reports.length > 0) {
+      const { outcomes, action } = plan.reports[0];
+      const queued = await this.report(delivery, outcomes, action);
+      if (action === "delayed" && plan.book) plan.book.warned = queued;
+      plan.reports.shift();
+    }
+    if (plan.fate === "complete") {
+      await this.spool.complete(msg.id, delivery.book !== null);
+      this.log.write("qmgr", `${msg.id}: removed`);
+      if (plan.bounced) this.counts.bounced++;
+      else this.counts.sent++;
+      return null;
+    }
+    if (plan.pending.length < msg.recipients.length) await this.spool.rewriteRecipients(msg, plan.pending);
+    if (plan.fate === "putBack") return this.putBack(delivery);
+    const id = await this.spool.release(msg.id, "deferred", plan.book!);
+    this.due.push(id, plan.book!.nextAttempt ?? 0);
+    this.counts.deferred++;
+    return id;
+  }
+
+  /** The decision of settle(), made once (it reads the clock): nothing here touches a file. */
+  private planSettlement(delivery: Delivery): Settlement {
     const { msg } = delivery;
     const outcomes = [...delivery.outcomes.values()];
     const pending = msg.recipients.filter((r) => delivery.outcomes.get(r)?.status === "deferred" || !delivery.outcomes.has(r));
@@ -2122,32 +2201,23 @@ export class MailEngine extends EventEmitter {
       }
       this.log.write("qmgr", `${msg.id}: from=<${msg.sender}>, status=expired, returned to sender`);
     }
-    if (failed.length > 0) await this.report(delivery, failed, "failed");
+    const reports: Settlement["reports"] = [];
+    if (failed.length > 0) reports.push({ outcomes: failed, action: "failed" });
     const relayed = outcomes.filter((o) => o.status === "sent" && delivery.sentWithoutDsn.has(o.recipient));
-    if (relayed.length > 0 && delivery.book?.dsn?.notify?.includes("success")) await this.report(delivery, relayed, "relayed");
-    if (pending.length === 0 || expired) {
-      await this.spool.complete(msg.id, delivery.book !== null);
-      this.log.write("qmgr", `${msg.id}: removed`);
-      if (failed.length > 0) this.counts.bounced++;
-      else this.counts.sent++;
-      return null;
-    }
-    if (pending.length < msg.recipients.length) await this.spool.rewriteRecipients(msg, pending);
-    if (!lastDeferral) return this.putBack(delivery);
+    if (relayed.length > 0 && delivery.book?.dsn?.notify?.includes("success")) reports.push({ outcomes: relayed, action: "relayed" });
+    const base = { reports, bounced: failed.length > 0, tries: 0 };
+    if (pending.length === 0 || expired) return { fate: "complete", pending: [], book: null, ...base };
+    if (!lastDeferral) return { fate: "putBack", pending, book: null, ...base };
     const attempts = (delivery.book?.attempts ?? 0) + 1;
-    const nextAttempt = Date.now() + this.backoff(attempts);
-    const book: Bookkeeping = { attempts, nextAttempt, lastError: lastDeferral.text };
+    const book: Bookkeeping = { attempts, nextAttempt: Date.now() + this.backoff(attempts), lastError: lastDeferral.text };
     if (delivery.book?.dsn) book.dsn = delivery.book.dsn;
     if (this.dkimKeys.length > 0) book.prefix = delivery.prefix.toString("base64");
     if (delivery.book?.warned) book.warned = true;
     else if (this.options.delayWarning !== null && age >= this.options.delayWarning * 3600_000) {
       const delayed = pending.map((r) => delivery.outcomes.get(r)).filter((o): o is Outcome => o !== undefined);
-      book.warned = await this.report(delivery, delayed, "delayed");
+      reports.push({ outcomes: delayed, action: "delayed" });
     }
-    const id = await this.spool.release(msg.id, "deferred", book);
-    this.due.push(id, nextAttempt);
-    this.counts.deferred++;
-    return id;
+    return { fate: "defer", pending, book, ...base };
   }
 
   /**
@@ -2281,60 +2351,9 @@ export class MailEngine extends EventEmitter {
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
-  /* The maildir lock: one engine sends from a spool at a time */
-
-  private takeLock(): void {
-    const file = path.join(this.options.maildir, ".mudmail.lock");
-    for (let attempt = 0; attempt < 2; attempt++) {
-      try {
-        fs.writeFileSync(file, `${process.pid}\n`, { flag: "wx", mode: 0o600 });
-        this.lockFile = file;
-        lockTaken(path.resolve(file));
-        return;
-      } catch (err) {
-        if (errno(err) !== "EEXIST") throw err;
-        const pid = Number(fs.readFileSync(file, "utf8").trim());
-        if (pid && pid !== process.pid && processAlive(pid)) {
-          throw new MailError(`another mudmail (pid ${pid}) is sending from ${this.options.maildir}; remove ${file} if it is not running`, "ELOCKED");
-        }
-        if (pid === process.pid && LOCKED_HERE.has(path.resolve(file))) {
-          throw new MailError(`another MailEngine in this process is sending from ${this.options.maildir}`, "ELOCKED");
-        }
-        fs.unlinkSync(file);
-      }
-    }
-  }
-
   private releaseLock(): void {
-    if (!this.lockFile) return;
-    LOCKED_HERE.delete(path.resolve(this.lockFile));
-    try { fs.unlinkSync(this.lockFile); } catch { /* already gone */ }
-    this.lockFile = null;
+    this.spool.unlock();
     this.initialized = null;
-  }
-}
-
-/** Locks this process holds: removed at exit, whatever the engines did. */
-const LOCKED_HERE = new Set<string>();
-
-let exitHookSet = false;
-
-function lockTaken(file: string): void {
-  if (!exitHookSet) {
-    exitHookSet = true;
-    process.once("exit", () => {
-      for (const held of LOCKED_HERE) try { fs.unlinkSync(held); } catch { /* gone */ }
-    });
-  }
-  LOCKED_HERE.add(file);
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return errno(err) === "EPERM";
   }
 }
 
@@ -2930,7 +2949,8 @@ if (typeof MUDMAIL_CLI !== "undefined" && MUDMAIL_CLI && isMain()) {
     (err: Error) => {
       process.stderr.write(`mudmail: ${err.message}\n`);
       // A spool that cannot be used is a configuration error, like a bad flag.
-      process.exitCode = err instanceof UsageError || err instanceof SpoolError || err instanceof DkimConfigError ? 2 : 1;
+      const unusableSpool = err instanceof SpoolError && err.code === "EUNSAFE";
+      process.exitCode = err instanceof UsageError || unusableSpool || err instanceof DkimConfigError ? 2 : 1;
     },
   );
 }

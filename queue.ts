@@ -99,11 +99,14 @@ export interface DsnRequest {
   envid?: string;
 }
 
-/** The spool itself cannot be used (another user's, writable by others). */
+/**
+ * The spool cannot be used, or cannot take a new message. code: EUNSAFE (another user's, or
+ * writable by others), ELOCKED (another engine sends from it), or the errno of a failed write
+ * (ENOSPC, EDQUOT, EIO, EROFS, ...).
+ */
 export class SpoolError extends Error {
-  readonly code = "EUNSAFE";
-  constructor(message: string) {
-    super(message);
+  constructor(message: string, readonly code = "EUNSAFE", options?: { cause?: unknown }) {
+    super(message, options);
     this.name = "SpoolError";
   }
 }
@@ -179,25 +182,35 @@ export class Spool {
     const tmpPath = this.tmpPath();
     const bookPath = book ? this.tmpPath() : null;
     try {
-      await writeExclusive(tmpPath, content, sync);
-      if (book) await writeExclusive(bookPath!, JSON.stringify(book) + "\n", sync);
-      for (;;) {
-        const id = this.nextId();
-        if (await this.idTaken(id)) continue;
-        // The bookkeeping lands first and the message last: the message's link is the commit
-        // point, so whoever claims it finds its bookkeeping beside it.
-        if (bookPath && !(await linkIfFree(bookPath, this.pathOf("outgoing", `.${id}`)))) continue;
-        if (!(await linkIfFree(tmpPath, this.pathOf("outgoing", id)))) {
-          if (bookPath) await fs.promises.unlink(this.pathOf("outgoing", `.${id}`)).catch(() => undefined);
-          continue;
-        }
-        // A new name survives a power cut only once its directory is on disk.
-        if (sync) await syncDir(path.join(this.dir, "outgoing"));
-        return id;
-      }
+      return await this.commitNew(content, book, tmpPath, bookPath, sync);
+    } catch (err) {
+      const code = errno(err);
+      if (code === undefined) throw err;
+      throw new SpoolError(`cannot queue a message in ${this.dir}: ${describeErrno(err as NodeJS.ErrnoException)}`, code, { cause: err });
     } finally {
+      // A partial file never waits in tmp/ for the sweep: whatever failed, it goes now.
       await fs.promises.unlink(tmpPath).catch(() => undefined);
       if (bookPath) await fs.promises.unlink(bookPath).catch(() => undefined);
+    }
+  }
+
+  /** create()'s steps: both files written, then linked into outgoing/ under a free id. */
+  private async commitNew(content: Buffer | string, book: Bookkeeping | undefined, tmpPath: string, bookPath: string | null, sync: boolean): Promise<string> {
+    await writeExclusive(tmpPath, content, sync);
+    if (bookPath) await writeExclusive(bookPath, JSON.stringify(book) + "\n", sync);
+    for (;;) {
+      const id = this.nextId();
+      if (await this.idTaken(id)) continue;
+      // The bookkeeping lands first and the message last: the message's link is the commit
+      // point, so whoever claims it finds its bookkeeping beside it.
+      if (bookPath && !(await linkIfFree(bookPath, this.pathOf("outgoing", `.${id}`)))) continue;
+      if (!(await linkIfFree(tmpPath, this.pathOf("outgoing", id)))) {
+        if (bookPath) await fs.promises.unlink(this.pathOf("outgoing", `.${id}`)).catch(() => undefined);
+        continue;
+      }
+      // A new name survives a power cut only once its directory is on disk.
+      if (sync) await syncDir(path.join(this.dir, "outgoing"));
+      return id;
     }
   }
 
@@ -380,6 +393,43 @@ export class Spool {
     }
     return target;
   }
+
+  /**
+   * The spool's lock, maildir/.mudmail.lock: one engine sends from a spool at a time. It is a
+   * symbolic link whose target is the holder's pid: made in one call, exclusive, and, being
+   * a name and an inode without data, it can be taken on a full disk, where sending (which
+   * frees space) must go on. A lock whose process is gone is taken over.
+   */
+  lock(): void {
+    const file = path.resolve(this.dir, ".mudmail.lock");
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        fs.symlinkSync(String(process.pid), file);
+        lockTaken(file);
+        this.lockFile = file;
+        return;
+      } catch (err) {
+        if (errno(err) !== "EEXIST") throw err;
+        const pid = lockHolder(file);
+        if (pid && pid !== process.pid && processAlive(pid)) {
+          throw new SpoolError(`another mudmail (pid ${pid}) is sending from ${this.dir}; remove ${file} if it is not running`, "ELOCKED");
+        }
+        if (pid === process.pid && LOCKED_HERE.has(file)) {
+          throw new SpoolError(`another MailEngine in this process is sending from ${this.dir}`, "ELOCKED");
+        }
+        fs.rmSync(file, { force: true });
+      }
+    }
+  }
+
+  unlock(): void {
+    if (!this.lockFile) return;
+    LOCKED_HERE.delete(this.lockFile);
+    fs.rmSync(this.lockFile, { force: true });
+    this.lockFile = null;
+  }
+
+  private lockFile: string | null = null;
 
   /** Small engine state beside the folders (".state-NAME", JSON), e.g. hosts owed a plaintext attempt. */
   async readState(name: string): Promise<unknown> {
@@ -911,6 +961,39 @@ export async function* wireChunks(spool: Spool, msg: QueuedMessage, prefix: Buff
   yield stuffer.end();
 }
 
+/** Locks this process holds: removed at exit, whatever the engines did. */
+const LOCKED_HERE = new Set<string>();
+let exitHookSet = false;
+
+function lockTaken(file: string): void {
+  if (!exitHookSet) {
+    exitHookSet = true;
+    process.once("exit", () => {
+      for (const held of LOCKED_HERE) fs.rmSync(held, { force: true });
+    });
+  }
+  LOCKED_HERE.add(file);
+}
+
+/** The pid a lock names: its link target, or the content of a lock file an older mudmail wrote. */
+function lockHolder(file: string): number {
+  try {
+    return Number(fs.readlinkSync(file));
+  } catch (err) {
+    if (errno(err) !== "EINVAL") return 0;
+    return Number(fs.readFileSync(file, "utf8").trim());
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return errno(err) === "EPERM";
+  }
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* Small file-system helpers: callback fs, cheaper than fs.promises' FileHandle per call */
 
@@ -983,6 +1066,15 @@ async function arrivalOf(id: string, fd: number): Promise<number> {
 
 function exists(file: string): Promise<boolean> {
   return fs.promises.access(file).then(() => true, () => false);
+}
+
+/** "no space left on device (ENOSPC)": the cause in words, then its code. */
+function describeErrno(err: NodeJS.ErrnoException): string {
+  const words: Record<string, string> = {
+    ENOSPC: "no space left on device", EDQUOT: "disk quota exceeded", EIO: "input/output error",
+    EROFS: "read-only file system", EACCES: "permission denied", ENOENT: "a spool folder is missing", ENOTDIR: "a spool folder is not a directory",
+  };
+  return `${words[err.code!] ?? err.message} (${err.code})`;
 }
 
 export function errno(err: unknown): string | undefined {
