@@ -48,7 +48,8 @@
  *   Signed header fields (h=): From, To, Cc, Subject, Date, Message-ID, Reply-To,
  *   MIME-Version, Content-Type, Content-Transfer-Encoding, In-Reply-To, References; each
  *   as many times as it occurs (the verifier takes instances from the bottom up), and From
- *   once more, so that no From can be added later without breaking the signature. The
+ *   once more, so that no From can be added later without breaking the signature
+ *   (signByFrom signs no message with two From fields at all, and says why). The
  *   tags are v=1; a=; c=relaxed/relaxed; d=; s=; t=; bh=; h=; b=, folded at 78 columns.
  *   One field per key, RSA first: with an RSA and an Ed25519 key for a domain the message
  *   carries both (RFC 8463 section 4: verifiers that do not know Ed25519 use the RSA one).
@@ -613,7 +614,7 @@ export async function dkimSignatureFor(chunks: AsyncIterable<Buffer> | Iterable<
 export interface ByFromResult {
   /** The field(s) to put in front of the message; "" when not signed. */
   fields: string;
-  /** The domain of the header From, or null when there is none. */
+  /** The domain of the header From, or null when there is none (or more than one From field). */
   fromDomain: string | null;
   /** The keys it was signed with. */
   keys: DkimKey[];
@@ -623,10 +624,17 @@ export interface ByFromResult {
 
 /**
  * Like dkimSignatureFor, picking the keys by the header From (keysFor): a message whose
- * From domain has no key is not signed, and `skipped` says why, for the log line.
+ * From domain has no key, or that has no From or more than one, is not signed, and
+ * `skipped` says why, for the log line.
  */
 export async function signByFrom(chunks: AsyncIterable<Buffer> | Iterable<Buffer>, keys: DkimKey[], opts: SignOptions = {}): Promise<ByFromResult> {
   const { headerBlock, bodyHash } = await hashMessage(chunks);
+  // RFC 5322 3.6 allows one From field; with more there is no one author to align the
+  // signature with, and the large providers refuse such mail whether it is signed or not.
+  const froms = parseFields(headerBlock).filter((f) => f.name === "from").length;
+  if (froms > 1) {
+    return { fields: "", fromDomain: null, keys: [], skipped: `not DKIM-signed: the message has ${froms} From: header fields (RFC 5322 allows one)` };
+  }
   const domain = fromDomain(headerBlock);
   if (domain === null) return { fields: "", fromDomain: null, keys: [], skipped: "no From address in the header: not signed" };
   const chosen = keysFor(domain, keys);

@@ -41,6 +41,9 @@
  *   after LOCK_STALE_MS), then appends "From " line, Return-Path:, Received: and the
  *   message, fsyncs, and only then answers 250. Any failure truncates every mailbox of the
  *   message back to its old length and answers 451: a mailbox holds whole messages only.
+ *   A mailbox is opened with O_NOFOLLOW and O_NONBLOCK and must then be a regular file with
+ *   one link: a symlink, a FIFO, a device, a directory or a second hard link is refused
+ *   (451 4.2.0, the journal says what is there), and nothing is written through it.
  *
  *   Delivery status notifications (RFC 3461): EHLO offers DSN, and a client that said EHLO
  *   may give RET=FULL|HDRS and ENVID=<xtext> on MAIL, NOTIFY=NEVER|<SUCCESS,FAILURE,DELAY>
@@ -74,8 +77,10 @@
  *   no quota. A message accepted for several mailboxes is written once per mailbox.
  *   A client that disconnects while its message is being delivered (after the final dot,
  *   before the 250) may send it again: the data-done window every MTA has.
- *   users/<address>/mail is opened following symlinks (an administrator may point a mailbox
- *   elsewhere): only the server's own user must be able to write in users/ (mode 0700).
+ *   A symlink is never followed at users/<address>/mail or its mail.lock, but it is at
+ *   users/<address> itself (an administrator may put a user's folder elsewhere): only the
+ *   server's own user must be able to write in users/ (mode 0700). A refused mailbox defers
+ *   the whole message, for its other recipients too (all or none), until it is fixed.
  *   The mail.lock convention keeps out only programs that follow it.
  */
 
@@ -128,6 +133,14 @@ const LOCK_RETRY_MS = 50;
 const LOCK_TRIES = 200;
 /** A mail.lock older than this was left by a crash and is broken (procmail/mutt do the same). */
 const LOCK_STALE_MS = 5 * 60 * 1000;
+/**
+ * How a mailbox is opened: never through a symlink at its name (O_NOFOLLOW: whoever may
+ * write in users/<address>/ could point it at any file the server may write), and never
+ * waiting for a reader (O_NONBLOCK: a FIFO fails at once instead of holding the session;
+ * on a regular file it changes nothing).
+ */
+const MAILBOX_OPEN_FLAGS = fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_CREAT |
+  fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK;
 
 const CR = 0x0d;
 const LF = 0x0a;
@@ -309,6 +322,7 @@ const R = {
   tooManyRecipients: "452 4.5.3 Error: too many recipients",
   writeError: "451 4.3.0 Error: queue file write error",
   mailboxBusy: "451 4.2.0 Error: mailbox locked by another program, try again later",
+  mailboxRefused: "451 4.2.0 Error: mailbox unavailable, try again later",
   lineTooLong: "500 5.5.2 Error: line too long",
   badSyntax: "500 5.5.2 Error: bad syntax",
   heloSyntax: "501 Syntax: HELO hostname",
@@ -780,11 +794,58 @@ class MailboxBusyError extends Error {
   }
 }
 
+/** A mailbox the receiver will not write until an administrator fixes it. */
+class MailboxRefusedError extends Error {
+  constructor(file: string, problem: string) {
+    super(`${file} ${problem}: refused, a mailbox must be a regular file with one link`);
+    this.name = "MailboxRefusedError";
+  }
+}
+
+/**
+ * Why a file must not be written as a mailbox, from its lstat or fstat; null when it may.
+ * A second hard link, like a symlink, would let whoever may write in the mailbox's folder
+ * aim the server's writes at a file elsewhere.
+ */
+function mailboxProblem(st: fs.Stats): string | null {
+  if (st.isSymbolicLink()) return "is a symbolic link";
+  if (st.isDirectory()) return "is a directory";
+  if (st.isFIFO()) return "is a FIFO";
+  if (st.isSocket()) return "is a socket";
+  if (st.isCharacterDevice() || st.isBlockDevice()) return "is a device";
+  if (!st.isFile()) return "is not a regular file";
+  if (st.nlink > 1) return `has ${st.nlink} hard links`;
+  return null;
+}
+
+/** Opens users/<address>/mail for appending, created when missing; refuses anything but a regular file with one link. */
+async function openMailbox(file: string): Promise<{ handle: fs.promises.FileHandle; size: number }> {
+  let handle: fs.promises.FileHandle;
+  try {
+    handle = await fs.promises.open(file, MAILBOX_OPEN_FLAGS, 0o600);
+  } catch (err) {
+    // The errno (ELOOP, EISDIR, ENXIO) names a symptom; lstat names what is there, for the journal.
+    const st = await fs.promises.lstat(file).catch(() => null);
+    const problem = st && mailboxProblem(st);
+    throw problem ? new MailboxRefusedError(file, problem) : err;
+  }
+  try {
+    const st = await handle.stat();
+    const problem = mailboxProblem(st);
+    if (problem) throw new MailboxRefusedError(file, problem);
+    return { handle, size: st.size };
+  } catch (err) {
+    await handle.close().catch(() => undefined);
+    throw err;
+  }
+}
+
 /** users/<address>/mail.lock, created exclusively; other programs that use the convention wait for it. */
 async function dotlock(dir: string): Promise<() => Promise<void>> {
   const lock = path.join(dir, "mail.lock");
   for (let tries = 0; ; tries++) {
     try {
+      // O_CREAT|O_EXCL never follows a symlink at the name: a planted one is EEXIST, a lock held.
       const handle = await fs.promises.open(lock, "wx", 0o600);
       try {
         await handle.writeFile(`${process.pid}\n`);
@@ -795,7 +856,8 @@ async function dotlock(dir: string): Promise<() => Promise<void>> {
     } catch (err) {
       if (errno(err) !== "EEXIST") throw err;
     }
-    const st = await fs.promises.stat(lock).catch(() => null);
+    // The lock's own age, not that of whatever a symlink there points at.
+    const st = await fs.promises.lstat(lock).catch(() => null);
     if (st && Date.now() - st.mtimeMs > LOCK_STALE_MS) {
       await fs.promises.unlink(lock).catch(() => undefined);
       continue;
@@ -945,8 +1007,7 @@ class Receiver extends EventEmitter implements ServerHandle {
       }
       for (const box of sorted) {
         const file = path.join(box.dir, "mail");
-        const handle = await fs.promises.open(file, "a", 0o600);
-        const oldSize = (await handle.stat()).size;
+        const { handle, size: oldSize } = await openMailbox(file);
         open.push({ handle, file, oldSize });
         await writeAll(handle, box.prefix);
       }
@@ -1659,7 +1720,7 @@ class Session {
       try {
         await this.server.deliver(t.path, t.encoder.lastByte, boxes);
       } catch (err) {
-        const reply = err instanceof MailboxBusyError ? R.mailboxBusy : R.writeError;
+        const reply = err instanceof MailboxBusyError ? R.mailboxBusy : err instanceof MailboxRefusedError ? R.mailboxRefused : R.writeError;
         this.reply(reply);
         this.log(`error: delivering ${id}: ${(err as Error).message}: ${reply}`);
         return;

@@ -1,6 +1,7 @@
 // DKIM through the engine: what leaves mudmail verifies with an independent implementation
 // (dkimpy), through our CRLF normalisation, dot-stuffing and added headers; a retry sends
-// the same signature; mail from other domains goes unsigned, and the log says so.
+// the same signature; mail from other domains, or with two From fields, goes unsigned, and the
+// log says so.
 
 import t from "tap";
 import fs from "node:fs/promises";
@@ -8,6 +9,7 @@ import os from "node:os";
 import path from "node:path";
 import { MailEngine } from "../mail.js";
 import { dnsRecord, generateDkimKey } from "../dkim.js";
+import { startServer } from "../receiver.js";
 import { startScriptedServer } from "./helpers/scripted-server.js";
 import { dkimpyMissing, dkimpyVerify } from "./helpers/dkim-verifiers.js";
 import { dropQueueFile, makeSpool, queueFile, runCli, tempMaildir } from "./helpers/spool-files.js";
@@ -58,6 +60,41 @@ t.test("the engine signs once; dkimpy verifies what the server received, also af
   const other = server.messages.find((m) => m.from === "other@elsewhere.example")!;
   t.notMatch(other.data.toString(), /DKIM-Signature/, "mail From another domain is not signed");
   t.ok(lines.some((l) => /From domain elsewhere\.example has no DKIM key: not signed/.test(l)), "and the log says so");
+});
+
+t.test("a message with two From: fields goes out unsigned, and the log says why", async (t) => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-dkim-two-from-"));
+  t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+  const key = path.join(dir, "ed.key");
+  await generateDkimKey("ed25519", key, { domain: "talker.example", selector: "e1" });
+  const receiverDir = path.join(dir, "receiver");
+  const mailbox = path.join(receiverDir, "users", "bob@x.test");
+  await fs.mkdir(mailbox, { recursive: true });
+  const receiver = await startServer({ maildir: receiverDir, listen: "127.0.0.1:0", log: () => undefined });
+  t.teardown(() => receiver.close());
+  const maildir = await tempMaildir();
+  t.teardown(() => fs.rm(path.dirname(maildir), { recursive: true, force: true }));
+  await makeSpool(maildir);
+  const now = Math.floor(Date.now() / 1000);
+  const twoFrom = await dropQueueFile(maildir, `${now}.1`, queueFile("talker@talker.example", ["bob@x.test"],
+    "From: talker@talker.example\nFrom: mallory@talker.example\nSubject: two authors\n\nhi\n"));
+  await dropQueueFile(maildir, `${now}.2`, queueFile("talker@talker.example", ["bob@x.test"], "From: talker@talker.example\nSubject: one author\n\nhi\n"));
+  const lines: string[] = [];
+  const engine = new MailEngine({
+    maildir, relay: `127.0.0.1:${receiver.address.port}`, fsync: false, log: (l) => lines.push(l),
+    dkimDomain: "talker.example", dkimSelector: "e1", dkimKey: key,
+  });
+  t.teardown(() => engine.stop());
+  t.match(await engine.flush(), { sent: 2, deferred: 0, bounced: 0 });
+  const stored = (await fs.readFile(path.join(mailbox, "mail"), "latin1")).split(/^(?=From )/m);
+  const two = stored.find((m) => m.includes("Subject: two authors"));
+  const one = stored.find((m) => m.includes("Subject: one author"));
+  t.ok(two && one, "both messages were delivered");
+  t.notMatch(two, /^DKIM-Signature:/m, "the one with two From fields unsigned");
+  t.match(two, /^From: talker@talker\.example\nFrom: mallory@talker\.example\n/m, "with both its From fields as queued");
+  t.match(one, /^DKIM-Signature: v=1; a=ed25519-sha256;/m, "the same engine signs a message with one From");
+  t.ok(lines.some((l) => l.endsWith(`${twoFrom}: not DKIM-signed: the message has 2 From: header fields (RFC 5322 allows one)`)),
+    `the log says why:\n${lines.join("\n")}`);
 });
 
 t.test("DKIM key problems exit 2 naming the flag and the file", async (t) => {

@@ -532,6 +532,16 @@ t.test("signByFrom picks the keys by the header From, or says why it did not sig
   t.equal(await dkimSignatureFor([Buffer.from("From: a@example.org\n\nx\n")], []), "", "dkimSignatureFor without keys: nothing");
 });
 
+t.test("signByFrom does not sign a message with two From fields, and says why", async (t) => {
+  const keys = [ED, RSA];
+  const two = await signByFrom([Buffer.from("From: a@example.org\nSubject: s\nFrom: b@example.org\n\nbody\n")], keys);
+  t.match(two, { fields: "", fromDomain: null, keys: [], skipped: "not DKIM-signed: the message has 2 From: header fields (RFC 5322 allows one)" });
+  const disguised = await signByFrom([Buffer.from("From: a@example.org\nFROM : a@example.org\n\nbody\n")], keys);
+  t.match(disguised, { fields: "", skipped: /the message has 2 From: header fields/ }, "a From is a From in any case, with white space before the colon");
+  const inBody = await signByFrom([Buffer.from("From: a@example.org\n\nFrom: b@example.org\n")], keys);
+  t.match(inBody, { fromDomain: "example.org", skipped: null }, "a From: line in the body is no header field");
+});
+
 /* ------------------------------------------------------------------------------------ */
 /* 50 MB                                                                                 */
 

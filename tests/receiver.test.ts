@@ -4,7 +4,7 @@
 
 import t, { type Test } from "tap";
 import fs from "node:fs/promises";
-import { existsSync, statSync, readdirSync } from "node:fs";
+import { constants as fsConstants, existsSync, statSync, readdirSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -19,6 +19,8 @@ import { RawClient, makeCert, OPENSSL } from "./helpers/smtp-raw.js";
 import { requireTool, SMTP_SOURCE } from "./helpers/postfix.js";
 
 const SWAKS = "/usr/bin/swaks";
+const MKFIFO = "/usr/bin/mkfifo";
+const PRLIMIT = "/usr/bin/prlimit";
 const HOST = "mx.local.test";
 const USER = "user@local.test";
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -686,27 +688,54 @@ t.test("size limit: 552 after the data, exact boundary, nothing stored past the 
 /* ------------------------------------------------------------------------------------ */
 /* Failures and locks                                                                    */
 
+/**
+ * Lowers this process's file size limit (RLIMIT_FSIZE) until the test ends: a write past it
+ * fails with EFBIG, a real write error on a regular file. Returns the function that puts the
+ * limit back.
+ */
+async function limitFileSize(t: Test, bytes: number): Promise<() => Promise<void>> {
+  // Node ignores SIGXFSZ, but the test runner's signal-exit listens for it and, when it is
+  // the only listener, raises it again to die of it; a listener of our own keeps it harmless.
+  const harmless = () => undefined;
+  const pid = String(process.pid);
+  const was = await run(PRLIMIT, ["--pid", pid, "--fsize", "--output=SOFT", "--noheadings", "--raw"], 10_000);
+  if (was.code !== 0) throw new Error(`prlimit: ${was.stderr}`);
+  let restored = false;
+  const restore = async () => {
+    if (restored) return;
+    restored = true;
+    const back = await run(PRLIMIT, ["--pid", pid, `--fsize=${was.stdout.trim()}:`], 10_000);
+    if (back.code !== 0) throw new Error(`prlimit: ${back.stderr}`);
+    process.off("SIGXFSZ", harmless);
+  };
+  process.on("SIGXFSZ", harmless);
+  t.teardown(restore);
+  const lowered = await run(PRLIMIT, ["--pid", pid, `--fsize=${bytes}:`], 10_000);
+  if (lowered.code !== 0) throw new Error(`prlimit: ${lowered.stderr}`);
+  return restore;
+}
+
 t.test("a failed write answers 451 and leaves every mailbox as it was", async (t) => {
-  const s = await setup(t, {}, ["a@local.test", "b@local.test", "dir@local.test"]);
+  if (!requireTool(t, PRLIMIT)) return;
+  const s = await setup(t, {}, ["a@local.test", "b@local.test"]);
   const old = "From old@x.test Mon Nov 23 10:00:00 2026\nSubject: old\n\nold\n\n";
   await fs.writeFile(s.mbox("a@local.test"), old);
-  // b's mailbox is the full device: every write fails with ENOSPC, after a's was written.
-  await fs.symlink("/dev/full", s.mbox("b@local.test"));
+  // b's mailbox (sparse) ends 1,000 octets short of the file size limit: its writes fail
+  // with EFBIG once a's trace headers and first piece of body are written.
+  const limit = 64 * 1024 * 1024;
+  await fs.writeFile(s.mbox("b@local.test"), "");
+  await fs.truncate(s.mbox("b@local.test"), limit - 1000);
+  const restoreLimit = await limitFileSize(t, limit);
   const c = await s.connect();
   await envelope(t, c, "a@x.test", ["a@local.test", "b@local.test"]);
   c.write(`Subject: fails\r\n\r\n${"x".repeat(100_000)}\r\n.\r\n`);
   t.equal(await c.text(), "451 4.3.0 Error: queue file write error");
+  await restoreLimit();
   t.equal(await readLatin1(s.mbox("a@local.test")), old, "a's mailbox truncated back to its old content");
+  t.equal((await fs.stat(s.mbox("b@local.test"))).size, limit - 1000, "b's mailbox truncated back too");
   t.notOk(existsSync(`${s.mbox("a@local.test")}.lock`), "locks released");
   t.same(await s.tmpFiles(), [], "tmp/ is empty");
-  await s.waitForLine(/error: delivering [0-9A-F]{12}: .*ENOSPC/);
-  // A mailbox that cannot even be opened.
-  await fs.mkdir(s.mbox("dir@local.test"));
-  t.equal(await c.cmd("MAIL FROM:<a@x.test>"), "250 2.1.0 Ok");
-  t.equal(await c.cmd("RCPT TO:<dir@local.test>"), "250 2.1.5 Ok");
-  t.equal(await c.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
-  c.write("Subject: fails\r\n\r\nx\r\n.\r\n");
-  t.equal(await c.text(), "451 4.3.0 Error: queue file write error");
+  await s.waitForLine(/error: delivering [0-9A-F]{12}: .*EFBIG/);
   // And the session still delivers where it can.
   t.equal(await c.cmd("MAIL FROM:<a@x.test>"), "250 2.1.0 Ok");
   t.equal(await c.cmd("RCPT TO:<a@local.test>"), "250 2.1.5 Ok");
@@ -715,6 +744,76 @@ t.test("a failed write answers 451 and leaves every mailbox as it was", async (t
   t.match(await c.text(), queuedAs);
   t.equal(splitMbox(await readLatin1(s.mbox("a@local.test"))).length, 2);
   t.equal(s.messages.length, 1);
+});
+
+t.test("a mailbox that is a symlink, a directory or a hard link is refused with 451; nothing is written through it", async (t) => {
+  const s = await setup(t, {}, ["a@local.test", "b@local.test"]);
+  const old = "From old@x.test Mon Nov 23 10:00:00 2026\nSubject: old\n\nold\n\n";
+  await fs.writeFile(s.mbox("a@local.test"), old);
+  const elsewhere = path.join(path.dirname(s.maildir), "elsewhere");
+  await fs.writeFile(elsewhere, "not a mailbox\n");
+  const missing = path.join(path.dirname(s.maildir), "missing");
+  const b = s.mbox("b@local.test");
+  const cases: Array<[string, () => Promise<unknown>, RegExp]> = [
+    ["a symlink to a file", () => fs.symlink(elsewhere, b), /is a symbolic link/],
+    ["a symlink to no file", () => fs.symlink(missing, b), /is a symbolic link/],
+    ["a directory", () => fs.mkdir(b), /is a directory/],
+    ["a hard link", () => fs.link(elsewhere, b), /has 2 hard links/],
+  ];
+  const c = await s.connect();
+  for (const [what, plant, why] of cases) {
+    await plant();
+    await envelope(t, c, "a@x.test", ["a@local.test", "b@local.test"]);
+    c.write("Subject: refused\r\n\r\nx\r\n.\r\n");
+    t.equal(await c.text(), "451 4.2.0 Error: mailbox unavailable, try again later", `b's mailbox is ${what}`);
+    const line = await s.waitForLine(new RegExp(`error: delivering [0-9A-F]{12}: \\S*/users/b@local\\.test/mail ${why.source}`));
+    s.lines.splice(s.lines.indexOf(line), 1);
+    t.equal(await readLatin1(s.mbox("a@local.test")), old, "a's mailbox as it was");
+    await fs.rm(b, { recursive: true });
+  }
+  t.equal(await fs.readFile(elsewhere, "latin1"), "not a mailbox\n", "the file the links point to is unchanged");
+  t.notOk(existsSync(missing), "and a symlink's missing target was not created");
+  t.same(await fs.readdir(path.dirname(b)), [], "no lock left behind");
+  t.same(await s.tmpFiles(), [], "tmp/ is empty");
+  t.equal(s.messages.length, 0);
+  await envelope(t, c, "a@x.test", ["a@local.test", "b@local.test"]);
+  c.write("Subject: works\r\n\r\nx\r\n.\r\n");
+  t.match(await c.text(), queuedAs, "a plain mailbox, created afresh, works");
+  t.equal((await fs.lstat(b)).mode & 0o777, 0o600);
+  t.equal(splitMbox(await readLatin1(b)).length, 1);
+  t.equal(splitMbox(await readLatin1(s.mbox("a@local.test"))).length, 2);
+});
+
+t.test("a mailbox that is a FIFO is refused at once, with or without a reader, and nothing is written into it", async (t) => {
+  if (!requireTool(t, MKFIFO)) return;
+  const s = await setup(t);
+  const fifo = s.mbox();
+  const made = await run(MKFIFO, ["-m", "600", fifo], 10_000);
+  t.equal(made.code, 0, `mkfifo ${made.stderr}`);
+  const readSide = () => fs.open(fifo, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  const c = await s.connect();
+  await envelope(t, c);
+  c.write("Subject: fifo\r\n\r\nx\r\n.\r\n");
+  const alone = await c.text(5000).catch(async (err) => {
+    // A receiver stuck in open() waiting for a reader is set free, so close() cannot hang too.
+    await (await readSide()).close();
+    throw err;
+  });
+  t.equal(alone, "451 4.2.0 Error: mailbox unavailable, try again later", "no reader: refused at once");
+  await s.waitForLine(/error: delivering [0-9A-F]{12}: \S*\/users\/user@local\.test\/mail is a FIFO/);
+  const reader = await readSide();
+  t.teardown(() => reader.close());
+  await envelope(t, c);
+  c.write("Subject: fifo\r\n\r\nx\r\n.\r\n");
+  t.equal(await c.text(5000), "451 4.2.0 Error: mailbox unavailable, try again later", "with a reader: refused too");
+  const { bytesRead } = await reader.read(Buffer.alloc(4096), 0, 4096, null);
+  t.equal(bytesRead, 0, "nothing was written into the FIFO");
+  await fs.unlink(fifo);
+  await envelope(t, c);
+  c.write("Subject: plain\r\n\r\nx\r\n.\r\n");
+  t.match(await c.text(), queuedAs, "a plain mailbox in its place works");
+  t.ok((await fs.lstat(fifo)).isFile());
+  t.same(await s.tmpFiles(), [], "tmp/ is empty");
 });
 
 t.test("mail.lock: another program's lock is waited for; a stale one is broken", async (t) => {
@@ -743,6 +842,20 @@ t.test("mail.lock: another program's lock is waited for; a stale one is broken",
   t.ok(Date.now() - started < 1000, "and broken at once");
   t.notOk(existsSync(lock));
   t.equal(splitMbox(await readLatin1(s.mbox())).length, 2);
+
+  // A symlink planted as mail.lock is never followed: the exclusive create does not go
+  // through it, and its own age, not its target's, makes it stale.
+  const target = path.join(path.dirname(s.maildir), "lock-target");
+  await fs.symlink(target, lock);
+  await fs.lutimes(lock, old, old);
+  t.equal(await c.cmd("MAIL FROM:<a@x.test>"), "250 2.1.0 Ok");
+  t.equal(await c.cmd(`RCPT TO:<${USER}>`), "250 2.1.5 Ok");
+  t.equal(await c.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+  c.write("Subject: stale link\r\n\r\nx\r\n.\r\n");
+  t.match(await c.text(3000), queuedAs, "a ten-minute-old symlink is a stale lock");
+  t.notOk(existsSync(target), "its target was never created");
+  t.equal(await fs.lstat(lock).catch(() => null), null, "and the symlink is gone");
+  t.equal(splitMbox(await readLatin1(s.mbox())).length, 3);
 });
 
 /* ------------------------------------------------------------------------------------ */
