@@ -27,26 +27,23 @@
  *   like ClientError (code ECONNECTION or ETIMEDOUT, the host, the stage, the command).
  */
 
-import * as net from "node:net";
 import * as os from "node:os";
-import * as tls from "node:tls";
-import { ReplyParser, STAGE_TIMEOUTS, CODE_PREMATURE_EOF, makeReply, parseEhlo, type Extensions, type Reply } from "./smtp-codes.js";
+import { CODE_PREMATURE_EOF, MailError, makeReply, type Extensions, type Reply } from "./smtp-codes.js";
+import { SmtpConnection, STEPS, otherStep, type Hello, type Step, type TimeoutName, type TlsMode } from "./smtp-connection.js";
 import { Stuffer, addressProblem } from "./queue.js";
-
-export type Tls = "none" | "may" | "encrypt" | "verify";
 
 export interface ClientOptions {
   host: string;
   port?: number;
   /** Name sent in EHLO/HELO; the host name by default. */
   helo?: string;
-  tls?: Tls;
+  tls?: TlsMode;
   /** An extra CA (PEM text) for "verify". */
   ca?: string;
   /** Implicit TLS from the first byte (SMTPS, 465). */
   tlsWrapper?: boolean;
   /** Seconds, per stage; Postfix's defaults otherwise. */
-  timeouts?: Partial<Record<keyof typeof STAGE_TIMEOUTS, number>>;
+  timeouts?: Partial<Record<TimeoutName, number>>;
 }
 
 /** What every call returns: the reply code and its text lines (code and separator stripped). */
@@ -63,186 +60,130 @@ export interface Loser {
 
 export type SendmailResult = Answer | { code: 700; losers: Loser[] };
 
-export class ClientError extends Error {
-  constructor(message: string, readonly code: string, readonly details: { host: string; stage: string; command?: string }) {
-    super(message);
-    this.name = "ClientError";
-  }
-}
-
-/** node:tls options for a mode: "verify" checks the chain and the name, the others encrypt only. */
-export function tlsConnectionOptions(host: string, mode: Tls, ca?: string | null): tls.ConnectionOptions {
-  return {
-    host,
-    ...(net.isIP(host) ? {} : { servername: host }),
-    rejectUnauthorized: mode === "verify",
-    ...(ca ? { ca: [...tls.rootCertificates, ca] } : {}),
-  };
-}
-
 const answer = (reply: Reply): Answer => ({ code: reply.code, text: reply.lines });
+const PREMATURE_EOF: Answer = { code: CODE_PREMATURE_EOF, text: ["Premature EOF during smtp reply."] };
 
-/** One conversation, one command at a time. Replies 221 and 421 close it, as in scsh. */
+/**
+ * One conversation, one command at a time, on the engine's SmtpConnection. Replies 221 and
+ * 421 close it, as in scsh. A connection that drops while a command waits answers 621 (with
+ * whatever part of a reply came); a timeout, a failed TLS handshake or a protocol error
+ * rejects with a MailError.
+ */
 export class SmtpSession {
-  private socket: net.Socket;
-  private parser = new ReplyParser();
-  private readonly replies: Reply[] = [];
-  private waiting: ((reply: Reply) => void) | null = null;
-  private ended = false;
+  readonly #conn: SmtpConnection;
+  /** The command waiting for its reply: how the failure callback ends it. */
+  #waiting: { resolve: (reply: Reply) => void; reject: (err: MailError) => void } | null = null;
+  /** After the end: what every later command answers (an unsolicited 421 the server left, or 621). */
+  #afterEnd: Answer | null = null;
   /** What the server offered in its last EHLO reply; null before EHLO or after HELO. */
   extensions: Extensions | null = null;
-  secure: boolean;
 
-  private constructor(socket: net.Socket, readonly options: ClientOptions, secure: boolean) {
-    this.socket = socket;
-    this.secure = secure;
-    this.listen(socket);
+  private constructor(readonly options: ClientOptions) {
+    this.#conn = new SmtpConnection({
+      host: options.host, address: options.host, port: options.port ?? 25, helo: options.helo ?? os.hostname(),
+      tls: options.tls ?? "may", tlsWrapper: options.tlsWrapper, ca: options.ca, timeouts: options.timeouts,
+    }, (err, reply) => this.#ended(err, reply));
   }
 
   /** Connects and reads the greeting; a greeting of 400 or more is an error (scsh's smtp/open). */
   static async open(options: ClientOptions): Promise<SmtpSession> {
-    const port = options.port ?? 25;
-    const seconds = options.timeouts?.connect ?? STAGE_TIMEOUTS.connect;
-    const wrapped = Boolean(options.tlsWrapper);
-    const socket = await new Promise<net.Socket>((resolve, reject) => {
-      const s = wrapped
-        ? tls.connect({ port, ...tlsConnectionOptions(options.host, options.tls === "verify" ? "verify" : "encrypt", options.ca) })
-        : net.connect({ host: options.host, port });
-      const timer = setTimeout(() => { s.destroy(); reject(new ClientError(`connect to ${options.host}:${port}: Connection timed out`, "ETIMEDOUT", { host: options.host, stage: "connect" })); }, seconds * 1000);
-      s.once(wrapped ? "secureConnect" : "connect", () => { clearTimeout(timer); s.removeAllListeners("error"); resolve(s); });
-      s.once("error", (err) => { clearTimeout(timer); reject(new ClientError(`connect to ${options.host}:${port}: ${err.message}`, "ECONNECTION", { host: options.host, stage: "connect" })); });
-    });
-    socket.setNoDelay(true);
-    const session = new SmtpSession(socket, options, wrapped);
-    const greeting = await session.read("helo", "greeting");
+    const session = new SmtpSession(options);
+    const greeting = await session.#ask((done) => session.#conn.open(done));
     if (greeting.code >= 400) {
       session.close();
-      throw new ClientError(`${options.host} greeted with ${greeting.code} ${greeting.lines.join(" ")}`, "EGREETING", { host: options.host, stage: "greeting" });
+      throw new MailError(`${options.host} greeted with ${greeting.code} ${greeting.lines.join(" ")}`, "EGREETING",
+        { host: options.host, stage: STEPS.greeting.label, command: "CONNECT", response: `${greeting.code} ${greeting.lines.join(" ")}` });
     }
     return session;
   }
 
-  private listen(socket: net.Socket): void {
-    socket.on("data", (chunk: Buffer) => {
-      for (const reply of this.parser.push(chunk)) this.deliver(reply);
-    });
-    const end = () => {
-      if (this.ended) return;
-      this.ended = true;
-      this.deliver(this.parser.end() ?? makeReply(CODE_PREMATURE_EOF, ["Premature EOF during smtp reply."]));
-    };
-    socket.on("end", end);
-    socket.on("close", end);
-    socket.on("error", end);
+  get secure(): boolean {
+    return this.#conn.secure;
   }
 
-  private deliver(reply: Reply): void {
-    const waiter = this.waiting;
-    this.waiting = null;
-    if (waiter) waiter(reply);
-    else this.replies.push(reply);
+  get closed(): boolean {
+    return this.#conn.ended;
   }
 
-  /** The next reply, within the stage's timeout. */
-  private read(stage: keyof typeof STAGE_TIMEOUTS, command: string): Promise<Reply> {
-    const queued = this.replies.shift();
-    if (queued) return Promise.resolve(queued);
-    if (this.ended) return Promise.resolve(makeReply(CODE_PREMATURE_EOF, ["Premature EOF during smtp reply."]));
-    const seconds = this.options.timeouts?.[stage] ?? STAGE_TIMEOUTS[stage];
+  /** Runs one exchange on the connection; its failure, if it comes first, ends the wait. */
+  #ask(run: (done: (reply: Reply) => void) => void): Promise<Reply> {
+    if (this.#afterEnd) return Promise.resolve(makeReply(this.#afterEnd.code, this.#afterEnd.text));
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.waiting = null;
-        this.close();
-        reject(new ClientError(`conversation with ${this.options.host} timed out while waiting for the reply to ${command}`, "ETIMEDOUT", { host: this.options.host, stage, command }));
-      }, seconds * 1000);
-      this.waiting = (reply) => { clearTimeout(timer); resolve(reply); };
+      this.#waiting = { resolve, reject };
+      run((reply) => {
+        this.#waiting = null;
+        resolve(reply);
+      });
     });
+  }
+
+  #ended(err: MailError, reply: Reply | null): void {
+    // A reply nobody asked for (say 421 before a close) is what the next command answers.
+    this.#afterEnd = err.code === "EPROTOCOL" && reply && !this.#waiting ? answer(reply) : PREMATURE_EOF;
+    const waiting = this.#waiting;
+    this.#waiting = null;
+    if (!waiting) return;
+    // scsh: the connection closing under a command is its answer, 621.
+    if (err.code === "ECONNECTION") waiting.resolve(reply ?? makeReply(PREMATURE_EOF.code, PREMATURE_EOF.text));
+    else waiting.reject(err);
   }
 
   /** Sends one command line and reads its reply; 221 and 421 close the connection. */
-  async command(line: string, stage: keyof typeof STAGE_TIMEOUTS = "helo"): Promise<Answer> {
+  async command(line: string, step: Step = otherStep(line.split(" ")[0].toUpperCase())): Promise<Answer> {
     // eslint-disable-next-line no-control-regex
-    if (/[\r\n\x00]/.test(line)) throw new ClientError(`refusing to send a command with CR, LF or NUL: ${JSON.stringify(line)}`, "EPROTOCOL", { host: this.options.host, stage });
-    if (!this.ended) this.socket.write(`${line}\r\n`);
-    const reply = await this.read(stage, line.split(" ")[0]);
+    if (/[\r\n\x00]/.test(line)) {
+      throw new MailError(`refusing to send a command with CR, LF or NUL: ${JSON.stringify(line)}`, "EPROTOCOL", { host: this.options.host, command: line.split(" ")[0] });
+    }
+    const reply = await this.#ask((done) => this.#conn.send(`${line}\r\n`, step, done));
     if (reply.code === 221 || reply.code === 421) this.close();
     return answer(reply);
   }
 
   /** EHLO, with HELO when EHLO is refused with 5xx; STARTTLS as the tls mode asks. */
   async ehlo(name = this.options.helo ?? os.hostname()): Promise<Answer> {
-    let reply = await this.command(`EHLO ${name}`);
-    if (reply.code >= 500 && reply.code < 600) {
-      reply = await this.command(`HELO ${name}`);
-      this.extensions = null;
-      return reply;
+    let hello: Hello | null = null;
+    const reply = await this.#ask((done) => this.#conn.hello((result) => { hello = result; done(result.reply); }, name));
+    this.extensions = hello!.helo ? null : hello!.ext;
+    const tlsProblem = (hello as Hello | null)?.tlsProblem;
+    if (tlsProblem) {
+      // The mode forbids going on: the server's refusal if it gave one, else 530 (RFC 3207).
+      return reply.code === 250 ? { code: 530, text: [`5.7.10 ${tlsProblem}`] } : answer(reply);
     }
-    if (reply.code !== 250) return reply;
-    this.extensions = parseEhlo(makeReply(reply.code, reply.text));
-    const mode = this.options.tls ?? "may";
-    if (this.secure || mode === "none") return reply;
-    if (!this.extensions.startTls) {
-      return mode === "may" ? reply : { code: 530, text: [`5.7.10 TLS is required, but was not offered by host ${this.options.host}`] };
-    }
-    const started = await this.starttls();
-    if (started.code !== 220) return mode === "may" ? reply : started;
-    return this.ehlo(name);
+    if (reply.code === 221 || reply.code === 421) this.close();
+    return answer(reply);
   }
 
   async helo(name = this.options.helo ?? os.hostname()): Promise<Answer> {
-    return this.command(`HELO ${name}`);
-  }
-
-  /** STARTTLS and the handshake; everything the server said or offered before is forgotten. */
-  async starttls(): Promise<Answer> {
-    const reply = await this.command("STARTTLS");
-    if (reply.code !== 220) return reply;
-    const raw = this.socket;
-    raw.removeAllListeners("data");
-    raw.removeAllListeners("end");
-    raw.removeAllListeners("close");
-    raw.removeAllListeners("error");
-    raw.on("error", () => undefined);
-    this.parser = new ReplyParser();
-    this.replies.length = 0;
-    this.extensions = null;
-    const mode = this.options.tls === "verify" ? "verify" : "encrypt";
-    const secure = await new Promise<tls.TLSSocket>((resolve, reject) => {
-      const s = tls.connect({ socket: raw, ...tlsConnectionOptions(this.options.host, mode, this.options.ca) });
-      s.once("secureConnect", () => { s.removeAllListeners("error"); resolve(s); });
-      s.once("error", (err) => { raw.destroy(); reject(new ClientError(`TLS handshake with ${this.options.host} failed: ${err.message}`, "ETLS", { host: this.options.host, stage: "helo", command: "STARTTLS" })); });
-    });
-    this.socket = secure;
-    this.secure = true;
-    this.listen(secure);
-    return reply;
+    return this.command(`HELO ${name}`, STEPS.helo);
   }
 
   async mail(from: string): Promise<Answer> {
     checkAddress(from, true);
-    return this.command(`MAIL FROM:<${from}>`, "mail");
+    return this.command(`MAIL FROM:<${from}>`, STEPS.mail);
   }
 
   async rcpt(to: string): Promise<Answer> {
     checkAddress(to, false);
-    return this.command(`RCPT TO:<${to}>`, "rcpt");
+    return this.command(`RCPT TO:<${to}>`, STEPS.rcpt);
   }
 
   /** DATA, then the body through the engine's stuffer (CRLF only, dots doubled), then the dot. */
   async data(body: string | Buffer | AsyncIterable<Buffer | string>): Promise<Answer> {
-    const go = await this.command("DATA", "dataInit");
+    const go = await this.command("DATA", STEPS.data);
     if (go.code !== 354) return go;
     const stuffer = new Stuffer();
     const chunks: Iterable<Buffer | string> | AsyncIterable<Buffer | string> = typeof body === "string" || Buffer.isBuffer(body) ? [body] : body;
-    for await (const chunk of chunks) {
-      const out = stuffer.push(typeof chunk === "string" ? Buffer.from(chunk) : chunk);
-      if (!this.socket.write(out) && !this.ended) await new Promise<void>((resolve) => this.socket.once("drain", resolve));
-    }
-    this.socket.write(stuffer.end());
-    return answer(await this.read("dataDone", "end of DATA"));
+    const stuffed = (async function* () {
+      for await (const chunk of chunks) yield stuffer.push(typeof chunk === "string" ? Buffer.from(chunk) : chunk);
+      yield stuffer.end();
+    })();
+    const reply = await this.#ask((done) => {
+      this.#conn.writeBody(stuffed).then((written) => { if (written) this.#conn.expect(STEPS.dot, done); });
+    });
+    return answer(reply);
   }
 
-  rset(): Promise<Answer> { return this.command("RSET", "rset"); }
+  rset(): Promise<Answer> { return this.command("RSET", STEPS.rset); }
   noop(): Promise<Answer> { return this.command("NOOP"); }
   vrfy(name: string): Promise<Answer> { return this.command(`VRFY ${name}`); }
   expn(name: string): Promise<Answer> { return this.command(`EXPN ${name}`); }
@@ -250,36 +191,31 @@ export class SmtpSession {
 
   /** QUIT, then close whatever the server does. */
   async quit(): Promise<Answer> {
-    if (this.ended) return { code: 221, text: ["connection already closed"] };
-    const reply = await this.command("QUIT", "quit").catch(() => ({ code: 221, text: ["closed"] }));
+    if (this.closed) return { code: 221, text: ["connection already closed"] };
+    const reply = await this.command("QUIT", STEPS.quit).catch(() => ({ code: 221, text: ["closed"] }));
     this.close();
     return reply;
   }
 
   close(): void {
-    this.ended = true;
-    this.socket.end();
-    setTimeout(() => this.socket.destroy(), 1000).unref();
-  }
-
-  get closed(): boolean {
-    return this.ended;
+    this.#conn.close();
   }
 }
 
 function checkAddress(address: string, mayBeNull: boolean): void {
   if (mayBeNull && address === "") return;
   const problem = addressProblem(address);
-  if (problem) throw new ClientError(`bad address ${JSON.stringify(address)}: ${problem}`, "EENVELOPE", { host: "", stage: "mail" });
+  if (problem) throw new MailError(`bad address ${JSON.stringify(address)}: ${problem}`, "EENVELOPE", { command: mayBeNull ? "MAIL" : "RCPT" });
 }
 
-type Step = (session: SmtpSession) => Promise<Answer>;
+/** One step of smtpTransactions: a call on the session. */
+type Transaction = (session: SmtpSession) => Promise<Answer>;
 
 /**
  * The seed's smtp-transactions: run the steps in order; stop at the first reply that is 221,
  * 421 or 400 and above, and close the connection with QUIT; return the last reply.
  */
-export async function smtpTransactions(session: SmtpSession, ...steps: Step[]): Promise<Answer> {
+export async function smtpTransactions(session: SmtpSession, ...steps: Transaction[]): Promise<Answer> {
   let last: Answer = { code: 250, text: [] };
   for (const step of steps) {
     last = await step(session);
@@ -333,7 +269,7 @@ export async function sendmail(options: SendmailOptions): Promise<SendmailResult
 }
 
 /** The seed's smtp-query: EHLO, then the query, then QUIT unless the server closed. */
-async function query(options: ClientOptions, ask: Step): Promise<Answer> {
+async function query(options: ClientOptions, ask: Transaction): Promise<Answer> {
   const session = await SmtpSession.open(options);
   try {
     const reply = await smtpTransactions(session, (s) => s.ehlo(), ask);

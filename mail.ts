@@ -39,17 +39,17 @@
 import { EventEmitter } from "node:events";
 import * as fs from "node:fs";
 import * as net from "node:net";
-import * as tls from "node:tls";
 import * as os from "node:os";
 import * as path from "node:path";
 import { randomBytes } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import {
-  ReplyParser, STAGE_TIMEOUTS, xtext, classify, dsnStatus, expectedReply, makeReply, parseEhlo, printable, replyText,
+  MailError, STAGE_TIMEOUTS, xtext, classify, dsnStatus, printable, replyText,
   type Extensions, type Reply,
 } from "./smtp-codes.js";
 import { Router, type Hop, type Route } from "./route.js";
-import { tlsConnectionOptions, vrfy, expn, help } from "./client.js";
+import { vrfy, expn, help } from "./client.js";
+import { SmtpConnection, STEPS, type ConnectionOptions, type Credentials, type Hello, type Step, type TlsMode } from "./smtp-connection.js";
 import { startServer, checkServerOptions, type ServerOptions } from "./receiver.js";
 import { composeBounce, composeNotice } from "./bounce.js";
 import { loadDkimKeys, signByFrom, generateDkimKey, dnsRecord, spfRecord, dmarcRecord, checkDomain, formatCheck, DkimConfigError, type DkimKey } from "./dkim.js";
@@ -63,13 +63,15 @@ export const VERSION = "0.1.0";
 // The receiver (--serve) and the direct client (scsh's sendmail, VRFY, EXPN, HELP) are part of the library entry.
 export { startServer } from "./receiver.js";
 export type { ServerOptions, ServerHandle, StoredMessage } from "./receiver.js";
-export { sendmail, vrfy, expn, help, smtpTransactions, SmtpSession, ClientError } from "./client.js";
+export { sendmail, vrfy, expn, help, smtpTransactions, SmtpSession } from "./client.js";
 export type { Answer, Loser, SendmailResult, SendmailOptions, ClientOptions } from "./client.js";
 
 /* ------------------------------------------------------------------------------------ */
 /* Options                                                                               */
 
-export type TlsMode = "none" | "may" | "encrypt" | "verify";
+export type { TlsMode };
+export { MailError };
+export type { MailErrorDetails } from "./smtp-codes.js";
 
 /** Every flag of SPEC section 3 in camelCase; later issues give the rest their behaviour. */
 export interface MailOptions {
@@ -226,13 +228,6 @@ export function parseHostPort(text: string, flag: string, defaultPort: number, i
 /* ------------------------------------------------------------------------------------ */
 /* Errors and outcomes                                                                   */
 
-/** What AUTH needs; never logged, never put in an error. */
-interface Credentials {
-  user: string;
-  password: string;
-  token: string | null;
-}
-
 /**
  * inet_interfaces: the addresses this machine receives mail on, so an MX list that leads
  * back here is cut. "all" (the default) is every interface's address; "loopback-only" is
@@ -254,18 +249,6 @@ function secretForms(c: Credentials | null): string[] {
   const forms = [c.password, b64(c.password), b64(`\0${c.user}\0${c.password}`)];
   if (c.token) forms.push(c.token, b64(`user=${c.user}\x01auth=Bearer ${c.token}\x01\x01`));
   return forms;
-}
-
-/** One error type: what failed, for which message, with which host, and the server's words. */
-export class MailError extends Error {
-  constructor(
-    message: string,
-    readonly code: string,
-    readonly details: { queueId?: string; host?: string; stage?: string; command?: string; response?: string } = {},
-  ) {
-    super(message);
-    this.name = "MailError";
-  }
 }
 
 export type Status = "sent" | "deferred" | "bounced";
@@ -388,26 +371,11 @@ function seconds(ms: number): string {
 /** The seed's stages, in the order a session walks them; only RSET and QUIT come back. */
 export enum Stage { Connect = -1, Banner = 0, Helo = 1, Mail = 2, Rcpt = 3, Data = 4, Body = 5, Dot = 6, Rset = 7, Quit = 8 }
 
-/** Per stage: which timeout bounds it, and how errors name it (as Postfix's smtp_proto.c does). */
-const STAGES: Record<Stage, { timeout: keyof MailOptions | null; seconds?: number; label: string; command: string }> = {
-  [Stage.Connect]: { timeout: "connectTimeout", label: "connecting", command: "CONNECT" },
-  [Stage.Banner]: { timeout: "heloTimeout", label: "receiving the initial server greeting", command: "CONNECT" },
-  [Stage.Helo]: { timeout: "heloTimeout", label: "performing the EHLO handshake", command: "EHLO" },
-  [Stage.Mail]: { timeout: "mailTimeout", label: "sending MAIL FROM", command: "MAIL" },
-  [Stage.Rcpt]: { timeout: "rcptTimeout", label: "sending RCPT TO", command: "RCPT" },
-  [Stage.Data]: { timeout: "dataInitTimeout", label: "sending DATA command", command: "DATA" },
-  [Stage.Body]: { timeout: "dataXferTimeout", label: "sending message body", command: "DATA" },
-  [Stage.Dot]: { timeout: "dataDoneTimeout", label: "sending end of data -- message may be sent more than once", command: "DOT" },
-  [Stage.Rset]: { timeout: null, seconds: STAGE_TIMEOUTS.rset, label: "sending RSET", command: "RSET" },
-  [Stage.Quit]: { timeout: "quitTimeout", label: "sending QUIT", command: "QUIT" },
-};
-
-/** "in reply to RCPT TO command", Postfix's phrase for whose reply it was. */
-const IN_REPLY_TO: Partial<Record<Stage, string>> = {
-  [Stage.Banner]: "in reply to the initial greeting", [Stage.Helo]: "in reply to EHLO command",
-  [Stage.Mail]: "in reply to MAIL FROM command", [Stage.Rcpt]: "in reply to RCPT TO command",
-  [Stage.Data]: "in reply to DATA command", [Stage.Dot]: "in reply to end of DATA command",
-  [Stage.Rset]: "in reply to RSET command",
+/** Per stage, the step of the conversation it is: its timeout, its label for errors (as Postfix's smtp_proto.c names them). */
+const STAGES: Record<Stage, Step> = {
+  [Stage.Connect]: STEPS.connect, [Stage.Banner]: STEPS.greeting, [Stage.Helo]: STEPS.ehlo, [Stage.Mail]: STEPS.mail,
+  [Stage.Rcpt]: STEPS.rcpt, [Stage.Data]: STEPS.data, [Stage.Body]: STEPS.body, [Stage.Dot]: STEPS.dot,
+  [Stage.Rset]: STEPS.rset, [Stage.Quit]: STEPS.quit,
 };
 
 /* ------------------------------------------------------------------------------------ */
@@ -559,51 +527,78 @@ function tooManyRecipients(reply: Reply): boolean {
   return reply.code === 452 && (reply.enhanced === "4.5.3" || /too many recipients/i.test(reply.lines.join(" ")));
 }
 
-type Expect =
-  | { kind: "banner" | "ehlo" | "helo" | "starttls" | "rset" | "quit" }
-  | { kind: "auth"; step: number }
-  | { kind: "mail" | "data" | "dot"; txn: Txn }
-  | { kind: "rcpt"; txn: Txn; rcpt: string };
-
-/** The command each expected reply answers, for the seed's command/reply table. */
-const COMMAND_OF: Record<Expect["kind"], string> = {
-  banner: "CONNECT", ehlo: "EHLO", helo: "HELO", starttls: "STARTTLS", auth: "AUTH", mail: "MAIL", rcpt: "RCPT",
-  data: "DATA", dot: "DOT", rset: "RSET", quit: "QUIT",
-};
-
-const STAGE_OF: Record<Expect["kind"], Stage> = {
-  banner: Stage.Banner, ehlo: Stage.Helo, helo: Stage.Helo, starttls: Stage.Helo, auth: Stage.Helo, mail: Stage.Mail, rcpt: Stage.Rcpt,
-  data: Stage.Data, dot: Stage.Dot, rset: Stage.Rset, quit: Stage.Quit,
-};
-
 /* ------------------------------------------------------------------------------------ */
 /* The slot: the talker's miscconn                                                       */
 
+/** How a slot talks to one hop: decided by the engine from its options and what it remembers of the hop. */
+interface Session {
+  /** The connection's options but the transcript callback (TLS mode for this hop, timeouts, ...). */
+  connection: Omit<ConnectionOptions, "onLine">;
+  /** --debug-peer: every line is logged. */
+  debug: boolean;
+  /** notify_classes protocol: the last lines are kept for a postmaster notice. */
+  transcript: boolean;
+  /** AUTH to the relay, or null. */
+  credentials: Credentials | null;
+  /** smtp_skip_quit_response off: QUIT waits for its reply. */
+  waitForQuit: boolean;
+}
+
+/** What a Slot needs of the engine, and all it may touch. */
+interface SlotHost {
+  readonly stopping: boolean;
+  readonly spool: Spool;
+  session(hop: Hop): Session;
+  /* The scheduler: jobs for this slot's destination. */
+  jobFor(dest: Destination, give: (job: Job | null) => void): void;
+  jobNow(dest: Destination): Job | null;
+  jobReturned(job: Job): void;
+  retryNow(job: Job, recipients: string[]): void;
+  jobDone(job: Job): void;
+  slotReady(slot: Slot): void;
+  slotFailedEarly(slot: Slot, reason: string): void;
+  slotClosed(slot: Slot): void;
+  /* What the session found out. */
+  recordOutcome(job: Job, outcome: OutcomeInput): void;
+  note(text: string): void;
+  protocolNotice(peer: string, reason: string, transcript: string[]): void;
+  tlsFailed(hop: Hop): void;
+  plaintextUsed(hop: Hop): void;
+  authRefused(reason: string, hop: Hop, reply: Reply): void;
+}
+
+/**
+ * One connection slot: the talker's miscconn. It walks the stages of a session on an
+ * SmtpConnection (which carries the bytes, replies, timers and TLS) and turns what the
+ * server says into outcomes for the jobs it carries; what it needs of the engine is its
+ * SlotHost.
+ */
 class Slot {
   stage: Stage = Stage.Connect;
   /** The seed's ready flag: the slot may write its next command. */
   ready = false;
-  private socket: net.Socket | null = null;
-  private parser = new ReplyParser();
-  private readonly expects: Expect[] = [];
-  private readonly txns: Txn[] = [];
-  private timer: NodeJS.Timeout | null = null;
-  private timerMs = 0;
-  private timerStage: Stage = Stage.Connect;
-  private ext: Extensions | null = null;
-  private closed = false;
-  private quitting = false;
   /** host[ip]:port, for log lines; "none" until connected. */
   relay = "none";
-  private peer = "";
-  private connectedAt = 0;
-  private setupMs = 0;
   delivered = 0;
   /** The engine counted this slot as ready (it reached the MAIL stage once). */
   wasReady = false;
-  private heloFallback = false;
+  #conn: SmtpConnection | null = null;
+  readonly #txns: Txn[] = [];
+  #closed = false;
+  #peer = "";
+  #connectedAt = 0;
+  #setupMs = 0;
+  #hops: Hop[] = [];
+  #hop: Hop = { host: "", address: "", port: 0 };
+  /** The last lines of the conversation, when a protocol error would send them to the postmaster. */
+  #transcript: string[] | null = null;
+  /** The peer is in --debug-peer: every line of the conversation is logged. */
+  #debug = false;
+  #lastError = "no address to connect to";
+  #authenticated = false;
+  #session: Session | null = null;
 
-  constructor(private readonly engine: MailEngine, readonly destination: Destination) {}
+  constructor(private readonly host: SlotHost, readonly destination: Destination) {}
 
   /**
    * do_smtp_connect(): connects to each hop of the route in turn until one greets. A refused
@@ -611,361 +606,144 @@ class Slot {
    * next hop; once a server has greeted, no error does (the seed's rule, Postfix's too).
    */
   open(): void {
-    this.connectedAt = Date.now();
-    this.hops = [...this.destination.hops];
-    this.connectNext();
+    this.#connectedAt = Date.now();
+    this.#hops = [...this.destination.hops];
+    this.#connectNext();
   }
 
-  private hops: Hop[] = [];
-  private hop: Hop = { host: "", address: "", port: 0 };
-  /** The conversation is encrypted (STARTTLS done, or implicit TLS). */
-  private secure = false;
-  /** Between STARTTLS's 220 and the end of the handshake. */
-  private handshaking = false;
-  /** Reads so far, and the read during which each expected reply was asked for. */
-  private chunkSeq = 0;
-  private readonly expectedAt = new WeakMap<Expect, number>();
-  /** The last lines of the conversation, when a protocol error would send them to the postmaster. */
-  private transcript: string[] | null = null;
-  /** The peer is in --debug-peer: every line of the conversation is logged. */
-  private debug = false;
-  private lastError = "no address to connect to";
-
-  private connectNext(): void {
-    const hop = this.hops.shift();
-    if (!hop || this.engine.stopping) {
-      this.closed = true;
-      this.engine.slotFailedEarly(this, this.lastError);
+  #connectNext(): void {
+    const hop = this.#hops.shift();
+    if (!hop || this.host.stopping) {
+      this.#closed = true;
+      this.host.slotFailedEarly(this, this.#lastError);
       return;
     }
-    this.hop = hop;
-    this.debug = this.engine.isDebugPeer(hop);
-    this.transcript = this.engine.wantsTranscripts ? [] : null;
-    this.connect(hop).then((socket) => {
-      if (this.closed) return void socket.destroy();
-      this.socket = socket;
-      this.peer = `${hop.host}[${hop.address}]`;
-      this.relay = `${this.peer}:${hop.port}`;
-      this.attach();
-    }, (err: Error) => {
-      this.lastError = err.message;
-      this.connectNext();
-    });
-  }
-
-  /** Before a greeting: give up on this hop, quietly, and try the next. */
-  private nextHop(reason: string): void {
-    this.lastError = reason;
-    this.disarm();
-    const socket = this.socket;
-    if (socket) {
-      socket.removeAllListeners();
-      socket.on("error", () => undefined);
-      socket.destroy();
-    }
-    this.socket = null;
-    this.parser = new ReplyParser();
-    this.expects.length = 0;
+    this.#hop = hop;
+    this.#peer = `${hop.host}[${hop.address}]`;
+    this.#session = this.host.session(hop);
+    this.#debug = this.#session.debug;
+    this.#transcript = this.#session.transcript ? [] : null;
     this.stage = Stage.Connect;
     this.relay = "none";
-    this.secure = false;
-    this.ext = null;
-    this.heloFallback = false;
-    this.connectNext();
+    const conn = new SmtpConnection({
+      ...this.#session.connection,
+      onLine: this.#transcript || this.#debug ? (direction, line) => this.#said(direction, line) : undefined,
+    }, (err, reply) => this.#failed(conn, err, reply));
+    this.#conn = conn;
+    conn.open(this.#on(Stage.Banner, (reply) => this.#onBanner(reply)));
   }
 
-  private connect(hop: Hop): Promise<net.Socket> {
-    const ms = this.engine.timeoutMs(Stage.Connect);
-    const where = `${hop.host}[${hop.address}]:${hop.port}`;
-    const wrapped = this.engine.implicitTls(hop);
-    return new Promise((resolve, reject) => {
-      // Implicit TLS (port 465, --tls-wrapper): the handshake is part of connecting.
-      const socket = wrapped
-        ? tls.connect({ host: hop.address, port: hop.port, ...this.engine.tlsOptions(hop) })
-        : net.connect({ host: hop.address, port: hop.port });
-      this.secure = wrapped;
-      const timer = setTimeout(() => {
-        socket.destroy();
-        reject(new Error(`connect to ${where}: Connection timed out`));
-      }, ms);
-      socket.once(wrapped ? "secureConnect" : "connect", () => {
-        clearTimeout(timer);
-        socket.removeAllListeners("error");
-        resolve(socket);
-      });
-      socket.once("error", (err: NodeJS.ErrnoException) => {
-        clearTimeout(timer);
-        socket.destroy();
-        if (wrapped && err.code !== "ECONNREFUSED") this.engine.tlsFailed(hop);
-        reject(new Error(`connect to ${where}: ${wrapped && !err.syscall ? `TLS handshake failed: ${err.message}` : describeSocketError(err)}`));
-      });
-    });
-  }
-
-  private attach(): void {
-    this.listen(this.socket!);
-    this.stage = Stage.Banner;
-    this.expect({ kind: "banner" });
-  }
-
-  /** The readable handler and the ends of the connection, on the plain or the TLS socket. */
-  private listen(socket: net.Socket): void {
-    socket.setNoDelay(true);
-    socket.on("data", (chunk: Buffer) => this.readable(chunk));
-    socket.on("error", (err: NodeJS.ErrnoException) => this.lost(describeSocketError(err)));
-    socket.on("close", () => this.lost("Connection closed"));
-  }
-
-  /* The readable handler: replies in, stage and ready flag forward. */
-
-  private readable(chunk: Buffer): void {
-    const parser = this.parser;
-    this.chunkSeq++;
-    for (const reply of parser.push(chunk)) {
-      // After STARTTLS's 220 the plaintext parser is gone: whatever else came with it is
-      // dropped unread (RFC 3207; the STARTTLS command-injection class of bugs).
-      if (this.closed || parser !== this.parser) return;
-      this.reply(reply);
-    }
-  }
-
-  private reply(reply: Reply): void {
-    if (this.transcript || this.debug) reply.lines.forEach((l, i) => this.said("<", `${reply.code < 600 ? reply.code : ""}${i < reply.lines.length - 1 ? "-" : " "}${l}`));
-    const expect = this.expects.shift();
-    // A reply that came in the same read as the reply before it cannot answer a command we
-    // wrote only after that read: the server spoke before it was asked (Nodemailer's
-    // position-only matching takes such a reply as the answer).
-    if (expect && (this.expectedAt.get(expect) ?? 0) >= this.chunkSeq && expect.kind !== "banner") {
-      this.protocolError(`host ${this.peer} sent a reply before the command it would answer: ${printable(replyText(reply))}`, reply);
-      return;
-    }
-    if (!expect) {
-      if (this.quitting) return;
-      this.protocolError(`host ${this.peer} sent an unexpected reply: ${printable(replyText(reply))}`, reply);
-      return;
-    }
-    const stage = STAGE_OF[expect.kind];
-    if (reply.code === 421 && expect.kind !== "quit") {
-      this.fail(`host ${this.peer} said: ${printable(replyText(reply))} (${IN_REPLY_TO[stage]})`, reply);
-      return;
-    }
-    if (reply.code >= 600 || !expectedReply(COMMAND_OF[expect.kind], reply)) {
-      if (expect.kind === "quit") return this.close();
-      this.protocolError(`host ${this.peer} broke the protocol: ${printable(replyText(reply))} (in reply to ${COMMAND_OF[expect.kind]} command)`, reply);
-      return;
-    }
-    this.armNext();
-    switch (expect.kind) {
-      case "banner": return this.onBanner(reply);
-      case "ehlo": return this.onEhlo(reply);
-      case "helo": return this.onHelo(reply);
-      case "starttls": return this.onStartTls(reply);
-      case "auth": return this.onAuth(expect.step, reply);
-      case "mail": return this.onMail(expect.txn, reply);
-      case "rcpt": return this.onRcpt(expect.txn, expect.rcpt, reply);
-      case "data": return this.onData(expect.txn, reply);
-      case "dot": return this.onDot(expect.txn, reply);
-      case "rset": return this.onRset(reply);
-      case "quit": return this.close();
-    }
-  }
-
-  private onBanner(reply: Reply): void {
-    if (classify(reply) !== "ok") {
-      this.fail(`host ${this.peer} refused to talk to me: ${printable(replyText(reply))}`, reply);
-      return;
-    }
-    this.stage = Stage.Helo;
-    this.send(`EHLO ${this.engine.options.helo}\r\n`, { kind: "ehlo" });
-  }
-
-  private onEhlo(reply: Reply): void {
-    if (classify(reply) === "permanent" && !this.heloFallback) {
-      this.heloFallback = true;
-      this.send(`HELO ${this.engine.options.helo}\r\n`, { kind: "helo" });
-      return;
-    }
-    if (classify(reply) !== "ok") {
-      this.fail(`host ${this.peer} refused to talk to me: ${printable(replyText(reply))} (${IN_REPLY_TO[Stage.Helo]})`, reply);
-      return;
-    }
-    this.ext = parseEhlo(reply);
-    this.afterEhlo();
-  }
-
-  /** After each EHLO: STARTTLS when it is wanted and offered, then AUTH to a relay, then mail. */
-  private afterEhlo(): void {
-    const tlsMode = this.engine.tlsModeFor(this.hop);
-    if (tlsMode === "none" && this.engine.options.tls === "may") this.engine.plaintextUsed(this.hop);
-    if (!this.secure && tlsMode !== "none") {
-      if (this.ext?.startTls) return this.send("STARTTLS\r\n", { kind: "starttls" });
-      if (tlsMode !== "may") return this.fail(`TLS is required, but was not offered by host ${this.peer}`);
-    }
-    const credentials = this.engine.credentials;
-    if (credentials && !this.authenticated) return this.authenticate(credentials);
-    this.sessionReady();
-  }
-
-  private onStartTls(reply: Reply): void {
-    if (reply.code !== 220) {
-      if (this.engine.tlsModeFor(this.hop) === "may") return this.afterEhloWithoutTls();
-      return this.fail(`TLS is required, but host ${this.peer} refused to start TLS: ${printable(replyText(reply))}`, reply);
-    }
-    this.startTls();
-  }
-
-  /** The server offered STARTTLS and then refused it: with "may", plaintext it is. */
-  private afterEhloWithoutTls(): void {
-    if (this.ext) this.ext.startTls = false;
-    this.afterEhlo();
-  }
-
-  /** Upgrades the connection in place; everything learned before it is forgotten (RFC 3207). */
-  private startTls(): void {
-    const raw = this.socket!;
-    raw.removeAllListeners("data");
-    raw.removeAllListeners("error");
-    raw.removeAllListeners("close");
-    raw.on("error", () => undefined);
-    this.parser = new ReplyParser();
-    this.ext = null;
-    this.arm(Stage.Helo);
-    const secure = tls.connect({ socket: raw, ...this.engine.tlsOptions(this.hop) });
-    this.handshaking = true;
-    const failed = (err: Error) => {
-      this.handshaking = false;
-      this.engine.tlsFailed(this.hop);
-      this.fail(`TLS handshake with ${this.peer} failed: ${err.message}`);
+  /**
+   * Every reply passes here first: a 421 ends the session whatever it answers, and a reply
+   * that is not one (600) is a protocol error. The rest goes to the stage's handler.
+   */
+  #on(stage: Stage, handler: (reply: Reply) => void): (reply: Reply) => void {
+    return (reply) => {
+      if (this.#closed) return;
+      if (reply.code >= 600) return this.#conn!.abort(`host ${this.#peer} broke the protocol: ${printable(replyText(reply))} (in reply to ${STAGES[stage].command} command)`, "EPROTOCOL", reply);
+      if (reply.code === 421 && stage !== Stage.Quit) return this.#conn!.abort(`host ${this.#peer} said: ${printable(replyText(reply))} (${STAGES[stage].inReplyTo})`, "ESERVER", reply);
+      handler(reply);
     };
-    secure.once("error", failed);
-    secure.once("secureConnect", () => {
-      this.handshaking = false;
-      secure.off("error", failed);
-      this.socket = secure;
-      this.secure = true;
-      this.listen(secure);
-      this.send(`EHLO ${this.engine.options.helo}\r\n`, { kind: "ehlo" });
+  }
+
+  #onBanner(reply: Reply): void {
+    this.relay = this.#conn!.relay;
+    if (classify(reply) !== "ok") return this.#conn!.abort(`host ${this.#peer} refused to talk to me: ${printable(replyText(reply))}`, "ESERVER", reply);
+    this.stage = Stage.Helo;
+    if (this.#session!.connection.tls === "none") this.host.plaintextUsed(this.#hop);
+    this.#conn!.hello((hello) => this.#on(Stage.Helo, () => this.#afterHello(hello))(hello.reply));
+  }
+
+  /** After EHLO (or HELO) and STARTTLS: TLS policy, then AUTH to a relay, then mail. */
+  #afterHello(hello: Hello): void {
+    const conn = this.#conn!;
+    if (classify(hello.reply) !== "ok") {
+      const command = hello.helo ? "HELO" : "EHLO";
+      return conn.abort(`host ${this.#peer} refused to talk to me: ${printable(replyText(hello.reply))} (in reply to ${command} command)`, "ESERVER", hello.reply);
+    }
+    if (hello.tlsProblem) return conn.abort(hello.tlsProblem, "ETLS", hello.reply.code === 250 ? null : hello.reply);
+    const credentials = this.#session!.credentials;
+    if (!credentials || this.#authenticated) return this.#sessionReady();
+    conn.authenticate(credentials, ({ reply, problem }) => {
+      if (problem) return conn.abort(problem, "EAUTH");
+      if (reply!.code === 235) {
+        this.#authenticated = true;
+        return this.#sessionReady();
+      }
+      const reason = `SASL authentication failed; server ${this.#peer} said: ${printable(replyText(reply!))}`;
+      if (reply!.code === 535 || reply!.code === 534 || classify(reply!) === "permanent") this.host.authRefused(reason, this.#hop, reply!);
+      conn.abort(reason, "EAUTH", reply);
     });
   }
 
-  /* AUTH to the relay (RFC 4954): XOAUTH2 when a token is given, else PLAIN, else LOGIN. */
-
-  private authenticated = false;
-  private credentials: Credentials | null = null;
-  private mechanism = "";
-
-  private authenticate(credentials: Credentials): void {
-    const offered = this.ext?.auth ?? [];
-    if (!this.secure && this.engine.options.tls !== "none") {
-      return this.fail(`SASL authentication with ${this.peer} refused: the connection is not encrypted (use --tls none to allow it)`);
-    }
-    const mechanism = (credentials.token ? ["XOAUTH2"] : []).concat(["PLAIN", "LOGIN"]).find((m) => offered.includes(m));
-    if (!mechanism) {
-      return this.fail(`SASL authentication failed; server ${this.peer} offered no supported authentication mechanisms (offered: ${offered.join(" ") || "none"})`);
-    }
-    this.credentials = credentials;
-    this.mechanism = mechanism;
-    const b64 = (text: string) => Buffer.from(text, "utf8").toString("base64");
-    if (mechanism === "PLAIN") this.send(`AUTH PLAIN ${b64(`\0${credentials.user}\0${credentials.password}`)}\r\n`, { kind: "auth", step: 0 }, true);
-    else if (mechanism === "XOAUTH2") this.send(`AUTH XOAUTH2 ${b64(`user=${credentials.user}\x01auth=Bearer ${credentials.token}\x01\x01`)}\r\n`, { kind: "auth", step: 0 }, true);
-    else this.send("AUTH LOGIN\r\n", { kind: "auth", step: 0 });
+  #sessionReady(): void {
+    this.#setupMs = Date.now() - this.#connectedAt;
+    if (this.#hop.via) this.host.note(`${this.destination.key}: delivering through the ${this.#hop.via} ${this.relay}`);
+    this.host.slotReady(this);
+    this.#nextJob();
   }
 
-  private onAuth(step: number, reply: Reply): void {
-    const b64 = (text: string) => Buffer.from(text, "utf8").toString("base64");
-    if (reply.code === 235) {
-      this.authenticated = true;
-      this.credentials = null;
-      return this.sessionReady();
-    }
-    if (reply.code === 334) {
-      if (this.mechanism === "LOGIN" && step < 2) {
-        const answer = step === 0 ? this.credentials!.user : this.credentials!.password;
-        return this.send(`${b64(answer)}\r\n`, { kind: "auth", step: step + 1 }, true);
-      }
-      // An XOAUTH2 error challenge (or a server that wants more than we have): end the exchange.
-      return this.send("*\r\n", { kind: "auth", step: 99 });
-    }
-    const words = printable(replyText(reply));
-    if (reply.code === 535 || reply.code === 534 || classify(reply) === "permanent") {
-      this.engine.authRefused(`SASL authentication failed; server ${this.peer} said: ${words}`);
-    }
-    this.fail(`SASL authentication failed; server ${this.peer} said: ${words}`, reply);
-  }
-
-  private onHelo(reply: Reply): void {
-    if (classify(reply) !== "ok") {
-      this.fail(`host ${this.peer} refused to talk to me: ${printable(replyText(reply))} (in reply to HELO command)`, reply);
-      return;
-    }
-    this.ext = parseEhlo(makeReply(250, [""]));
-    this.sessionReady();
-  }
-
-  private sessionReady(): void {
-    this.setupMs = Date.now() - this.connectedAt;
-    if (this.hop.via) this.engine.note(`${this.destination.key}: delivering through the ${this.hop.via} ${this.relay}`);
-    this.engine.slotReady(this);
-    this.nextJob();
+  get #ext(): Extensions | null {
+    return this.#conn?.ext ?? null;
   }
 
   /* Stage 2: the next message on this connection, or QUIT when there is none. */
 
-  private nextJob(): void {
+  #nextJob(): void {
     this.stage = Stage.Mail;
     this.ready = true;
-    this.disarm();
-    this.engine.jobFor(this.destination, (job) => {
-      if (this.closed) {
-        if (job) this.engine.jobReturned(job);
+    this.host.jobFor(this.destination, (job) => {
+      if (this.#closed) {
+        if (job) this.host.jobReturned(job);
         return;
       }
-      if (job) this.startTxn(job);
-      else this.quit();
+      if (job) this.#startTxn(job);
+      else this.#quit();
     });
   }
 
-  private startTxn(job: Job): void {
+  #startTxn(job: Job): void {
     const txn = new Txn(job);
     const { delivery } = job;
-    const limit = this.ext?.size;
+    const limit = this.#ext?.size;
     if (limit && delivery.wire.size > limit) {
-      this.settleAll(txn, this.outcome(job, "bounced", 552, "5.3.4",
-        `message size ${delivery.wire.size} exceeds size limit ${limit} of server ${this.peer}`));
+      this.#settleAll(txn, this.#outcome(job, "bounced", 552, "5.3.4",
+        `message size ${delivery.wire.size} exceeds size limit ${limit} of server ${this.#peer}`));
       // Behind a pipelined dot the reply still to come moves the slot on; otherwise move on now.
-      if (this.txns.length === 0 && this.expects.length === 0) this.nextJob();
+      if (this.#txns.length === 0) this.#nextJob();
       return;
     }
-    if (needsSmtpUtf8(job) && !this.ext?.smtpUtf8) {
+    if (needsSmtpUtf8(job) && !this.#ext?.smtpUtf8) {
       // RFC 6531: an address that is not ASCII needs SMTPUTF8; a server without it cannot take it.
-      this.settleAll(txn, this.outcome(job, "bounced", 553, "5.6.7", `SMTPUTF8 is required, but was not offered by host ${this.peer}`));
-      if (this.txns.length === 0 && this.expects.length === 0) this.nextJob();
+      this.#settleAll(txn, this.#outcome(job, "bounced", 553, "5.6.7", `SMTPUTF8 is required, but was not offered by host ${this.#peer}`));
+      if (this.#txns.length === 0) this.#nextJob();
       return;
     }
     this.ready = false;
-    this.txns.push(txn);
+    this.#txns.push(txn);
     job.startedAt = Date.now();
-    job.setupMs = this.setupMs;
-    this.setupMs = 0;
-    const mail = this.mailCommand(delivery);
-    if (this.ext?.pipelining) {
-      const lines = [mail, ...job.recipients.map((r) => this.rcptCommand(delivery, r)), "DATA\r\n"];
-      this.command(lines.join(""));
-      this.expect({ kind: "mail", txn });
-      for (const rcpt of job.recipients) this.expect({ kind: "rcpt", txn, rcpt });
-      this.expect({ kind: "data", txn });
+    job.setupMs = this.#setupMs;
+    this.#setupMs = 0;
+    const conn = this.#conn!;
+    const mail = this.#mailCommand(delivery);
+    if (this.#ext?.pipelining) {
+      conn.command([mail, ...job.recipients.map((r) => this.#rcptCommand(delivery, r)), "DATA\r\n"].join(""));
+      conn.expect(STAGES[Stage.Mail], this.#on(Stage.Mail, (r) => this.#onMail(txn, r)));
+      for (const rcpt of job.recipients) conn.expect(STAGES[Stage.Rcpt], this.#on(Stage.Rcpt, (r) => this.#onRcpt(txn, rcpt, r)));
+      conn.expect(STAGES[Stage.Data], this.#on(Stage.Data, (r) => this.#onData(txn, r)));
     } else {
-      this.send(mail, { kind: "mail", txn });
+      conn.send(mail, STAGES[Stage.Mail], this.#on(Stage.Mail, (r) => this.#onMail(txn, r)));
     }
   }
 
-  private mailCommand(delivery: Delivery): string {
+  #mailCommand(delivery: Delivery): string {
     let params = "";
-    if (this.ext?.size != null) params += ` SIZE=${delivery.wire.size}`;
-    if (delivery.wire.eightBit && this.ext?.eightBitMime) params += " BODY=8BITMIME";
-    if (this.ext?.smtpUtf8 && needsSmtpUtf8Address(delivery.msg.sender, delivery.msg.recipients)) params += " SMTPUTF8";
+    const ext = this.#ext;
+    if (ext?.size != null) params += ` SIZE=${delivery.wire.size}`;
+    if (delivery.wire.eightBit && ext?.eightBitMime) params += " BODY=8BITMIME";
+    if (ext?.smtpUtf8 && needsSmtpUtf8Address(delivery.msg.sender, delivery.msg.recipients)) params += " SMTPUTF8";
     const dsn = delivery.book?.dsn;
-    if (dsn && this.ext?.dsn) {
+    if (dsn && ext?.dsn) {
       if (dsn.ret) params += ` RET=${dsn.ret.toUpperCase()}`;
       if (dsn.envid) params += ` ENVID=${xtext(dsn.envid)}`;
     }
@@ -973,171 +751,122 @@ class Slot {
   }
 
   /** RCPT TO, with RFC 3461's NOTIFY and ORCPT when the sender asked and the server offers DSN. */
-  private rcptCommand(delivery: Delivery, rcpt: string): string {
+  #rcptCommand(delivery: Delivery, rcpt: string): string {
     const notify = delivery.book?.dsn?.notify;
     // RFC 6533: an address that is not ASCII goes as utf-8, with \x{HEX} for each such character.
     const orcpt = /^[\x20-\x7e]*$/.test(rcpt) ? `rfc822;${xtext(rcpt)}`
       : `utf-8;${xtext([...rcpt].map((c) => (c.codePointAt(0)! > 0x7e ? `\\x{${c.codePointAt(0)!.toString(16).toUpperCase()}}` : c)).join(""))}`;
-    const params = notify && this.ext?.dsn ? ` NOTIFY=${notify.map((n) => n.toUpperCase()).join(",")} ORCPT=${orcpt}` : "";
+    const params = notify && this.#ext?.dsn ? ` NOTIFY=${notify.map((n) => n.toUpperCase()).join(",")} ORCPT=${orcpt}` : "";
     return `RCPT TO:<${rcpt}>${params}\r\n`;
   }
 
-  private onMail(txn: Txn, reply: Reply): void {
+  #onMail(txn: Txn, reply: Reply): void {
     if (classify(reply) === "ok") {
       txn.mailOk = true;
       this.stage = Stage.Rcpt;
-      if (!this.ext?.pipelining) this.send(this.rcptCommand(txn.job.delivery, txn.job.recipients[0]), { kind: "rcpt", txn, rcpt: txn.job.recipients[0] });
+      if (!this.#ext?.pipelining) this.#sendRcpt(txn, txn.job.recipients[0]);
       return;
     }
-    this.settleAll(txn, this.replyOutcome(txn.job, reply, Stage.Mail));
-    if (!this.ext?.pipelining) this.rset();
+    this.#settleAll(txn, this.#replyOutcome(txn.job, reply, Stage.Mail));
+    if (!this.#ext?.pipelining) this.#rset();
   }
 
-  private onRcpt(txn: Txn, rcpt: string, reply: Reply): void {
+  #sendRcpt(txn: Txn, rcpt: string): void {
+    this.#conn!.send(this.#rcptCommand(txn.job.delivery, rcpt), STAGES[Stage.Rcpt], this.#on(Stage.Rcpt, (r) => this.#onRcpt(txn, rcpt, r)));
+  }
+
+  #onRcpt(txn: Txn, rcpt: string, reply: Reply): void {
     if (txn.mailOk) {
       if (classify(reply) === "ok") txn.accepted.push(rcpt);
       else if (tooManyRecipients(reply)) {
         txn.overflow.push(rcpt);
         txn.overflowReply = reply;
-      } else this.settleOne(txn, rcpt, this.replyOutcome(txn.job, reply, Stage.Rcpt));
+      } else this.#settleOne(txn, rcpt, this.#replyOutcome(txn.job, reply, Stage.Rcpt));
     }
-    if (this.ext?.pipelining) return;
+    if (this.#ext?.pipelining) return;
     const rest = txn.job.recipients.slice(txn.job.recipients.indexOf(rcpt) + 1);
     // Without pipelining, a full server is not asked again in this transaction.
     if (txn.overflow.length > 0) txn.overflow.push(...rest.splice(0));
     const next = rest[0];
-    if (next !== undefined) this.send(this.rcptCommand(txn.job.delivery, next), { kind: "rcpt", txn, rcpt: next });
-    else if (txn.accepted.length > 0) this.send("DATA\r\n", { kind: "data", txn });
+    if (next !== undefined) this.#sendRcpt(txn, next);
+    else if (txn.accepted.length > 0) this.#conn!.send("DATA\r\n", STAGES[Stage.Data], this.#on(Stage.Data, (r) => this.#onData(txn, r)));
     else {
-      this.finishTxn(txn);
-      this.rset();
+      this.#finishTxn(txn);
+      this.#rset();
     }
   }
 
-  private onData(txn: Txn, reply: Reply): void {
+  #onData(txn: Txn, reply: Reply): void {
     const sendable = txn.mailOk && txn.accepted.length > 0;
     if (reply.code !== 354) {
       // DATA refused: the recipients it had accepted share the refusal.
-      if (!txn.settled) this.settleAll(txn, this.replyOutcome(txn.job, reply, Stage.Data));
-      return this.rset();
+      if (!txn.settled) this.#settleAll(txn, this.#replyOutcome(txn.job, reply, Stage.Data));
+      return this.#rset();
     }
+    const conn = this.#conn!;
     if (!sendable) {
       // RFC 2920: DATA was accepted although no recipient was; send an empty message and reset.
-      this.finishTxn(txn);
-      this.send(".\r\n", { kind: "dot", txn });
+      this.#finishTxn(txn);
+      conn.send(".\r\n", STAGES[Stage.Dot], this.#on(Stage.Dot, () => this.#rset()));
       return;
     }
     txn.inBody = true;
     this.stage = Stage.Body;
-    this.arm(Stage.Body);
     const wire = txn.job.delivery.wire;
     if (wire.bytes) {
       // The body, its dot and the next envelope leave in one packet: a server that answers
       // each part in its own write would otherwise wait on our delayed ACK (Nagle, 40 ms).
-      this.socket?.cork();
-      this.write(wire.bytes);
-      this.endOfData(txn);
-      this.socket?.uncork();
-    } else {
-      this.streamBody(txn).catch((err) => this.fail(`error reading queue file ${txn.job.delivery.msg.id}: ${(err as Error).message}`));
+      conn.cork();
+      conn.write(wire.bytes);
+      this.#endOfData(txn);
+      conn.uncork();
+      return;
     }
-  }
-
-  /**
-   * A large message, piece by piece from its file: each stuffed piece is handed to the
-   * kernel before the next is made in the same buffer, so a 50 MB message costs two
-   * buffers of memory, whatever the server's speed (the data-xfer timer bounds a stall).
-   */
-  private async streamBody(txn: Txn): Promise<void> {
-    const socket = this.socket!;
-    const chunks = wireChunks(this.engine.spool, txn.job.delivery.msg, txn.job.delivery.prefix, { reuse: true });
-    try {
-      for await (const chunk of chunks) {
-        if (this.closed) return;
-        this.arm(Stage.Body);
-        await new Promise<void>((resolve) => {
-          const done = () => { socket.off("close", done); resolve(); };
-          socket.once("close", done);
-          socket.write(chunk, done);
-        });
-      }
-    } finally {
-      await chunks.return(undefined);
-    }
-    if (!this.closed) this.endOfData(txn);
+    // A large message, piece by piece from its file: each stuffed piece is handed to the
+    // kernel before the next is made in the same buffer, so a 50 MB message costs two
+    // buffers of memory, whatever the server's speed (the data-xfer timer bounds a stall).
+    const { delivery } = txn.job;
+    conn.writeBody(wireChunks(this.host.spool, delivery.msg, delivery.prefix, { reuse: true })).then(
+      (written) => { if (written && !this.#closed) this.#endOfData(txn); },
+      (err: Error) => conn.abort(`error reading queue file ${delivery.msg.id}: ${err.message}`, "EQUEUE"),
+    );
   }
 
   /** The terminator is on its way: wait for the reply, and with PIPELINING send the next envelope behind it. */
-  private endOfData(txn: Txn): void {
+  #endOfData(txn: Txn): void {
     txn.dotSent = true;
     this.stage = Stage.Dot;
-    this.expect({ kind: "dot", txn });
-    if (this.ext?.pipelining) {
-      const job = this.engine.jobNow(this.destination);
-      if (job) this.startTxn(job);
+    this.#conn!.expect(STAGES[Stage.Dot], this.#on(Stage.Dot, (r) => this.#onDot(txn, r)));
+    if (this.#ext?.pipelining) {
+      const job = this.host.jobNow(this.destination);
+      if (job) this.#startTxn(job);
     }
   }
 
-  private onDot(txn: Txn, reply: Reply): void {
-    if (!txn.inBody) {
-      // The empty message of a transaction without recipients: its reply means nothing.
-      this.rset();
-      return;
-    }
-    const cls = classify(reply);
-    if (cls === "ok") {
+  #onDot(txn: Txn, reply: Reply): void {
+    if (classify(reply) === "ok") {
       this.delivered++;
       // A server without DSN cannot send the success report the sender asked for: we will.
-      if (!this.ext?.dsn) for (const rcpt of txn.accepted) txn.job.delivery.sentWithoutDsn.add(rcpt);
+      if (!this.#ext?.dsn) for (const rcpt of txn.accepted) txn.job.delivery.sentWithoutDsn.add(rcpt);
       const words = printable(replyText(reply));
-      this.settleAccepted(txn, this.outcome(txn.job, "sent", reply.code, dsnStatus(reply), words, words));
+      this.#settleAccepted(txn, this.#outcome(txn.job, "sent", reply.code, dsnStatus(reply), words, words));
     } else {
-      this.settleAccepted(txn, this.replyOutcome(txn.job, reply, Stage.Dot));
+      this.#settleAccepted(txn, this.#replyOutcome(txn.job, reply, Stage.Dot));
     }
-    if (this.txns.length === 0 && this.expects.length === 0) this.nextJob();
+    if (this.#txns.length === 0 && !this.#conn!.awaiting) this.#nextJob();
   }
 
-  private rset(): void {
+  #rset(): void {
     this.stage = Stage.Rset;
-    this.send("RSET\r\n", { kind: "rset" });
+    this.#conn!.send("RSET\r\n", STAGES[Stage.Rset], this.#on(Stage.Rset, (reply) => {
+      if (classify(reply) !== "ok") return this.#conn!.abort(`host ${this.#peer} said: ${printable(replyText(reply))} (in reply to RSET command)`, "ESERVER", reply);
+      this.#nextJob();
+    }));
   }
 
-  private onRset(reply: Reply): void {
-    if (classify(reply) !== "ok") {
-      this.fail(`host ${this.peer} said: ${printable(replyText(reply))} (in reply to RSET command)`, reply);
-      return;
-    }
-    this.nextJob();
-  }
-
-  private quit(): void {
-    this.quitting = true;
+  #quit(): void {
     this.stage = Stage.Quit;
-    if (this.engine.options.skipQuitResponse) {
-      this.command("QUIT\r\n");
-      this.close();
-    } else {
-      this.send("QUIT\r\n", { kind: "quit" });
-    }
-  }
-
-  /* The writable side: commands go out when the slot is ready; the body respects drain. */
-
-  private send(line: string, expect: Expect, secret = false): void {
-    this.ready = false;
-    this.command(line, secret);
-    this.expect(expect);
-  }
-
-  /** Writes command lines, and keeps them for the transcript (a secret one as "<redacted>"). */
-  private command(text: string, secret = false): void {
-    if (this.transcript || this.debug) {
-      for (const line of text.split("\r\n")) {
-        if (line === "") continue;
-        this.said(">", /^AUTH\b/i.test(line) ? "AUTH <redacted>" : secret ? "<redacted>" : line);
-      }
-    }
-    this.write(text);
+    this.#conn!.quit(this.#session!.waitForQuit, () => this.#close());
   }
 
   /**
@@ -1145,151 +874,100 @@ class Slot {
    * postmaster notice (notify_classes protocol), every line logged for a debug peer.
    * Message bodies never pass through here.
    */
-  private said(direction: ">" | "<", line: string): void {
+  #said(direction: ">" | "<", line: string): void {
     const entry = `${direction} ${printable(line, 1000)}`;
-    if (this.transcript) {
-      this.transcript.push(entry);
-      if (this.transcript.length > 100) this.transcript.shift();
+    if (this.#transcript) {
+      this.#transcript.push(entry);
+      if (this.#transcript.length > 100) this.#transcript.shift();
     }
-    if (this.debug) this.engine.note(`${this.peer}: ${entry}`);
-  }
-
-  private write(data: string | Buffer): void {
-    if (this.closed || !this.socket) return;
-    this.socket.write(data);
-  }
-
-  private expect(e: Expect): void {
-    if (this.closed) return;
-    this.expectedAt.set(e, this.chunkSeq);
-    this.expects.push(e);
-    if (this.expects.length === 1) this.arm(STAGE_OF[e.kind]);
-  }
-
-  /** Entering a stage arms its timer; the head of the reply queue says which stage we wait in. */
-  private armNext(): void {
-    const head = this.expects[0];
-    if (head) this.arm(STAGE_OF[head.kind]);
-    else this.disarm();
-  }
-
-  private arm(stage: Stage): void {
-    const ms = this.engine.timeoutMs(stage);
-    this.timerStage = stage;
-    if (this.timer && this.timerMs === ms) {
-      this.timer.refresh();
-      return;
-    }
-    this.disarm();
-    this.timerMs = ms;
-    this.timer = setTimeout(() => this.fail(`conversation with ${this.peer} timed out while ${STAGES[this.timerStage].label}`), ms);
-  }
-
-  private disarm(): void {
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
+    if (this.#debug) this.host.note(`${this.#peer}: ${entry}`);
   }
 
   /* Outcomes */
 
-  private outcome(job: Job, status: Status, code: number, dsn: string, text: string, reply: string | null = null): Omit<OutcomeInput, "recipient"> {
+  #outcome(job: Job, status: Status, code: number, dsn: string, text: string, reply: string | null = null): Omit<OutcomeInput, "recipient"> {
     return { queueId: job.delivery.msg.id, status, code, dsn, text, relay: this.relay, reply };
   }
 
-  private replyOutcome(job: Job, reply: Reply, stage: Stage): Omit<OutcomeInput, "recipient"> {
+  #replyOutcome(job: Job, reply: Reply, stage: Stage): Omit<OutcomeInput, "recipient"> {
     const cls = classify(reply);
     const status: Status = cls === "permanent" ? "bounced" : cls === "ok" ? "sent" : "deferred";
     const words = printable(replyText(reply));
-    return this.outcome(job, status, reply.code, dsnStatus(reply), `host ${this.peer} said: ${words} (${IN_REPLY_TO[stage]})`, words);
+    return this.#outcome(job, status, reply.code, dsnStatus(reply), `host ${this.#peer} said: ${words} (${STAGES[stage].inReplyTo})`, words);
   }
 
-  private settleOne(txn: Txn, rcpt: string, outcome: Omit<OutcomeInput, "recipient">): void {
-    this.engine.recordOutcome(txn.job, { ...outcome, recipient: rcpt });
+  #settleOne(txn: Txn, rcpt: string, outcome: Omit<OutcomeInput, "recipient">): void {
+    this.host.recordOutcome(txn.job, { ...outcome, recipient: rcpt });
   }
 
-  private settleAccepted(txn: Txn, outcome: Omit<OutcomeInput, "recipient">): void {
-    for (const rcpt of txn.accepted) this.settleOne(txn, rcpt, outcome);
-    this.finishTxn(txn);
+  #settleAccepted(txn: Txn, outcome: Omit<OutcomeInput, "recipient">): void {
+    for (const rcpt of txn.accepted) this.#settleOne(txn, rcpt, outcome);
+    this.#finishTxn(txn);
   }
 
   /** Every recipient of the job not yet settled gets this outcome; the job is done. */
-  private settleAll(txn: Txn, outcome: Omit<OutcomeInput, "recipient">): void {
+  #settleAll(txn: Txn, outcome: Omit<OutcomeInput, "recipient">): void {
     for (const rcpt of txn.job.recipients) {
-      if (!txn.job.delivery.outcomes.has(rcpt) && !txn.overflow.includes(rcpt)) this.settleOne(txn, rcpt, outcome);
+      if (!txn.job.delivery.outcomes.has(rcpt) && !txn.overflow.includes(rcpt)) this.#settleOne(txn, rcpt, outcome);
     }
-    this.finishTxn(txn);
+    this.#finishTxn(txn);
   }
 
-  private finishTxn(txn: Txn): void {
+  #finishTxn(txn: Txn): void {
     if (txn.settled) return;
     txn.settled = true;
-    const i = this.txns.indexOf(txn);
-    if (i >= 0) this.txns.splice(i, 1);
+    const i = this.#txns.indexOf(txn);
+    if (i >= 0) this.#txns.splice(i, 1);
     const overflow = txn.overflow.filter((r) => !txn.job.delivery.outcomes.has(r));
     if (overflow.length > 0) {
       // Progress was made (someone was accepted): the rest go in a new transaction at once.
       // No progress: the server is full for now, and they wait like any 4xx.
-      if (txn.accepted.length > 0) this.engine.retryNow(txn.job, overflow);
-      else for (const rcpt of overflow) this.settleOne(txn, rcpt, this.replyOutcome(txn.job, txn.overflowReply!, Stage.Rcpt));
+      if (txn.accepted.length > 0) this.host.retryNow(txn.job, overflow);
+      else for (const rcpt of overflow) this.#settleOne(txn, rcpt, this.#replyOutcome(txn.job, txn.overflowReply!, Stage.Rcpt));
     }
-    this.engine.jobDone(txn.job);
+    this.host.jobDone(txn.job);
   }
 
   /* The end of a session */
 
-  /** The server broke the protocol: the postmaster may get the transcript (notify_classes protocol). */
-  private protocolError(reason: string, reply: Reply): void {
-    if (this.transcript) this.engine.protocolNotice(this.peer, reason, this.transcript);
-    this.fail(reason, reply);
-  }
-
-  /** The connection dropped: what is pending is deferred, naming the stage it dropped in. */
-  private lost(why: string): void {
-    if (this.closed) return;
-    if (this.quitting || (this.expects.length === 0 && this.txns.length === 0 && this.ready)) return this.close();
-    const partial = this.parser.end();
-    const stage = this.expects[0] ? STAGE_OF[this.expects[0].kind] : this.stage;
-    const detail = partial ? ` (${printable(replyText(partial))})` : why === "Connection closed" ? "" : ` (${why})`;
-    this.fail(`lost connection with ${this.peer || this.destination.key} while ${STAGES[stage].label}${detail}`);
-  }
-
-  /** A failure of the session: every transaction in flight is deferred with the reason. */
-  fail(reason: string, reply?: Reply): void {
-    if (this.closed) return;
-    // A handshake that never finishes is a failed handshake too (the timer ends it).
-    if (this.handshaking) {
-      this.handshaking = false;
-      this.engine.tlsFailed(this.hop);
+  /**
+   * The conversation failed (the connection says why: a timeout, a drop, TLS, a protocol
+   * error, or a refusal we ended it for). Before any server greeted, the next hop is tried
+   * quietly; after, every transaction in flight is deferred with the reason.
+   */
+  #failed(conn: SmtpConnection, err: MailError, reply: Reply | null): void {
+    if (this.#closed || conn !== this.#conn) return;
+    if (err.code === "ETLS") this.host.tlsFailed(this.#hop);
+    if (this.stage <= Stage.Banner && this.#hops.length > 0 && !this.host.stopping) {
+      this.#lastError = err.message;
+      return this.#connectNext();
     }
-    if (this.stage <= Stage.Banner && this.hops.length > 0 && !this.engine.stopping) return this.nextHop(reason);
+    if (err.code === "EPROTOCOL" && this.#transcript) this.host.protocolNotice(this.#peer, err.message, this.#transcript);
+    if (conn.connected && this.relay === "none") this.relay = conn.relay;
+    this.#end(err.message, reply);
+  }
+
+  /** Every transaction in flight is deferred with the reason; the slot is free. */
+  #end(reason: string, reply: Reply | null): void {
     const failedEarly = this.stage <= Stage.Helo && this.delivered === 0;
-    this.closed = true;
-    this.disarm();
-    this.socket?.destroy();
+    this.#closed = true;
     const code = reply && reply.code < 600 ? reply.code : 0;
     const dsn = reply && reply.code < 600 && classify(reply) === "temporary" ? dsnStatus(reply) : "4.4.2";
-    for (const txn of [...this.txns]) {
+    for (const txn of [...this.#txns]) {
       for (const rcpt of txn.job.recipients) {
-        if (!txn.job.delivery.outcomes.has(rcpt)) this.settleOne(txn, rcpt, this.outcome(txn.job, "deferred", code, dsn, reason));
+        if (!txn.job.delivery.outcomes.has(rcpt)) this.#settleOne(txn, rcpt, this.#outcome(txn.job, "deferred", code, dsn, reason));
       }
-      this.finishTxn(txn);
+      this.#finishTxn(txn);
     }
-    this.expects.length = 0;
-    if (failedEarly) this.engine.slotFailedEarly(this, reason);
-    else this.engine.slotClosed(this);
+    if (failedEarly) this.host.slotFailedEarly(this, reason);
+    else this.host.slotClosed(this);
   }
 
-  close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    this.disarm();
-    const socket = this.socket;
-    if (socket) {
-      socket.end();
-      // Do not wait for the server's 221 or FIN: the slot is free now; the socket goes when it goes.
-      setTimeout(() => socket.destroy(), 2000).unref();
-    }
-    this.engine.slotClosed(this);
+  #close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#conn?.close();
+    this.host.slotClosed(this);
   }
 
   /**
@@ -1298,25 +976,15 @@ class Slot {
    * recipients go back to the queue with no outcome at all.
    */
   abort(): void {
-    for (const txn of [...this.txns]) {
+    if (this.#closed) return;
+    for (const txn of [...this.#txns]) {
       if (txn.dotSent) continue;
       txn.overflow.length = 0;
-      this.finishTxn(txn);
+      this.#finishTxn(txn);
     }
-    this.fail(`delivery stopped: mudmail is shutting down`);
-  }
-}
-
-function describeSocketError(err: NodeJS.ErrnoException): string {
-  switch (err.code) {
-    case "ECONNREFUSED": return "Connection refused";
-    case "ECONNRESET": return "Connection reset by peer";
-    case "ETIMEDOUT": return "Connection timed out";
-    case "EHOSTUNREACH": return "No route to host";
-    case "ENETUNREACH": return "Network is unreachable";
-    case "EPIPE": return "Broken pipe";
-    case "ENOTFOUND": return "Host not found";
-    default: return err.message;
+    const reason = "delivery stopped: mudmail is shutting down";
+    if (this.#conn && !this.#conn.ended) this.#conn.abort(reason);
+    else this.#end(reason, null);
   }
 }
 
@@ -1411,7 +1079,7 @@ export class MailEngine extends EventEmitter {
       ignoreMxLookupError: o.ignoreMxLookupError,
     });
     this.log = new MailLog(this.options.log);
-    this.log.redact(secretForms(this.credentials));
+    this.log.redact(secretForms(this.credentials()));
     this.dkimKeys = loadDkimKeys({ domain: o.dkimDomain, selector: o.dkimSelector, keyFile: o.dkimKey, keysFile: o.dkimKeys });
   }
 
@@ -2002,19 +1670,32 @@ export class MailEngine extends EventEmitter {
   /** Counts ticks: "the next attempt" of a host is one in a later pass. */
   private pass = 0;
 
+  /** How a slot talks to this hop: TLS mode (with its plaintext-once memory), timeouts, AUTH, transcripts. */
+  session(hop: Hop): Session {
+    const o = this.options;
+    return {
+      connection: {
+        host: hop.host, address: hop.address, port: hop.port, helo: o.helo,
+        tls: this.tlsModeFor(hop),
+        tlsWrapper: o.tls !== "none" && (o.tlsWrapper || (o.relay !== null && hop.port === 465)),
+        ca: this.extraCa,
+        timeouts: {
+          connect: o.connectTimeout, helo: o.heloTimeout, mail: o.mailTimeout, rcpt: o.rcptTimeout, dataInit: o.dataInitTimeout,
+          dataXfer: o.dataXferTimeout, dataDone: o.dataDoneTimeout, quit: o.quitTimeout,
+        },
+      },
+      debug: this.isDebugPeer(hop),
+      transcript: this.options.notifyClasses.includes("protocol"),
+      credentials: this.credentials(),
+      waitForQuit: !o.skipQuitResponse,
+    };
+  }
+
   /** The TLS policy for this hop: the option, except once, in a later pass, after a failed "may" handshake. */
-  tlsModeFor(hop: Hop): TlsMode {
+  private tlsModeFor(hop: Hop): TlsMode {
     const failedIn = this.plaintextOnce.get(hop.address);
     if (this.options.tls === "may" && failedIn !== undefined && failedIn < this.pass) return "none";
     return this.options.tls;
-  }
-
-  implicitTls(hop: Hop): boolean {
-    return this.options.tls !== "none" && (this.options.tlsWrapper || (this.options.relay !== null && hop.port === 465));
-  }
-
-  tlsOptions(hop: Hop): tls.ConnectionOptions {
-    return tlsConnectionOptions(hop.host, this.options.tls, this.extraCa);
   }
 
   private extraCaRead = false;
@@ -2049,7 +1730,7 @@ export class MailEngine extends EventEmitter {
     if (Array.isArray(saved)) for (const address of saved) if (typeof address === "string") this.plaintextOnce.set(address, -1);
   }
 
-  get credentials(): Credentials | null {
+  private credentials(): Credentials | null {
     const { auth, xoauth2Token } = this.options;
     if (!this.options.relay || (auth == null && xoauth2Token == null)) return null;
     const colon = (auth ?? "").indexOf(":");
@@ -2064,19 +1745,14 @@ export class MailEngine extends EventEmitter {
    * The relay refused our credentials (535): a permanent failure for this run, reported
    * once. Nothing more is tried; every message stays queued as it was.
    */
-  authRefused(reason: string): void {
+  authRefused(reason: string, hop: Hop, reply: Reply): void {
     if (this.authFailure) return;
     this.authFailure = reason;
     this.log.write("smtp", `error: ${reason}; no mail is sent in this run, the queue is kept`);
-    this.emit("error", new MailError(reason, "EAUTH", {}));
+    this.emit("error", new MailError(reason, "EAUTH", { host: hop.host, stage: STEPS.auth.label, command: "AUTH", response: replyText(reply) }));
     this.backlog = [];
     this.backlogHead = 0;
     for (const dest of this.destinations.values()) this.dropJobs(dest, null);
-  }
-
-  timeoutMs(stage: Stage): number {
-    const row = STAGES[stage];
-    return (row.timeout ? (this.options[row.timeout] as number) : row.seconds!) * 1000;
   }
 
   /* Outcomes: log line, event, and the queue file's fate */

@@ -15,13 +15,39 @@
  *   not a reply, 621 means it closed the connection in the middle of one. classify() maps a
  *   reply to what the sender must do; expectedReply() checks a positive reply against the
  *   seed's command/reply table (a 354 to RCPT is a protocol error, not a success).
- *   parseEhlo() reads the service extensions a server offers.
+ *   parseEhlo() reads the service extensions a server offers. MailError is the one error
+ *   type, carrying the server's words when there are any.
  *
  * DIAGNOSTICS
  *   The parser never throws. A line longer than MAX_REPLY_LINE or a reply of more than
  *   MAX_REPLY_LINES lines becomes a 600 reply and the parser stops accepting input: the
  *   caller must drop the connection. Memory held is bounded by MAX_REPLY_LINE * MAX_REPLY_LINES.
  */
+
+/** Where an error happened and what the server said, as far as it is known. */
+export interface MailErrorDetails {
+  /** The queue id of the message concerned. */
+  queueId?: string;
+  /** The server's name. */
+  host?: string;
+  /** The step of the conversation, in Postfix's words ("sending RCPT TO"). */
+  stage?: string;
+  /** The command whose reply was awaited (MAIL, RCPT, DATA, DOT, ...). */
+  command?: string;
+  /** The server's words: its reply, on one line. */
+  response?: string;
+}
+
+/**
+ * The one error type of mudmail: a stable `code` (ECONNECTION, ETIMEDOUT, ETLS, EPROTOCOL,
+ * EAUTH, EQUEUE, ECORRUPT, EENVELOPE, EUSAGE, ...), the message, and the details known.
+ */
+export class MailError extends Error {
+  constructor(message: string, readonly code: string, readonly details: MailErrorDetails = {}, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "MailError";
+  }
+}
 
 /**
  * Postfix's smtp(8) timeouts in seconds, per stage of the conversation (smtp_connect_timeout,
