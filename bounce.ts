@@ -67,6 +67,7 @@
 import { randomBytes } from "node:crypto";
 import { domainToASCII } from "node:url";
 import { addressProblem } from "./queue.js";
+import { compactDate, rfc5322Date } from "./compose.js";
 
 export interface BounceRecipient {
   /** The envelope recipient (Final-Recipient: rfc822; ...). */
@@ -131,8 +132,6 @@ const LONGEST_WORD = 900;
 const SUCCESS_ACTIONS = new Set(["delivered", "relayed", "expanded"]);
 const ACTIONS = new Set(["failed", "delayed", "delivered", "relayed", "expanded"]);
 const BOUNDARY = /^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$/;
-const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-const DAYS = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
 
 type Kind = "failed" | "delayed" | "success";
 
@@ -562,21 +561,4 @@ function field(name: string, value: string): string {
   }
   lines.push(rest);
   return lines.map((l) => `${l}\n`).join("");
-}
-
-/** RFC 5322 date in local time: "Mon, 23 Nov 2026 15:44:09 +0100". */
-function rfc5322Date(date: Date): string {
-  const pad = (n: number) => String(n).padStart(2, "0");
-  const offset = -date.getTimezoneOffset();
-  const abs = Math.abs(offset);
-  return `${DAYS[date.getDay()]}, ${date.getDate()} ${MONTHS[date.getMonth()]} ${date.getFullYear()} ` +
-    `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())} ` +
-    `${offset >= 0 ? "+" : "-"}${pad(Math.floor(abs / 60))}${pad(abs % 60)}`;
-}
-
-/** 20261123154409, as in Postfix's Message-IDs. */
-function compactDate(d: Date): string {
-  const pad = (n: number) => String(n).padStart(2, "0");
-  return `${d.getUTCFullYear()}${pad(d.getUTCMonth() + 1)}${pad(d.getUTCDate())}` +
-    `${pad(d.getUTCHours())}${pad(d.getUTCMinutes())}${pad(d.getUTCSeconds())}`;
 }

@@ -569,6 +569,53 @@ export class Spool {
 }
 
 /* ------------------------------------------------------------------------------------ */
+/* The queue listing                                                                     */
+
+/** One message of the queue listing, SPEC section 5. */
+export interface QueueEntry {
+  id: string;
+  state: "queued" | "active" | "deferred" | "corrupt";
+  sender: string | null;
+  recipients: string[];
+  size: number;
+  queuedAt: string;
+  attempts: number;
+  nextAttempt: string | null;
+  lastError: string | null;
+}
+
+/** Every message in the spool, oldest first: the data of --queue and --queue --json (SPEC section 5). */
+export async function queueEntries(spool: Spool): Promise<QueueEntry[]> {
+  await spool.init();
+  const states = [["outgoing", "queued"], ["outgoing_active", "active"], ["deferred", "deferred"], ["corrupt", "corrupt"]] as const;
+  const entries: QueueEntry[] = [];
+  for (const [folder, state] of states) {
+    const { ids, badNames } = await spool.scan(folder);
+    for (const id of [...ids, ...(folder === "corrupt" ? badNames : [])]) {
+      const book = await spool.readBookkeeping(id, folder);
+      const base = { id, state, attempts: book?.attempts ?? 0, nextAttempt: book?.nextAttempt ? new Date(book.nextAttempt).toISOString() : null, lastError: book?.lastError ?? null };
+      try {
+        const msg = await spool.open(id, folder);
+        entries.push({ ...base, sender: msg.sender, recipients: msg.recipients, size: msg.size, queuedAt: new Date(msg.arrival).toISOString() });
+      } catch (err) {
+        if (errno(err) === "ENOENT") continue; // sent or moved while we listed
+        const st = await fs.promises.stat(spool.pathOf(folder, id)).catch(() => null);
+        if (!st) continue;
+        entries.push({ ...base, sender: null, recipients: [], size: st.size, queuedAt: new Date(st.mtimeMs).toISOString(),
+          lastError: base.lastError ?? (err as Error).message });
+      }
+    }
+  }
+  return entries.sort((a, b) => a.queuedAt.localeCompare(b.queuedAt) || compareIds(a.id, b.id));
+}
+
+function compareIds(a: string, b: string): number {
+  const [as, asub] = a.split(".").map(Number);
+  const [bs, bsub] = b.split(".").map(Number);
+  return as - bs || asub - bsub || a.localeCompare(b);
+}
+
+/* ------------------------------------------------------------------------------------ */
 /* The envelope lines                                                                    */
 
 interface EnvelopeSpan {

@@ -93,7 +93,8 @@ import * as tls from "node:tls";
 import { randomBytes } from "node:crypto";
 import { printable, unxtext, xtext } from "./smtp-codes.js";
 import { Spool, addressProblem, errno } from "./queue.js";
-import { UsageError, rfc5322Date } from "./mail.js";
+import { UsageError } from "./options.js";
+import { rfc5322Date } from "./compose.js";
 
 /* ------------------------------------------------------------------------------------ */
 /* Limits and defaults                                                                   */

@@ -17,7 +17,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
-import { MailEngine } from "../dist/mail.js";
+import { MailEngine } from "../dist/index.js";
 import { HOST, startSink } from "./lib/sink.mjs";
 import { makeBody, rfc2822Date } from "./lib/spool.mjs";
 

@@ -1,0 +1,499 @@
+/*
+ * NAME
+ *   cli.ts - the command line: node dist/mail.js [MODE] [OPTIONS]
+ *
+ * SYNOPSIS
+ *   node dist/mail.js                      run: flush now, every 60 s, and when mail is queued
+ *   node dist/mail.js --flush [--force]    one pass, a summary, exit
+ *   node dist/mail.js --queue [--json]     the queue, like mailq
+ *   node dist/mail.js --send -f FROM RCPT...; --serve; --demo; --vrfy/--expn/--help-server;
+ *   --dkim-keygen/--dkim-print-dns/--check-domain
+ *
+ * DESCRIPTION
+ *   SPEC section 3 on top of the library: flags parsed into MailOptions (checked by
+ *   options.ts, so the engine and the command line refuse a bad value in the same words),
+ *   then one mode run with a MailEngine, the receiver, the direct client or dkim.ts.
+ *   build.mjs bundles this file as dist/mail.js; the library entry (dist/index.js) is
+ *   mail.ts, which never runs a command line.
+ *
+ * DIAGNOSTICS
+ *   Exit status 0 when the pass or run worked (deferred and bounced mail are normal
+ *   outcomes); 2 for a usage or configuration error, with one line naming the flag; 1 for
+ *   anything else, with its message.
+ */
+
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { fileURLToPath } from "node:url";
+import { MailEngine, VERSION } from "./mail.js";
+import { DEFAULTS, UsageError, parseHostPort, type MailOptions } from "./options.js";
+import { checkDsn, formatAge } from "./compose.js";
+import { startServer, checkServerOptions, type ServerOptions } from "./receiver.js";
+import { vrfy, expn, help } from "./client.js";
+import { loadDkimKeys, generateDkimKey, dnsRecord, spfRecord, dmarcRecord, checkDomain, formatCheck, DkimConfigError, type DkimKey } from "./dkim.js";
+import { Spool, SpoolError, addressProblem } from "./queue.js";
+import { printable } from "./smtp-codes.js";
+
+type FlagKind = "bool" | "int" | "string" | "list";
+interface FlagSpec { kind: FlagKind; key?: keyof MailOptions; help: string; arg?: string }
+
+const MODE_FLAGS: Record<string, FlagSpec> = {
+  "--flush": { kind: "bool", help: "one pass: send every message that is due, wait, print a summary, exit" },
+  "--force": { kind: "bool", help: "with --flush: deferred messages count as due" },
+  "--queue": { kind: "bool", help: "list the queue like mailq" },
+  "--json": { kind: "bool", help: "with --queue: the JSON listing" },
+  "--send": { kind: "bool", help: "compose a message from standard input and queue it; prints the queue id" },
+  "-f": { kind: "string", arg: "FROM", help: "with --send: the envelope sender and From:" },
+  "-s": { kind: "string", arg: "SUBJECT", help: "with --send: the Subject:" },
+  "--notify": { kind: "string", arg: "LIST", help: "with --send: DSN NOTIFY, never or success,failure,delay" },
+  "--ret": { kind: "string", arg: "full|hdrs", help: "with --send: DSN RET" },
+  "--serve": { kind: "bool", help: "run the built-in SMTP receiver for the local mailboxes in users/" },
+  "--demo": { kind: "bool", help: "on loopback only: receiver, queue, flush, show where it landed" },
+  "--help": { kind: "bool", help: "this text" },
+  "--version": { kind: "bool", help: "the version" },
+  "--listen": { kind: "string", arg: "HOST:PORT", help: "--serve: where to listen (127.0.0.1:2525)" },
+  "--hostname": { kind: "string", arg: "NAME", help: "--serve: the name in the greeting" },
+  "--max-size": { kind: "int", arg: "BYTES", help: "--serve: message size limit (10 MB)" },
+  "--max-recipients": { kind: "int", arg: "N", help: "--serve: recipients per message, 100..1000 (100)" },
+  "--tls-cert": { kind: "string", arg: "FILE", help: "--serve: certificate for STARTTLS" },
+  "--tls-key": { kind: "string", arg: "FILE", help: "--serve: key for STARTTLS" },
+  "--dkim-keygen": { kind: "bool", help: "write a new DKIM key and print its DNS record" },
+  "--dkim-algorithm": { kind: "string", arg: "ed25519|rsa", help: "DKIM key type for --dkim-keygen" },
+  "--dkim-print-dns": { kind: "bool", help: "print the DNS record of an existing DKIM key" },
+  "--check-domain": { kind: "string", arg: "D", help: "check MX, SPF, DMARC, DKIM of a domain" },
+  "--source-ip": { kind: "string", arg: "IP", help: "with --check-domain: check this address's PTR" },
+  "--vrfy": { kind: "string", arg: "ADDRESS", help: "ask --relay to verify an address" },
+  "--expn": { kind: "string", arg: "NAME", help: "ask --relay to expand a list" },
+  "--help-server": { kind: "string", arg: "[TOPIC]", help: "ask --relay for HELP" },
+};
+
+const OPTION_FLAGS: Record<string, FlagSpec> = {
+  "--maildir": { kind: "string", key: "maildir", arg: "DIR", help: "the spool (./maildir)" },
+  "--relay": { kind: "string", key: "relay", arg: "HOST[:PORT]", help: "send everything through this smarthost, no MX lookup" },
+  "--port": { kind: "int", key: "port", arg: "N", help: "TCP port for hosts found by MX/A lookup (25)" },
+  "--resolver": { kind: "string", key: "resolver", arg: "IP[:PORT]", help: "DNS server for MX/A lookups (the system's)" },
+  "--max-connections": { kind: "int", key: "maxConnections", arg: "N", help: "connection slots (5)" },
+  "--helo": { kind: "string", key: "helo", arg: "NAME", help: "name sent in EHLO/HELO (the host name)" },
+  "--tls": { kind: "string", key: "tls", arg: "MODE", help: "none, may, encrypt or verify (may; verify with --auth)" },
+  "--tls-ca": { kind: "string", key: "tlsCa", arg: "FILE", help: "extra CA bundle for --tls verify" },
+  "--tls-wrapper": { kind: "bool", key: "tlsWrapper", help: "implicit TLS from the first byte (SMTPS; a relay on port 465 implies it)" },
+  "--auth": { kind: "string", key: "auth", arg: "USER:PASS", help: "SMTP AUTH to the relay; MUDMAIL_AUTH is preferred (MUDMAIL_XOAUTH2: a bearer token)" },
+  "--log": { kind: "string", key: "log", arg: "FILE", help: "where log lines go (standard error)" },
+  "--connect-timeout": { kind: "int", key: "connectTimeout", arg: "S", help: "smtp_connect_timeout (30)" },
+  "--helo-timeout": { kind: "int", key: "heloTimeout", arg: "S", help: "smtp_helo_timeout (300)" },
+  "--mail-timeout": { kind: "int", key: "mailTimeout", arg: "S", help: "smtp_mail_timeout (300)" },
+  "--rcpt-timeout": { kind: "int", key: "rcptTimeout", arg: "S", help: "smtp_rcpt_timeout (300)" },
+  "--data-init-timeout": { kind: "int", key: "dataInitTimeout", arg: "S", help: "smtp_data_init_timeout (120)" },
+  "--data-xfer-timeout": { kind: "int", key: "dataXferTimeout", arg: "S", help: "smtp_data_xfer_timeout (180)" },
+  "--data-done-timeout": { kind: "int", key: "dataDoneTimeout", arg: "S", help: "smtp_data_done_timeout (600)" },
+  "--quit-timeout": { kind: "int", key: "quitTimeout", arg: "S", help: "smtp_quit_timeout (300)" },
+  "--min-backoff": { kind: "int", key: "minBackoff", arg: "S", help: "minimal_backoff_time (300)" },
+  "--max-backoff": { kind: "int", key: "maxBackoff", arg: "S", help: "maximal_backoff_time (4000)" },
+  "--max-queue-lifetime": { kind: "int", key: "maxQueueLifetime", arg: "S", help: "maximal_queue_lifetime (432000)" },
+  "--fallback-relay": { kind: "string", key: "fallbackRelay", arg: "HOST[:PORT]", help: "fallback_relay" },
+  "--inet-interfaces": { kind: "list", key: "inetInterfaces", arg: "LIST", help: "inet_interfaces, for mail-loop detection" },
+  "--best-mx-relay": { kind: "string", key: "bestMxRelay", arg: "HOST[:PORT]", help: "best_mx_transport" },
+  "--ignore-mx-lookup-error": { kind: "bool", key: "ignoreMxLookupError", help: "ignore_mx_lookup_error" },
+  "--disable-dns-lookups": { kind: "bool", key: "disableDnsLookups", help: "disable_dns_lookups (needs --relay)" },
+  "--skip-quit-response": { kind: "bool", key: "skipQuitResponse", help: "smtp_skip_quit_response (on)" },
+  "--no-skip-quit-response": { kind: "bool", help: "wait for the reply to QUIT" },
+  "--notify-classes": { kind: "list", key: "notifyClasses", arg: "LIST", help: "notify_classes (resource,software)" },
+  "--postmaster": { kind: "string", key: "postmaster", arg: "ADDRESS", help: "error_notice_recipient" },
+  "--debug-peer": { kind: "list", key: "debugPeer", arg: "HOST|IP|CIDR", help: "debug_peer_list (repeatable)" },
+  "--delay-warning": { kind: "int", key: "delayWarning", arg: "HOURS", help: "delay_warning_time (off)" },
+  "--dkim-domain": { kind: "string", key: "dkimDomain", arg: "D", help: "DKIM: sign mail From this domain (or a subdomain)" },
+  "--dkim-selector": { kind: "string", key: "dkimSelector", arg: "S", help: "DKIM: the selector (S._domainkey.D)" },
+  "--dkim-key": { kind: "string", key: "dkimKey", arg: "FILE", help: "DKIM: the private key (PEM; RSA >= 2048 bits or Ed25519)" },
+  "--dkim-keys": { kind: "string", key: "dkimKeys", arg: "FILE", help: "DKIM: a JSON table of From domains to selector and key" },
+};
+
+export function usage(): string {
+  const rows = (table: Record<string, FlagSpec>) => Object.entries(table)
+    .map(([flag, spec]) => `  ${`${flag}${spec.arg ? ` ${spec.arg}` : ""}`.padEnd(34)} ${spec.help}`).join("\n");
+  return `mudmail ${VERSION} - an outgoing-mail engine for programs that live in one event loop
+
+Usage: node dist/mail.js [MODE] [OPTIONS]
+  (no mode)                          run: flush now, then every 60 s and when mail is queued;
+                                     SIGINT/SIGTERM stop gracefully
+  --send -f FROM [-s SUBJECT] RCPT...  compose from standard input and queue
+
+Modes and their flags:
+${rows(MODE_FLAGS)}
+
+Options:
+${rows(OPTION_FLAGS)}
+
+Exit status: 0 when the run or pass worked (deferred and bounced mail is a normal outcome),
+2 for a usage or configuration error, 1 for anything else.
+`;
+}
+
+interface Parsed { modes: Record<string, string | boolean>; options: MailOptions; rest: string[] }
+
+export function parseArgs(argv: string[]): Parsed {
+  const modes: Record<string, string | boolean> = {};
+  const options: Record<string, unknown> = {};
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    let arg = argv[i];
+    let inline: string | undefined;
+    const eq = arg.indexOf("=");
+    if (arg.startsWith("--") && eq > 0) {
+      inline = arg.slice(eq + 1);
+      arg = arg.slice(0, eq);
+    }
+    const spec = MODE_FLAGS[arg] ?? OPTION_FLAGS[arg];
+    if (!spec) {
+      if (arg.startsWith("-") && arg !== "-") throw new UsageError(`unknown flag ${arg} (see --help)`);
+      rest.push(arg);
+      continue;
+    }
+    let value: string | boolean = true;
+    if (spec.kind !== "bool") {
+      const next = argv[i + 1];
+      const nextIsFlag = next !== undefined && (next in MODE_FLAGS || next in OPTION_FLAGS || next.split("=")[0] in OPTION_FLAGS);
+      if (inline !== undefined) value = inline;
+      else if (arg === "--help-server" && (next === undefined || next.startsWith("-"))) value = "";
+      else if (next !== undefined && !nextIsFlag) value = argv[++i];
+      else throw new UsageError(`${arg}: missing value ${spec.arg ?? ""}`.trim());
+    } else if (inline !== undefined) {
+      throw new UsageError(`${arg} takes no value`);
+    }
+    if (arg === "--no-skip-quit-response") { options.skipQuitResponse = false; continue; }
+    if (!spec.key) {
+      if (spec.kind === "int") value = String(intValue(arg, String(value)));
+      modes[arg] = value;
+      continue;
+    }
+    if (spec.kind === "int") options[spec.key] = intValue(arg, String(value));
+    else if (spec.kind === "list") {
+      const list = String(value).split(/[,\s]+/).filter(Boolean);
+      options[spec.key] = spec.key === "debugPeer" ? [...((options[spec.key] as string[]) ?? []), ...list] : list;
+    } else options[spec.key] = value;
+  }
+  return { modes, options: options as MailOptions, rest };
+}
+
+function intValue(flag: string, text: string): number {
+  if (!/^\d+$/.test(text)) throw new UsageError(`${flag}: expected a whole number, got ${JSON.stringify(text)}`);
+  return Number(text);
+}
+
+async function readStdin(): Promise<Buffer> {
+  const chunks: Uint8Array[] = [];
+  for await (const chunk of process.stdin) chunks.push(chunk as Uint8Array);
+  return Buffer.concat(chunks);
+}
+
+/** `node dist/mail.js ...`: returns the exit status. */
+export async function main(argv: string[]): Promise<number> {
+  let parsed: Parsed;
+  let engine: MailEngine;
+  try {
+    parsed = parseArgs(argv);
+    const { modes, options } = parsed;
+    if (modes["--help"]) { process.stdout.write(usage()); return 0; }
+    if (modes["--version"]) { process.stdout.write(`mudmail ${VERSION}\n`); return 0; }
+    if (options.auth != null) process.stderr.write("mudmail: warning: --auth shows the password in the process table; prefer MUDMAIL_AUTH\n");
+    else if (process.env.MUDMAIL_AUTH) options.auth = process.env.MUDMAIL_AUTH;
+    if (process.env.MUDMAIL_XOAUTH2) options.xoauth2Token = process.env.MUDMAIL_XOAUTH2;
+    if (modes["--max-recipients"] !== undefined) {
+      const n = Number(modes["--max-recipients"]);
+      if (n < 100 || n > 1000) throw new UsageError(`--max-recipients: expected 100..1000, got ${n}`);
+    }
+    for (const flag of ["--force", "--json", "--notify", "--ret", "-f", "-s"]) {
+      const needs = flag === "--force" ? "--flush" : flag === "--json" ? "--queue" : "--send";
+      if (modes[flag] && !modes[needs]) throw new UsageError(`${flag} goes with ${needs}`);
+    }
+    const chosen = ["--flush", "--queue", "--send", "--serve", "--demo", "--dkim-keygen", "--dkim-print-dns", "--check-domain", "--vrfy", "--expn", "--help-server"]
+      .filter((m) => modes[m] !== undefined);
+    if (chosen.length > 1) throw new UsageError(`choose one mode, not ${chosen.join(" and ")}`);
+    if (!modes["--send"] && parsed.rest.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(parsed.rest[0])}`);
+    const mode = chosen[0];
+    // Modes that do not send from the spool come first: --dkim-keygen's --dkim-key is a file still to be made.
+    if (mode === "--dkim-keygen") return await dkimKeygen(modes, options);
+    if (mode === "--dkim-print-dns") return printDkimDns(options);
+    if (mode === "--check-domain") return await checkDomainMode(String(modes["--check-domain"]), modes, options);
+    if (mode === "--vrfy" || mode === "--expn" || mode === "--help-server") return await ask(mode, String(modes[mode]), options);
+    if (mode === "--serve") return await serve(serverOptions(modes, options));
+    engine = new MailEngine(options);
+    if (mode === "--demo") return await demo(modes, options);
+    if (mode === "--send") {
+      if (typeof modes["-f"] !== "string") throw new UsageError("--send needs -f FROM");
+      if (parsed.rest.length === 0) throw new UsageError("--send needs at least one recipient");
+      for (const rcpt of parsed.rest) {
+        const problem = addressProblem(rcpt);
+        if (problem) throw new UsageError(`--send: bad recipient ${JSON.stringify(rcpt)}: ${problem}`);
+      }
+      const sender = modes["-f"];
+      if (sender !== "" && sender !== "<>" && addressProblem(sender)) throw new UsageError(`-f: bad sender ${JSON.stringify(sender)}: ${addressProblem(sender)}`);
+      const dsn = modes["--notify"] !== undefined || modes["--ret"] !== undefined ? {
+        ...(typeof modes["--notify"] === "string" ? { notify: modes["--notify"].split(",").map((n) => n.trim()) as Array<"never"> } : {}),
+        ...(typeof modes["--ret"] === "string" ? { ret: modes["--ret"].toLowerCase() as "full" } : {}),
+      } : undefined;
+      checkDsn(dsn);
+      const text = (await readStdin()).toString("utf8");
+      const id = await engine.send({ from: sender === "<>" ? "" : sender, to: parsed.rest, subject: typeof modes["-s"] === "string" ? modes["-s"] : "", text, dsn });
+      process.stdout.write(`${id}\n`);
+      return 0;
+    }
+  } catch (err) {
+    if (err instanceof UsageError || err instanceof DkimConfigError) {
+      process.stderr.write(`mudmail: ${err.message}\n`);
+      return 2;
+    }
+    throw err;
+  }
+  const { modes, options } = parsed;
+  if (modes["--queue"]) return listQueue(engine, Boolean(modes["--json"]));
+  if (modes["--flush"]) return flushOnce(engine, Boolean(modes["--force"]));
+  await new Spool(options.maildir ?? DEFAULTS.maildir).init(); // an unusable spool stops the daemon now, not at its first tick
+  return runDaemon(engine);
+}
+
+/** The receiver's options from the command line; checked, so a bad one exits 2 naming its flag. */
+function serverOptions(modes: Record<string, string | boolean>, options: MailOptions): ServerOptions {
+  const value = (flag: string) => (typeof modes[flag] === "string" ? (modes[flag] as string) : undefined);
+  const number = (flag: string) => (value(flag) === undefined ? undefined : Number(value(flag)));
+  const serve: ServerOptions = {
+    maildir: options.maildir ?? DEFAULTS.maildir,
+    listen: value("--listen"),
+    hostname: value("--hostname") ?? options.helo,
+    maxSize: number("--max-size"),
+    maxRecipients: number("--max-recipients"),
+    tlsCert: value("--tls-cert") ?? null,
+    tlsKey: value("--tls-key") ?? null,
+    ...(typeof options.log === "string" ? { log: appendLine(options.log) } : {}),
+  };
+  checkServerOptions(serve);
+  return serve;
+}
+
+function appendLine(file: string): (line: string) => void {
+  const stream = fs.createWriteStream(file, { flags: "a", mode: 0o600 });
+  return (line) => stream.write(line + "\n");
+}
+
+/** --serve: the receiver until SIGINT or SIGTERM. */
+async function serve(options: ServerOptions): Promise<number> {
+  const server = await startServer(options).catch((err: NodeJS.ErrnoException) => {
+    // An address that cannot be had is a configuration error: exit 2, naming the flag.
+    if (err.syscall === "listen" || err.syscall === "getaddrinfo" || err.code === "ENOTFOUND") {
+      throw new UsageError(`--listen: cannot listen on ${options.listen ?? "127.0.0.1:2525"}: ${err.message}`);
+    }
+    throw err;
+  });
+  process.stderr.write(`mudmail: receiving mail for ${path.join(options.maildir, "users")}/<address>/ on ${server.address.host}:${server.address.port}\n`);
+  await new Promise<void>((resolve) => {
+    const stop = () => { process.off("SIGINT", stop); process.off("SIGTERM", stop); resolve(); };
+    process.on("SIGINT", stop);
+    process.on("SIGTERM", stop);
+  });
+  await server.close();
+  return 0;
+}
+
+/**
+ * --demo: the whole path on loopback, in a fresh spool: the receiver on a free port with a
+ * demo user, a message queued through the engine, flushed through the relay at the receiver,
+ * then the log lines and the mailbox it landed in.
+ */
+async function demo(modes: Record<string, string | boolean>, options: MailOptions): Promise<number> {
+  const maildir = options.maildir ?? path.join(await fs.promises.mkdtemp(path.join(os.tmpdir(), "mudmail-demo-")), "maildir");
+  const user = "demo@localhost";
+  await new Spool(maildir).init();
+  await fs.promises.mkdir(path.join(maildir, "users", user), { recursive: true, mode: 0o700 });
+  const journal: string[] = [];
+  const server = await startServer({ maildir, listen: "127.0.0.1:0", hostname: "localhost", log: (line) => journal.push(line) });
+  const stored = new Promise<string[]>((resolve) => server.once("message", (m: { mailboxes: string[] }) => resolve(m.mailboxes)));
+  const lines: string[] = [];
+  const engine = new MailEngine({ maildir, relay: `127.0.0.1:${server.address.port}`, tls: "may", helo: "localhost", log: (l) => lines.push(l) });
+  try {
+    const say = (text: string) => process.stdout.write(`${text}\n`);
+    say(`mudmail demo: a receiver on 127.0.0.1:${server.address.port} with the user ${user}, the spool in ${maildir}`);
+    const id = await engine.send({ from: "talker@localhost", to: user, subject: "Welcome to the talker", text: "Hello from mudmail!\n.\nThis line follows a line with a lone dot.\n" });
+    say(`queued ${id}; flushing through the relay at the receiver...\n`);
+    const summary = await engine.flush();
+    await engine.stop();
+    for (const l of lines) say(l);
+    say(`\nmudmail: flush: ${summary.sent} sent, ${summary.deferred} deferred, ${summary.bounced} bounced, ${summary.corrupt} corrupt`);
+    const [mailbox] = await Promise.race([stored, new Promise<string[]>((_, reject) => setTimeout(() => reject(new Error("the receiver stored nothing")), 10_000))]);
+    say(`\nThe receiver's journal:`);
+    for (const l of journal) say(`  ${l}`);
+    say(`\nIt landed in ${mailbox}:\n`);
+    say((await fs.promises.readFile(mailbox, "utf8")).replace(/\n$/, ""));
+    return summary.sent === 1 ? 0 : 1;
+  } finally {
+    await engine.stop();
+    await server.close();
+  }
+}
+
+/** --dkim-keygen: a new private key (0600) and the TXT record to publish, with SPF and DMARC starters. */
+async function dkimKeygen(modes: Record<string, string | boolean>, options: MailOptions): Promise<number> {
+  const domain = options.dkimDomain;
+  const selector = options.dkimSelector;
+  if (!domain) throw new UsageError("--dkim-keygen needs --dkim-domain D");
+  if (!selector) throw new UsageError("--dkim-keygen needs --dkim-selector S");
+  const algorithm = typeof modes["--dkim-algorithm"] === "string" ? modes["--dkim-algorithm"] : "ed25519";
+  if (algorithm !== "ed25519" && algorithm !== "rsa") throw new UsageError(`--dkim-algorithm: expected ed25519 or rsa, got ${JSON.stringify(algorithm)}`);
+  const file = options.dkimKey ?? `${selector}.${domain}.${algorithm}.key`;
+  const key = await generateDkimKey(algorithm, file, { domain, selector });
+  process.stdout.write(`Wrote the private key to ${file} (mode 0600). Publish:\n\n`);
+  printRecords(key, options, modes);
+  return 0;
+}
+
+function printRecords(key: DkimKey, options: MailOptions, modes: Record<string, string | boolean>): void {
+  const record = dnsRecord(key);
+  const out: string[] = [`; DKIM (${key.algorithm}, selector ${key.selector})`, record.zone, `; ${record.note}`];
+  const ip = typeof modes["--source-ip"] === "string" ? modes["--source-ip"] : null;
+  if (ip) {
+    const spf = spfRecord(key.domain, ip);
+    out.push("", "; SPF: the address mail leaves from", spf.zone, `; ${spf.note}`);
+  } else {
+    out.push("", "; SPF: give --source-ip ADDRESS for a record naming the address mail leaves from");
+  }
+  const dmarc = dmarcRecord(key.domain);
+  out.push("", "; DMARC starter", dmarc.zone, `; ${dmarc.note}`);
+  process.stdout.write(out.join("\n") + "\n");
+  void options;
+}
+
+/** --dkim-print-dns: the TXT record of each configured key. */
+function printDkimDns(options: MailOptions): number {
+  const keys = loadDkimKeys({ domain: options.dkimDomain, selector: options.dkimSelector, keyFile: options.dkimKey, keysFile: options.dkimKeys });
+  if (keys.length === 0) throw new UsageError("--dkim-print-dns needs --dkim-domain, --dkim-selector and --dkim-key, or --dkim-keys");
+  for (const key of keys) printRecords(key, options, {});
+  return 0;
+}
+
+/** --check-domain: MX, SPF, DMARC, DKIM and PTR in one table; a published key that is not ours exits 2. */
+async function checkDomainMode(domain: string, modes: Record<string, string | boolean>, options: MailOptions): Promise<number> {
+  const keys = loadDkimKeys({ domain: options.dkimDomain, selector: options.dkimSelector, keyFile: options.dkimKey, keysFile: options.dkimKeys });
+  const rows = await checkDomain(domain, {
+    resolver: options.resolver ?? null,
+    keys,
+    sourceIp: typeof modes["--source-ip"] === "string" ? modes["--source-ip"] : null,
+  });
+  process.stdout.write(formatCheck(rows) + "\n");
+  const mismatch = rows.find((r) => r.error);
+  if (mismatch?.error) throw mismatch.error;
+  return 0;
+}
+
+/** --vrfy, --expn, --help-server: one question to --relay, its reply printed as the server gave it. */
+async function ask(mode: string, what: string, options: MailOptions): Promise<number> {
+  if (!options.relay) throw new UsageError(`${mode} needs --relay HOST[:PORT]: the server to ask`);
+  const { host, port } = parseHostPort(options.relay, "--relay", 25);
+  const client = { host, port, helo: options.helo, tls: options.tls ?? "may", tlsWrapper: options.tlsWrapper };
+  const call = mode === "--vrfy" ? vrfy : mode === "--expn" ? expn : help;
+  try {
+    const reply = await call(what, client);
+    const lines = reply.text.length ? reply.text : [""];
+    process.stdout.write(lines.map((l, i) => `${reply.code}${i < lines.length - 1 ? "-" : " "}${l}`).join("\n") + "\n");
+    return 0;
+  } catch (err) {
+    process.stderr.write(`mudmail: ${(err as Error).message}\n`);
+    return 1;
+  }
+}
+
+async function flushOnce(engine: MailEngine, force: boolean): Promise<number> {
+  const live = process.stderr.isTTY ? setInterval(() => {
+    const p = engine.progress;
+    process.stderr.write(`\rmudmail: ${p.sent} sent, ${p.deferred} deferred, ${p.bounced} bounced, ${p.corrupt} corrupt; ${p.busySlots} connections, ${p.waiting} waiting `);
+  }, 200) : null;
+  const stopOnSignal = () => { void engine.stop(); };
+  process.once("SIGINT", stopOnSignal);
+  process.once("SIGTERM", stopOnSignal);
+  try {
+    const s = await engine.flush({ force });
+    if (live) { clearInterval(live); process.stderr.write("\r\x1b[K"); }
+    await engine.stop(); // the last log lines go out before the summary
+    process.stdout.write(`mudmail: flush: ${s.sent} sent, ${s.deferred} deferred, ${s.bounced} bounced, ${s.corrupt} corrupt ` +
+      `(${s.messages} messages, ${s.recipients} recipients, ${s.seconds.toFixed(2)} s)\n`);
+    return 0;
+  } finally {
+    if (live) clearInterval(live);
+    process.off("SIGINT", stopOnSignal);
+    process.off("SIGTERM", stopOnSignal);
+  }
+}
+
+async function runDaemon(engine: MailEngine): Promise<number> {
+  engine.on("error", () => undefined); // already logged
+  engine.start();
+  // The engine's own timer is unref'd (an embedder's process may exit); the daemon stays up.
+  const keepAlive = setInterval(() => undefined, 1 << 30);
+  await new Promise<void>((resolve) => {
+    const stop = () => {
+      process.off("SIGINT", stop);
+      process.off("SIGTERM", stop);
+      void engine.stop().then(resolve);
+    };
+    process.on("SIGINT", stop);
+    process.on("SIGTERM", stop);
+  });
+  clearInterval(keepAlive);
+  return 0;
+}
+
+async function listQueue(engine: MailEngine, json: boolean): Promise<number> {
+  const entries = await engine.queue();
+  if (json) {
+    process.stdout.write(JSON.stringify(entries, null, 2) + "\n");
+    return 0;
+  }
+  if (entries.length === 0) {
+    process.stdout.write("Mail queue is empty\n");
+    return 0;
+  }
+  // mailq's marks: * active, ! held (here: corrupt, kept for a human).
+  const mark = { queued: " ", active: "*", deferred: " ", corrupt: "!" } as const;
+  let out = "-Queue ID-        --Size-- ---Arrival Time--- -Sender/Recipient-------\n";
+  let bytes = 0;
+  const now = Date.now();
+  for (const e of entries) {
+    bytes += e.size;
+    const d = new Date(e.queuedAt);
+    const when = `${d.toString().slice(0, 10)} ${d.toTimeString().slice(0, 8)}`;
+    out += `${(e.id + mark[e.state]).padEnd(17)} ${String(e.size).padStart(8)} ${when}  ${e.sender === null ? "?" : e.sender || "MAILER-DAEMON"}\n`;
+    // One line of state: what it is, how old, how often tried, when next, and why not yet.
+    const next = e.nextAttempt ? Date.parse(e.nextAttempt) - now : null;
+    const facts = [
+      e.state,
+      `age ${formatAge(now - d.getTime())}`,
+      ...(e.attempts ? [`attempts ${e.attempts}`] : []),
+      ...(next !== null ? [next > 0 ? `next in ${formatAge(next)}` : "due now"] : []),
+    ];
+    out += `${" ".repeat(18)}(${facts.join(", ")}${e.lastError ? `: ${printable(e.lastError, 200)}` : ""})\n`;
+    for (const r of e.recipients) out += `${" ".repeat(46)}${r}\n`;
+    out += "\n";
+  }
+  out += `-- ${Math.ceil(bytes / 1024)} Kbytes in ${entries.length} Request${entries.length === 1 ? "" : "s"}.\n`;
+  process.stdout.write(out);
+  return 0;
+}
+
+function isMain(): boolean {
+  if (!process.argv[1]) return false;
+  try {
+    return fs.realpathSync(process.argv[1]) === fs.realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return false;
+  }
+}
+
+if (isMain()) {
+  main(process.argv.slice(2)).then(
+    (status) => { process.exitCode = status; },
+    (err: Error) => {
+      process.stderr.write(`mudmail: ${err.message}\n`);
+      // A spool that cannot be used is a configuration error, like a bad flag.
+      const unusableSpool = err instanceof SpoolError && err.code === "EUNSAFE";
+      process.exitCode = err instanceof UsageError || unusableSpool || err instanceof DkimConfigError ? 2 : 1;
+    },
+  );
+}
