@@ -224,13 +224,12 @@ class Job {
   constructor(readonly delivery: Delivery, readonly destination: Destination, readonly recipients: string[]) {}
 }
 
-/** Where jobs go: the relay, or a domain's mail exchangers. Its counters live for one tick. */
+/** Where jobs go: the relay, or a domain's mail exchangers. What it learns lives for one tick. */
 class Destination {
-  readonly jobs: Job[] = [];
-  readonly waiters: Array<(job: Job | null) => void> = [];
-  slots = 0;
-  /** Slots that reached the MAIL stage; until one has, connect one at a time. */
-  readySlots = 0;
+  /** Its slots, connecting or connected. */
+  readonly slots = new Set<Slot>();
+  /** Its slots that wait for a job: each one's callback, called with a job or with null (QUIT). */
+  readonly idle: Array<(job: Job | null) => void> = [];
   /** Connections that got no greeting from any address, this tick: at 2 the tick gives up on it. */
   failures = 0;
   /** Set for the rest of the tick once connecting failed twice: its jobs are deferred. */
@@ -244,12 +243,57 @@ class Destination {
     return this.route && this.route !== "pending" && this.route.ok ? this.route.hops : [];
   }
 
+  /** A server of this destination has greeted one of its slots: more may connect at once. */
+  get greeted(): boolean {
+    for (const slot of this.slots) if (slot.greeted) return true;
+    return false;
+  }
+
   /** A new tick: route and failures are found out afresh. */
   reset(): void {
     this.failures = 0;
     this.deadReason = null;
     this.lastError = null;
     this.route = null;
+  }
+}
+
+/** Jobs waiting for a slot, by destination: the only code that adds or takes them, so its size is true. */
+class JobQueue {
+  readonly #byDestination = new Map<Destination, Job[]>();
+  #size = 0;
+
+  get size(): number {
+    return this.#size;
+  }
+
+  count(dest: Destination): number {
+    return this.#byDestination.get(dest)?.length ?? 0;
+  }
+
+  /** In line at the end, or `first` (a job that goes before the others: a retry, a job handed back). */
+  add(job: Job, first = false): void {
+    let list = this.#byDestination.get(job.destination);
+    if (!list) this.#byDestination.set(job.destination, (list = []));
+    if (first) list.unshift(job);
+    else list.push(job);
+    this.#size++;
+  }
+
+  take(dest: Destination): Job | null {
+    const list = this.#byDestination.get(dest);
+    const job = list?.shift();
+    if (!job) return null;
+    this.#size--;
+    if (list!.length === 0) this.#byDestination.delete(dest);
+    return job;
+  }
+
+  drain(dest: Destination): Job[] {
+    const list = this.#byDestination.get(dest) ?? [];
+    this.#byDestination.delete(dest);
+    this.#size -= list.length;
+    return list;
   }
 }
 
@@ -336,8 +380,8 @@ class Slot {
   /** host[ip]:port, for log lines; "none" until connected. */
   relay = "none";
   delivered = 0;
-  /** The engine counted this slot as ready (it reached the MAIL stage once). */
-  wasReady = false;
+  /** A server greeted and the session is set up (EHLO, TLS, AUTH): this destination's servers answer. */
+  greeted = false;
   #conn: SmtpConnection | null = null;
   readonly #txns: Txn[] = [];
   #closed = false;
@@ -434,6 +478,7 @@ class Slot {
 
   #sessionReady(): void {
     this.#setupMs = Date.now() - this.#connectedAt;
+    this.greeted = true;
     if (this.#hop.via) this.host.note(`${this.destination.key}: delivering through the ${this.#hop.via} ${this.relay}`);
     this.host.slotReady(this);
     this.#nextJob();
@@ -774,7 +819,11 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   readonly #due = new DueHeap();
   readonly #router: Router;
   #preparing = 0;
-  #queuedJobs = 0;
+  /** Jobs prepared and waiting for a slot. */
+  readonly #jobs = new JobQueue();
+  /** #schedule() is running: a call from inside it asks for one more round instead. */
+  #scheduling = false;
+  #scheduleAgain = false;
   #scanning: Promise<void> | null = null;
   #lastScan = 0;
   #initialized: Promise<void> | null = null;
@@ -902,7 +951,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
 
   /** Live numbers for a progress line. */
   get progress(): FlushSummary & { busySlots: number; waiting: number } {
-    return { ...this.#counts, busySlots: this.#slots.size, waiting: this.#backlog.length - this.#backlogHead + this.#queuedJobs };
+    return { ...this.#counts, busySlots: this.#slots.size, waiting: this.#backlog.length - this.#backlogHead + this.#jobs.size };
   }
 
   #emit<E extends keyof MailEngineEvents>(event: E, ...args: MailEngineEvents[E]): boolean {
@@ -925,10 +974,10 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#pass++;
     for (const [key, dest] of this.#destinations) {
       // A destination with nothing going on is forgotten; the others start the tick afresh.
-      if (dest.slots === 0 && dest.jobs.length === 0 && dest.waiters.length === 0) this.#destinations.delete(key);
+      if (dest.slots.size === 0 && this.#jobs.count(dest) === 0) this.#destinations.delete(key);
       else if (dest.route !== "pending") {
         dest.reset();
-        if (dest.jobs.length > 0) this.#lookUpRoute(dest);
+        if (this.#jobs.count(dest) > 0) this.#lookUpRoute(dest);
       }
     }
     this.#forgetTried();
@@ -936,7 +985,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#takeDue(force ? Infinity : Date.now());
     await this.#scan();
     this.#pump();
-    this.#fillSlots();
+    this.#schedule();
   }
 
   /** Deferred messages whose time has come join the backlog (all of them with --force). */
@@ -987,7 +1036,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     setImmediate(() => {
       this.#tickScheduled = false;
       this.#pump();
-      this.#fillSlots();
+      this.#schedule();
     });
   }
 
@@ -1046,7 +1095,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     if (this.#rescanTimer || this.#stopping) return;
     this.#rescanTimer = setTimeout(() => {
       this.#rescanTimer = null;
-      this.#scan().catch((err) => this.#reportError(err as Error)).finally(() => { this.#pump(); this.#fillSlots(); });
+      this.#scan().catch((err) => this.#reportError(err as Error)).finally(() => { this.#pump(); this.#schedule(); });
     }, 100);
     this.#rescanTimer.unref?.();
   }
@@ -1059,7 +1108,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
 
   /** Keeps a few jobs ready ahead of the slots, so a slot never waits on the disk between messages. */
   #pump(): void {
-    while (!this.#stopping && !this.#authFailure && this.#backlogHead < this.#backlog.length && this.#preparing + this.#queuedJobs < this.#readahead) {
+    while (!this.#stopping && !this.#authFailure && this.#backlogHead < this.#backlog.length && this.#preparing + this.#jobs.size < this.#readahead) {
       const id = this.#backlog[this.#backlogHead++];
       if (this.#backlogHead > 4096 && this.#backlogHead * 2 > this.#backlog.length) {
         this.#backlog = this.#backlog.slice(this.#backlogHead);
@@ -1071,11 +1120,11 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
         .finally(() => {
           this.#preparing--;
           this.#pump();
-          this.#fillSlots();
+          this.#schedule();
           this.#checkIdle();
         });
     }
-    if (this.#backlogHead >= this.#backlog.length && this.#preparing === 0 && !this.#scanning) this.#noMoreJobs();
+    if (this.#backlogHead >= this.#backlog.length && this.#preparing === 0 && !this.#scanning) this.#schedule();
   }
 
   async #prepare(queued: string): Promise<void> {
@@ -1178,10 +1227,9 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     if (this.#stopping || this.#authFailure) return this.#jobDone(job);
     if (dest.deadReason) return this.#deferUnsent(job, `delivery temporarily suspended: ${dest.deadReason}`);
     if (dest.route && dest.route !== "pending" && !dest.route.ok) return this.#routeFailed(job, dest.route);
-    const waiter = dest.waiters.shift();
-    if (waiter) return waiter(job);
-    dest.jobs.push(job);
-    this.#queuedJobs++;
+    const idle = dest.idle.shift();
+    if (idle) return idle(job);
+    this.#jobs.add(job);
     if (dest.route === null) this.#lookUpRoute(dest);
   }
 
@@ -1190,15 +1238,11 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     dest.route = "pending";
     this.#router.route(dest.key.startsWith("relay:") ? "" : dest.key).then((route) => {
       dest.route = route;
-      if (!route.ok) {
-        const jobs = dest.jobs.splice(0);
-        this.#queuedJobs -= jobs.length;
-        for (const job of jobs) this.#routeFailed(job, route);
-      }
-      this.#fillSlots();
+      if (!route.ok) for (const job of this.#jobs.drain(dest)) this.#routeFailed(job, route);
+      this.#schedule();
     }, (err) => {
       dest.route = { ok: false, permanent: false, dsn: "4.4.3", reason: `cannot look up ${dest.key}: ${(err as Error).message}` };
-      this.#fillSlots();
+      this.#schedule();
     });
   }
 
@@ -1214,112 +1258,114 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#jobDone(job);
   }
 
-  /** The next job for a slot of this destination, now or when one is ready; null when there will be none. */
+  /** The next job for a slot of this destination: now, or when the scheduler has one (null: QUIT). */
   #jobFor(dest: Destination, give: (job: Job | null) => void): void {
     const job = this.#jobNow(dest);
     if (job) return give(job);
-    if (this.#stopping || (this.#backlogHead >= this.#backlog.length && this.#preparing === 0 && !this.#scanning && !this.#mayRescan())) return give(null);
-    // Every slot taken and mail waiting for a destination without one: this slot, with
-    // nothing to do, gives way (QUIT) instead of waiting for its own destination's next job.
-    if (this.#slots.size >= this.#options.maxConnections && this.#starving(dest)) return give(null);
-    dest.waiters.push(give);
+    dest.idle.push(give);
     this.#pump();
+    this.#schedule();
   }
 
-  /** Another destination has jobs that no slot of its own will take. */
-  #starving(except: Destination): boolean {
-    for (const d of this.#destinations.values()) {
-      if (d !== except && d.jobs.length > d.slots && d.failures < 2 && d.route !== null && d.route !== "pending" && d.route.ok) return true;
+  /** A job for this destination if one is ready now (the next envelope behind a pipelined dot). */
+  #jobNow(dest: Destination): Job | null {
+    const job = this.#jobs.take(dest);
+    if (job) this.#pump();
+    return job;
+  }
+
+  /** Recipients a server had no room for in this transaction: a new job, first in line. */
+  #retryNow(job: Job, recipients: string[]): void {
+    job.delivery.openJobs++;
+    this.#jobs.add(new Job(job.delivery, job.destination, recipients), true);
+  }
+
+  /** A job a closing slot could not start goes back to the front of its destination's queue. */
+  #jobReturned(job: Job): void {
+    this.#jobs.add(job, true);
+    this.#schedule();
+  }
+
+  /* The scheduler */
+
+  /**
+   * check_misc_connects(), and every other decision about slots, made here from the state as
+   * it is now, never from counts kept aside: idle slots take their destination's waiting
+   * jobs; connections open where jobs wait beyond the slots serving them (one at a time
+   * until a server greets, as the C code's one blocking connect did, and after two failed
+   * connects the tick gives up on the destination and defers its mail); a slot with nothing
+   * to do gives way (QUIT) when another destination's mail has no slot and none is free, and
+   * quits when no more mail can come in this pass.
+   */
+  #schedule(): void {
+    if (this.#scheduling) {
+      this.#scheduleAgain = true;
+      return;
     }
-    return false;
+    this.#scheduling = true;
+    try {
+      do {
+        this.#scheduleAgain = false;
+        this.#scheduleOnce();
+      } while (this.#scheduleAgain);
+    } finally {
+      this.#scheduling = false;
+    }
+    this.#checkIdle();
+  }
+
+  #scheduleOnce(): void {
+    const giveUp = this.#stopping || this.#authFailure !== null;
+    let unserved = 0;
+    for (const dest of giveUp ? [] : this.#destinations.values()) {
+      if (dest.route === null || dest.route === "pending") continue;
+      while (this.#jobs.count(dest) > 0 && dest.idle.length > 0) dest.idle.shift()!(this.#jobs.take(dest));
+      const waiting = this.#jobs.count(dest);
+      if (dest.failures >= 2) {
+        if (dest.slots.size === 0 && waiting > 0) {
+          // The tick gave up connecting: what waits for this destination is deferred until the next one.
+          dest.deadReason ??= dest.lastError ?? "too many failed connections";
+          this.#dropJobs(dest, `delivery temporarily suspended: ${dest.deadReason}`);
+        }
+        continue;
+      }
+      const mayGrow = () => dest.slots.size < this.#options.destinationConcurrencyLimit && (dest.greeted || dest.slots.size === 0);
+      while (waiting > dest.slots.size && this.#slots.size < this.#options.maxConnections && mayGrow()) this.#openSlot(dest);
+      if (waiting > dest.slots.size && mayGrow()) unserved += waiting - dest.slots.size;
+    }
+    const slotsFull = this.#slots.size >= this.#options.maxConnections;
+    const moreMayCome = !giveUp && this.#moreMayCome();
+    for (const dest of this.#destinations.values()) {
+      while (dest.idle.length > 0 && (!moreMayCome || (slotsFull && unserved > 0))) {
+        dest.idle.shift()!(null);
+        unserved--;
+      }
+    }
+  }
+
+  #openSlot(dest: Destination): void {
+    const slot = new Slot(this.#host, dest);
+    this.#slots.add(slot);
+    dest.slots.add(slot);
+    slot.open();
+  }
+
+  /** Mail may still come this pass: the backlog is not empty, messages are being prepared or read. */
+  #moreMayCome(): boolean {
+    return this.#backlogHead < this.#backlog.length || this.#preparing > 0 || this.#scanning !== null || this.#mayRescan();
   }
 
   /** While the backlog ran dry, files may have been dropped in: read outgoing/ again, at most once a second. */
   #mayRescan(): boolean {
     if (this.#stopping || Date.now() - this.#lastScan < 1000) return false;
-    this.#scan().catch((err) => this.#reportError(err as Error)).finally(() => { this.#pump(); this.#fillSlots(); });
+    this.#scan().catch((err) => this.#reportError(err as Error)).finally(() => { this.#pump(); this.#schedule(); });
     return true;
-  }
-
-  #jobNow(dest: Destination): Job | null {
-    const job = dest.jobs.shift() ?? null;
-    if (job) {
-      this.#queuedJobs--;
-      this.#pump();
-    }
-    return job;
-  }
-
-  #noMoreJobs(): void {
-    for (const dest of this.#destinations.values()) {
-      for (const waiter of dest.waiters.splice(0)) waiter(null);
-    }
-  }
-
-  /** Recipients a server had no room for in this transaction: a new job, first in line. */
-  #retryNow(job: Job, recipients: string[]): void {
-    const next = new Job(job.delivery, job.destination, recipients);
-    job.delivery.openJobs++;
-    job.destination.jobs.unshift(next);
-    this.#queuedJobs++;
-  }
-
-  /** A job a closing slot could not start goes back to the front of its destination's queue. */
-  #jobReturned(job: Job): void {
-    job.destination.jobs.unshift(job);
-    this.#queuedJobs++;
-    this.#fillSlots();
-  }
-
-  /* Slots */
-
-  /** check_misc_connects(): open connections while slots are free and jobs wait, until two connects fail. */
-  #fillSlots(): void {
-    if (this.#stopping || this.#authFailure) return this.#checkIdle();
-    for (const dest of this.#destinations.values()) {
-      if (dest.route === null || dest.route === "pending") continue;
-      while (
-        this.#slots.size < this.#options.maxConnections && dest.failures < 2 &&
-        dest.slots < this.#options.destinationConcurrencyLimit && dest.jobs.length > dest.slots &&
-        // Until a server of this destination has greeted, probe with one connection, as the
-        // C code's one blocking connect at a time did: a dead host costs two attempts, not five.
-        (dest.readySlots > 0 || dest.slots === 0)
-      ) {
-        const slot = new Slot(this.#host, dest);
-        this.#slots.add(slot);
-        dest.slots++;
-        slot.open();
-      }
-      if (dest.jobs.length > dest.slots && this.#slots.size >= this.#options.maxConnections && dest.failures < 2) this.#makeRoom();
-      if (dest.failures >= 2 && dest.slots === 0 && (dest.jobs.length > 0 || dest.waiters.length > 0)) {
-        // The tick gave up connecting: what waits for this destination is deferred until the next one.
-        dest.deadReason ??= dest.lastError ?? "too many failed connections";
-        this.#dropJobs(dest, `delivery temporarily suspended: ${dest.deadReason}`);
-      }
-    }
-    this.#checkIdle();
-  }
-
-  /**
-   * Every slot is taken and mail waits for a destination without one: a slot that sits
-   * idle waiting for its own destination's next job gives way (QUIT), so one domain's
-   * connections cannot starve the others.
-   */
-  #makeRoom(): void {
-    for (const dest of this.#destinations.values()) {
-      if (dest.jobs.length === 0 && dest.waiters.length > 0) {
-        dest.waiters.shift()!(null);
-        return;
-      }
-    }
   }
 
   #slotReady(slot: Slot): void {
     // do_smtp_connect() succeeded: the C code resets its tries here.
     slot.destination.failures = 0;
-    slot.wasReady = true;
-    slot.destination.readySlots++;
-    this.#fillSlots();
+    this.#schedule();
   }
 
   #slotFailedEarly(slot: Slot, reason: string): void {
@@ -1330,20 +1376,17 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
 
   #slotClosed(slot: Slot): void {
     if (!this.#slots.delete(slot)) return;
-    slot.destination.slots--;
-    if (slot.wasReady) slot.destination.readySlots--;
-    this.#fillSlots();
+    slot.destination.slots.delete(slot);
+    this.#schedule();
   }
 
   /** Jobs queued for a destination no slot will serve now are deferred (or, on stop, put back untried). */
   #dropJobs(dest: Destination, reason: string | null): void {
-    const jobs = dest.jobs.splice(0);
-    this.#queuedJobs -= jobs.length;
-    for (const job of jobs) {
+    for (const job of this.#jobs.drain(dest)) {
       if (reason) this.#deferUnsent(job, reason);
       else this.#jobDone(job);
     }
-    for (const waiter of dest.waiters.splice(0)) waiter(null);
+    for (const idle of dest.idle.splice(0)) idle(null);
   }
 
   #deferUnsent(job: Job, reason: string): void {
@@ -1768,7 +1811,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
 
   #isIdle(): boolean {
     return this.#slots.size === 0 && this.#preparing === 0 && this.#inFlight.size === 0 && !this.#scanning &&
-      (this.#stopping || (this.#backlogHead >= this.#backlog.length && this.#queuedJobs === 0));
+      (this.#stopping || (this.#backlogHead >= this.#backlog.length && this.#jobs.size === 0));
   }
 
   #checkIdle(): void {

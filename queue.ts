@@ -284,7 +284,13 @@ export class Spool {
     }
     this.active.add(name);
     // Always looked for: whoever queued the message wrote its bookkeeping before it.
-    const booked = await this.moveBookkeeping(name, from, "outgoing_active");
+    let booked = true;
+    try {
+      fs.renameSync(this.pathOf(from, `.${name}`), this.pathOf("outgoing_active", `.${name}`));
+    } catch (err) {
+      if (errno(err) !== "ENOENT") throw err;
+      booked = false;
+    }
     return { id: name, booked };
   }
 
