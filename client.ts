@@ -19,12 +19,15 @@
  *   refused. smtpTransactions() runs steps in order and stops at the first 4xx or 5xx, 221
  *   or 421, sending QUIT (unless the server closed already), as the seed's macro does.
  *
- *   It is the engine's protocol, driven one command at a time: the same reply parser
- *   (smtp-codes.ts), the same stuffer (queue.ts), the same stage timeouts and TLS modes.
+ *   It stands on the engine's own SmtpConnection (smtp-connection.ts), driven one command at
+ *   a time: the same reply parser, stage timers, STARTTLS and TLS modes, and the same stuffer
+ *   (queue.ts) for the body, so a fix to the protocol reaches both.
  *
  * DIAGNOSTICS
- *   A connection that cannot be made, or a stage that times out, rejects with a MailError-
- *   like ClientError (code ECONNECTION or ETIMEDOUT, the host, the stage, the command).
+ *   A connection that cannot be made, a stage that times out, a TLS handshake that fails or
+ *   stalls, or a server that breaks the protocol rejects with a MailError (code ECONNECTION,
+ *   ETIMEDOUT, ETLS or EPROTOCOL, with the host, the stage, the command and the server's
+ *   words). A connection that drops while a command waits answers 621, as in scsh.
  */
 
 import * as os from "node:os";

@@ -92,7 +92,7 @@ import * as path from "node:path";
 import * as tls from "node:tls";
 import { randomBytes } from "node:crypto";
 import { printable, unxtext, xtext } from "./smtp-codes.js";
-import { Spool, addressProblem, errno } from "./queue.js";
+import { Spool, addressProblem, errno, syncDir } from "./queue.js";
 import { UsageError } from "./options.js";
 import { rfc5322Date } from "./compose.js";
 
@@ -1050,17 +1050,6 @@ class Receiver extends EventEmitter implements ServerHandle {
   }
 }
 
-/** A new mailbox file's name must survive a crash too. */
-async function syncDir(dir: string): Promise<void> {
-  const handle = await fs.promises.open(dir, "r");
-  try {
-    await handle.sync();
-  } catch (err) {
-    if (errno(err) !== "EINVAL" && errno(err) !== "EISDIR") throw err; // file systems that cannot fsync a directory
-  } finally {
-    await handle.close();
-  }
-}
 
 function clientIp(address: string | undefined): string {
   if (!address) return "unknown";

@@ -77,34 +77,6 @@ export interface Reply {
 
 export type ReplyClass = "ok" | "temporary" | "permanent" | "protocol";
 
-/** The standard reply texts (RFC 5321 section 4.2.3), as the seed lists them. */
-export const REPLY_TEXT: Readonly<Record<number, string>> = {
-  211: "System status, or system help reply",
-  214: "Help message",
-  220: "Service ready",
-  221: "Service closing transmission channel",
-  250: "Requested mail action okay, completed",
-  251: "User not local; will forward",
-  252: "Cannot VRFY user, but will accept message and attempt delivery",
-  354: "Start mail input; end with <CRLF>.<CRLF>",
-  421: "Service not available, closing transmission channel",
-  450: "Requested mail action not taken: mailbox unavailable",
-  451: "Requested action aborted: local error in processing",
-  452: "Requested action not taken: insufficient system storage",
-  500: "Syntax error, command unrecognized",
-  501: "Syntax error in parameters or arguments",
-  502: "Command not implemented",
-  503: "Bad sequence of commands",
-  504: "Command parameter not implemented",
-  550: "Requested action not taken: mailbox unavailable",
-  551: "User not local; please try <forward-path>",
-  552: "Requested mail action aborted: exceeded storage allocation",
-  553: "Requested action not taken: mailbox name not allowed",
-  554: "Transaction failed",
-  [CODE_GARBAGE]: "Server reply could not be parsed",
-  [CODE_PREMATURE_EOF]: "Premature EOF while reading server reply",
-};
-
 /**
  * The seed's command/reply sequences (RFC 821 section 4.3): S success, I intermediate,
  * F failure, E error. Only the positive lists are enforced: any 4xx/5xx is understood by
