@@ -44,6 +44,7 @@ t.test("data(): a server that stops reading and stays: the data-xfer timeout end
   const started = Date.now();
   const err = await within(session.data(BIG).then(() => null, (e: Error) => e), 10_000, "data()");
   t.match(err, { code: "ETIMEDOUT", message: /timed out while sending message body/ }, `rejects: ${String(err)}`);
+  t.match(err, { details: { host: "127.0.0.1", stage: "sending message body", command: "DATA" } }, "the error names the host, the stage and the command");
   t.ok(Date.now() - started < 5000, "after about the data-xfer timeout");
 });
 
@@ -61,5 +62,6 @@ t.test("starttls(): 220 and then no handshake; the helo timeout ends it", async 
     10_000, "sendmail()",
   );
   t.match(err, { code: "ETLS", message: /TLS handshake with 127\.0\.0\.1\S* timed out/ }, `rejects: ${String(err)}`);
+  t.match(err, { details: { host: "127.0.0.1", stage: "performing the TLS handshake", command: "STARTTLS" } }, "the error names the host, the stage and the command");
   t.ok(Date.now() - started < 5000, "after about the helo timeout");
 });
