@@ -3,11 +3,9 @@
 import t from "tap";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { spawn } from "node:child_process";
+import { sleep, spawnDaemon } from "./helpers/daemon.js";
 import { requireTool, startSmtpSink, SMTP_SINK } from "./helpers/postfix.js";
 import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage } from "./helpers/spool-files.js";
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 t.test("--help and --version", async (t) => {
   const help = await runCli(["--help"]);
@@ -134,9 +132,8 @@ t.test("run mode: mail queued while it runs goes out at once; SIGTERM stops it c
   t.teardown(() => sink.stop());
   const maildir = await tempMaildir();
   const logFile = path.join(maildir, "..", "mail.log");
-  const daemon = spawn(process.execPath, [MAIL_JS, "--relay", `${sink.host}:${sink.port}`, "--maildir", maildir, "--log", logFile], { stdio: "ignore" });
-  const exited = new Promise<number | null>((r) => daemon.on("exit", (code) => r(code)));
-  t.teardown(() => { if (daemon.exitCode === null) daemon.kill("SIGKILL"); });
+  const daemon = spawnDaemon(process.execPath, [MAIL_JS, "--relay", `${sink.host}:${sink.port}`, "--maildir", maildir, "--log", logFile], path.dirname(maildir), "run-mode");
+  t.teardown(() => daemon.kill("SIGKILL"));
   await sleep(500);
   const queued = await runCli(["--send", "--maildir", maildir, "-f", "talker@test.example", "-s", "hi", "dave@test.example"], { input: "hello\n" });
   const id = queued.stdout.trim();
@@ -147,9 +144,8 @@ t.test("run mode: mail queued while it runs goes out at once; SIGTERM stops it c
     log = await fs.readFile(logFile, "utf8").catch(() => "");
   }
   t.match(log, new RegExp(`${id.replace(".", "\\.")}: to=<dave@test\\.example>, .*status=sent`), "delivered without waiting for the next tick");
-  daemon.kill("SIGTERM");
-  const code = await Promise.race([exited, sleep(10_000).then(() => "timeout")]);
-  t.equal(code, 0, "exits 0 on SIGTERM");
+  await daemon.kill("SIGTERM", 10_000);
+  t.equal((await daemon.done).code, 0, "exits 0 on SIGTERM");
   t.same(await listFolder(maildir, "outgoing_active"), []);
   await t.rejects(fs.access(path.join(maildir, ".mudmail.lock")), "the lock is released");
 });

@@ -3,13 +3,13 @@
 // between a server's 250 after the dot and the unlink of the queue file.
 
 import t from "tap";
-import { spawn } from "node:child_process";
+import path from "node:path";
 import fs from "node:fs/promises";
+import { sleep, spawnDaemon } from "./helpers/daemon.js";
 import { requirePostfix, startPostfix } from "./helpers/postfix.js";
 import { startScriptedServer } from "./helpers/scripted-server.js";
 import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage, testNumber } from "./helpers/spool-files.js";
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 t.test("kill -9 mid-flush loses nothing on restart", async (t) => {
   if (!requirePostfix(t)) return;
@@ -25,13 +25,11 @@ t.test("kill -9 mid-flush loses nothing on restart", async (t) => {
   const relay = `${postfix.host}:${postfix.port}`;
   const kills = [150, 400, 700];
   for (const threshold of kills) {
-    const child = spawn(process.execPath, [MAIL_JS, "--flush", "--relay", relay, "--maildir", maildir, "--log", `${maildir}/../mail.log`], { stdio: "ignore" });
-    const exited = new Promise((r) => child.on("exit", r));
+    const child = spawnDaemon(process.execPath, [MAIL_JS, "--flush", "--relay", relay, "--maildir", maildir, "--log", `${maildir}/../mail.log`], path.dirname(maildir), `flush-${threshold}`);
     const deadline = Date.now() + 60_000;
     // Kill once the server has stored `threshold` messages: deliveries are in flight on every slot.
-    while (Date.now() < deadline && (await postfix.readMessages()).length < threshold && child.exitCode === null) await sleep(20);
-    child.kill("SIGKILL");
-    await exited;
+    while (Date.now() < deadline && (await postfix.readMessages()).length < threshold && !child.exited()) await sleep(20);
+    await child.kill("SIGKILL");
     t.pass(`killed at ${(await postfix.readMessages()).length} stored; ${(await listFolder(maildir, "outgoing_active")).length} left in outgoing_active/`);
   }
   const last = await runCli(["--flush", "--relay", relay, "--maildir", maildir, "--log", `${maildir}/../mail.log`], { timeoutMs: 120_000 });
@@ -77,11 +75,9 @@ t.test("kill -9 at random moments with deferred and active messages: nothing los
   const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
   for (let k = 0; k < 8; k++) {
     const args = ["--flush", ...(k % 2 ? ["--force"] : []), "--relay", relay, "--maildir", maildir, "--log", logFile, "--min-backoff", "1", "--max-backoff", "2"];
-    const child = spawn(process.execPath, [MAIL_JS, ...args], { stdio: "ignore" });
-    const exited = new Promise((r) => child.on("exit", r));
+    const child = spawnDaemon(process.execPath, [MAIL_JS, ...args], path.dirname(maildir), `flush-${k}`);
     await sleep(60 + Math.floor(random() * 400));
-    child.kill("SIGKILL");
-    await exited;
+    await child.kill("SIGKILL");
   }
   const states = await Promise.all(["outgoing", "outgoing_active", "deferred"].map((f) => listFolder(maildir, f)));
   t.comment(`after 8 kills: ${states.map((s) => s.length).join(" / ")} in outgoing / outgoing_active / deferred`);

@@ -3,9 +3,9 @@
 import t from "tap";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { spawn } from "node:child_process";
 import { sendmail } from "../mail.js";
 import { freePort } from "./helpers/postfix.js";
+import { spawnDaemon } from "./helpers/daemon.js";
 import { MAIL_JS, runCli, tempMaildir } from "./helpers/spool-files.js";
 
 t.test("--demo shows the whole path: queued, sent through the receiver, and the mailbox it landed in", async (t) => {
@@ -27,13 +27,10 @@ t.test("--serve receives for the users in users/ until SIGTERM; bad receiver fla
   await fs.mkdir(path.join(maildir, "users", "bob@local.test"), { recursive: true, mode: 0o700 });
   await fs.chmod(path.dirname(maildir), 0o700);
   const port = await freePort();
-  const server = spawn(process.execPath, [MAIL_JS, "--serve", "--listen", `127.0.0.1:${port}`, "--maildir", maildir, "--hostname", "mx.local.test"], { stdio: ["ignore", "ignore", "pipe"] });
-  t.teardown(() => { if (server.exitCode === null) server.kill("SIGKILL"); });
-  let err = "";
-  server.stderr.on("data", (d) => (err += d));
-  const deadline = Date.now() + 10_000;
-  while (!err.includes("receiving mail") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
-  t.match(err, /receiving mail for .*users\/<address>\/ on 127\.0\.0\.1:\d+/);
+  const server = spawnDaemon(process.execPath, [MAIL_JS, "--serve", "--listen", `127.0.0.1:${port}`, "--maildir", maildir, "--hostname", "mx.local.test"], path.dirname(maildir), "serve");
+  t.teardown(() => server.kill("SIGKILL"));
+  await server.waitForOutput(/receiving mail/, 10_000);
+  t.match(server.output(), /receiving mail for .*users\/<address>\/ on 127\.0\.0\.1:\d+/);
   const ok = await sendmail({ host: "127.0.0.1", port, from: "a@x.test", to: ["bob@local.test"], body: "Subject: hi\n\nhello bob\n", tls: "none" });
   t.match(ok, { code: 250 });
   const refused = await sendmail({ host: "127.0.0.1", port, from: "a@x.test", to: ["eve@elsewhere.test"], body: "x\n", tls: "none" });
@@ -41,9 +38,8 @@ t.test("--serve receives for the users in users/ until SIGTERM; bad receiver fla
   t.match(await fs.readFile(path.join(maildir, "users", "bob@local.test", "mail"), "utf8"), /\nhello bob\n/);
   const journals = await fs.readdir(path.join(maildir, "journal"));
   t.match(journals[0], /^\d{4}_\d\d_\d\d_\d\d$/, "an hourly journal file");
-  server.kill("SIGTERM");
-  const code = await new Promise((r) => server.on("exit", r));
-  t.equal(code, 0, "exits 0 on SIGTERM");
+  await server.kill("SIGTERM");
+  t.equal((await server.done).code, 0, "exits 0 on SIGTERM");
 
   for (const [args, pattern] of [[["--max-recipients", "50"], /--max-recipients/], [["--max-size", "x"], /--max-size/], [["--listen", "nowhere"], /--listen/]] as const) {
     const r = await runCli(["--serve", ...args, "--maildir", maildir]);

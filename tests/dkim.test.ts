@@ -608,7 +608,7 @@ t.test("a 50 MB message: signed streaming with flat memory, verified by dkimpy",
 /* OpenDKIM                                                                              */
 
 t.test("OpenDKIM's opendkim-testmsg verifies them too, against a private resolver", async (t) => {
-  const why = opendkimUnavailable();
+  const why = await opendkimUnavailable();
   if (why !== null) {
     // The tool itself is installed by pretest; a machine without root or namespaces only skips.
     if (process.env.CI && why.startsWith("missing")) t.fail(`${why}: scripts/pretest.sh should install opendkim-tools`);

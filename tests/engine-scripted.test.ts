@@ -27,6 +27,7 @@ import { MailEngine, MailError, type FlushSummary, type MailOptions, type Outcom
 import {
   startScriptedServer, type Message, type Script, type ScriptedServer, type Session,
 } from "./helpers/scripted-server.js";
+import { recordingProxy, type Proxy } from "./helpers/proxy.js";
 
 type Tap = Parameters<Parameters<typeof t.test>[0]>[0];
 
@@ -72,45 +73,6 @@ let idCounter = 0;
 /** A queue id of SPEC section 1, unique in this process: <now seconds>.<subtime>. */
 function newQueueId(): string {
   return `${Math.floor(Date.now() / 1000)}.${9000 + idCounter++}`;
-}
-
-/** A recording TCP proxy: what the client wrote, chunk by chunk as it arrived, per connection. */
-interface Proxy {
-  port: number;
-  chunks: Buffer[][];
-  close(): Promise<void>;
-}
-
-async function recordingProxy(targetPort: number): Promise<Proxy> {
-  const chunks: Buffer[][] = [];
-  const sockets = new Set<net.Socket>();
-  const server = net.createServer({ allowHalfOpen: true }, (client) => {
-    const mine: Buffer[] = [];
-    chunks.push(mine);
-    const upstream = net.connect({ host: "127.0.0.1", port: targetPort, allowHalfOpen: true });
-    for (const s of [client, upstream]) {
-      s.setNoDelay(true);
-      sockets.add(s);
-      s.on("close", () => sockets.delete(s));
-      s.on("error", () => { client.destroy(); upstream.destroy(); });
-    }
-    client.on("data", (chunk: Buffer) => { mine.push(Buffer.from(chunk)); upstream.write(chunk); });
-    upstream.on("data", (chunk: Buffer) => client.write(chunk));
-    client.on("end", () => upstream.end());
-    upstream.on("end", () => client.end());
-    client.on("close", () => upstream.destroy());
-    upstream.on("close", () => client.destroy());
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const port = (server.address() as net.AddressInfo).port;
-  return {
-    port,
-    chunks,
-    close: () => new Promise<void>((resolve) => {
-      for (const s of sockets) s.destroy();
-      server.close(() => resolve());
-    }),
-  };
 }
 
 interface Rig {

@@ -10,7 +10,6 @@
 // tests/interop-matrix.md.
 
 import t, { type Test } from "tap";
-import { execFile } from "node:child_process";
 import { existsSync } from "node:fs";
 import fs from "node:fs/promises";
 import os from "node:os";
@@ -18,7 +17,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { MailEngine, type TlsMode } from "../mail.js";
 import { startServer } from "../receiver.js";
-import { requirePostfix, startPostfix, type PostfixInstance } from "./helpers/postfix.js";
+import { addTlsmgr, requirePostfix, startPostfix, type PostfixInstance } from "./helpers/postfix.js";
 import { requireExim, startExim } from "./helpers/exim.js";
 import { requireOpenSmtpd, startOpenSmtpd } from "./helpers/opensmtpd.js";
 import { requireAiosmtpd, startAiosmtpd, type AiosmtpdMessage } from "./helpers/aiosmtpd.js";
@@ -346,31 +345,6 @@ async function runMatrix(t: Test, server: string, target: Target, notes: string[
 
 /* ------------------------------------------------------------------------------------------ */
 /* The servers                                                                                */
-
-/**
- * Postfix smtpd's TLS needs the tlsmgr service (without it: "no entropy for TLS key generation:
- * disabling TLS support", and STARTTLS gets 454), which the harness's master.cf lacks: add it
- * and reload, as tests/security.test.ts does.
- */
-async function addTlsmgr(pf: PostfixInstance): Promise<void> {
-  const conf = path.join(pf.dir, "conf");
-  const masterCf = path.join(conf, "master.cf");
-  await fs.appendFile(masterCf, "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n");
-  const past = new Date(Date.now() - 60_000);
-  await fs.utimes(masterCf, past, past);
-  await new Promise<void>((resolve, reject) => {
-    execFile("/usr/sbin/postfix", ["-c", conf, "reload"], { timeout: 20_000, killSignal: "SIGKILL" }, (err, stdout, stderr) =>
-      err ? reject(new Error(`postfix reload failed: ${err.message} ${stdout}${stderr}`)) : resolve());
-  });
-  const socket = path.join(pf.dir, "queue", "private", "tlsmgr");
-  const deadline = Date.now() + 10_000;
-  while (!existsSync(socket)) {
-    if (Date.now() > deadline) throw new Error(`no ${socket} 10 s after postfix reload\n${await pf.log()}`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  // smtpd processes of the old configuration (the readiness probe's) exit after the reload.
-  await new Promise((resolve) => setTimeout(resolve, 300));
-}
 
 async function tlsFiles(certs: TestCerts) {
   return { certFile: certs.server.certFile, keyFile: certs.server.keyFile };

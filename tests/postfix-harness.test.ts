@@ -1,5 +1,5 @@
 // Proves the test harness works: smtp-sink and a private Postfix instance both take a message
-// from a tiny inline SMTP client, and Postfix delivers it into the instance's Maildir.
+// from the raw client of tests/helpers/smtp-raw.ts, and Postfix delivers it into the instance's Maildir.
 import t from "tap";
 import net from "node:net";
 import { randomBytes } from "node:crypto";
@@ -11,103 +11,42 @@ import {
   startPostfix,
   startSmtpSink,
 } from "./helpers/postfix.js";
+import { RawClient } from "./helpers/smtp-raw.js";
 
 interface Reply {
   code: number;
   lines: string[];
 }
 
-/** Minimal line-oriented SMTP client: every wait is bounded by `timeoutMs`. */
-async function smtpClient(host: string, port: number, timeoutMs = 10000) {
-  const sock = net.connect({ host, port });
-  sock.setNoDelay(true);
-  sock.setEncoding("latin1");
-  let buf = "";
-  let closed: Error | undefined;
-  let wake: (() => void) | undefined;
-  sock.on("data", (d: string) => {
-    buf += d;
-    wake?.();
-  });
-  sock.on("error", (e) => {
-    closed = e;
-    wake?.();
-  });
-  sock.on("close", () => {
-    closed ??= new Error("connection closed");
-    wake?.();
-  });
-  await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`connect ${host}:${port} timed out`)), timeoutMs);
-    sock.once("connect", () => {
-      clearTimeout(timer);
-      resolve();
-    });
-    sock.once("error", (e) => {
-      clearTimeout(timer);
-      reject(e);
-    });
-  });
+const WAIT_MS = 10000;
 
-  async function read(): Promise<Reply> {
-    const deadline = Date.now() + timeoutMs;
-    const lines: string[] = [];
-    for (;;) {
-      const i = buf.indexOf("\r\n");
-      if (i >= 0) {
-        const line = buf.slice(0, i);
-        buf = buf.slice(i + 2);
-        lines.push(line);
-        if (/^\d{3}( |$)/.test(line)) return { code: Number(line.slice(0, 3)), lines };
-        if (!/^\d{3}-/.test(line)) throw new Error(`bad SMTP reply line: ${JSON.stringify(line)}`);
-        continue;
-      }
-      if (closed) throw new Error(`no reply: ${closed.message}; got ${JSON.stringify(lines)}`);
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`SMTP reply timed out after ${timeoutMs} ms; got ${JSON.stringify(lines)}`);
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, left);
-        wake = () => {
-          clearTimeout(timer);
-          wake = undefined;
-          resolve();
-        };
-      });
-    }
-  }
-  async function cmd(line: string): Promise<Reply> {
-    sock.write(line + "\r\n");
-    return read();
-  }
-  return {
-    read,
-    cmd,
-    async data(message: string): Promise<Reply> {
-      // dot-stuff, CRLF line ends, end with <CRLF>.<CRLF>
-      const body = message.replace(/\r?\n/g, "\r\n").replace(/^\./gm, "..");
-      sock.write(body + (body.endsWith("\r\n") ? "" : "\r\n") + ".\r\n");
-      return read();
-    },
-    close() {
-      sock.destroy();
-    },
-  };
+/** The next reply of the raw client, with its code. */
+async function next(c: RawClient, command?: string): Promise<Reply> {
+  const lines = command === undefined ? await c.reply(WAIT_MS) : await c.command(command, WAIT_MS);
+  return { code: Number(lines[lines.length - 1].slice(0, 3)), lines };
+}
+
+/** The message dot-stuffed, with CRLF line ends, ended with <CRLF>.<CRLF>. */
+function dataOf(message: string): string {
+  const body = message.replace(/\r?\n/g, "\r\n").replace(/^\./gm, "..");
+  return body + (body.endsWith("\r\n") ? "" : "\r\n") + ".\r\n";
 }
 
 /** One whole transaction; returns every reply so the test can assert each stage. */
 async function sendOne(host: string, port: number, message: string) {
-  const c = await smtpClient(host, port);
+  const c = await RawClient.connect(port, host, WAIT_MS);
   try {
-    const greeting = await c.read();
-    const ehlo = await c.cmd("EHLO client.test.example");
-    const mail = await c.cmd("MAIL FROM:<a@test.example>");
-    const rcpt = await c.cmd("RCPT TO:<b@test.example>");
-    const data = await c.cmd("DATA");
-    const dot = await c.data(message);
-    const quit = await c.cmd("QUIT");
+    const greeting = await next(c);
+    const ehlo = await next(c, "EHLO client.test.example");
+    const mail = await next(c, "MAIL FROM:<a@test.example>");
+    const rcpt = await next(c, "RCPT TO:<b@test.example>");
+    const data = await next(c, "DATA");
+    c.write(dataOf(message));
+    const dot = await next(c);
+    const quit = await next(c, "QUIT");
     return { greeting, ehlo, mail, rcpt, data, dot, quit };
   } finally {
-    c.close();
+    c.destroy();
   }
 }
 
@@ -199,15 +138,16 @@ t.test("two private Postfix instances at once, with another domain", async (t) =
   t.teardown(() => Promise.all([a.stop(), b.stop()]).then(() => {}));
   t.not(a.port, b.port, "different ports");
   t.not(a.maildir, b.maildir, "different maildirs");
-  const c = await smtpClient(b.host, b.port);
-  t.teardown(() => c.close());
-  t.equal((await c.read()).code, 220);
-  t.equal((await c.cmd("EHLO client.test.example")).code, 250);
-  t.equal((await c.cmd("MAIL FROM:<a@test.example>")).code, 250);
-  t.equal((await c.cmd("RCPT TO:<x@other.example>")).code, 250, "its own domain accepted");
-  t.equal((await c.cmd("DATA")).code, 354);
-  t.equal((await c.data("Subject: to other\n\nhi\n")).code, 250);
-  t.equal((await c.cmd("QUIT")).code, 221);
+  const c = await RawClient.connect(b.port, b.host, WAIT_MS);
+  t.teardown(() => c.destroy());
+  t.equal((await next(c)).code, 220);
+  t.equal((await next(c, "EHLO client.test.example")).code, 250);
+  t.equal((await next(c, "MAIL FROM:<a@test.example>")).code, 250);
+  t.equal((await next(c, "RCPT TO:<x@other.example>")).code, 250, "its own domain accepted");
+  t.equal((await next(c, "DATA")).code, 354);
+  c.write(dataOf("Subject: to other\n\nhi\n"));
+  t.equal((await next(c)).code, 250);
+  t.equal((await next(c, "QUIT")).code, 221);
   const got = await b.waitForMessages(1, 20000);
   t.match(got[0].toString("latin1"), /^Delivered-To: x@other\.example$/m, "delivered by instance b");
   t.same(await a.readMessages(), [], "instance a got nothing");

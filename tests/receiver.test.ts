@@ -5,17 +5,18 @@
 import t, { type Test } from "tap";
 import fs from "node:fs/promises";
 import { existsSync, statSync, readdirSync } from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { execFile } from "node:child_process";
 import {
   DotDecoder, MboxEncoder, parsePath, startServer, journalFileName, asctime,
   parseRet, parseEnvid, parseNotify, parseOrcpt, splitParam,
   type ServerHandle, type ServerOptions, type StoredMessage,
 } from "../receiver.js";
 import { MailEngine, UsageError } from "../mail.js";
-import { RawClient, makeCert, OPENSSL } from "./helpers/smtp-raw.js";
+import { RawClient } from "./helpers/smtp-raw.js";
+import { recordingProxy } from "./helpers/proxy.js";
+import { OPENSSL, testCerts } from "./helpers/certs.js";
+import { run } from "./helpers/daemon.js";
 import { requireTool, SMTP_SOURCE } from "./helpers/postfix.js";
 
 const SWAKS = "/usr/bin/swaks";
@@ -989,29 +990,13 @@ t.test("DSN parameters after HELO: unknown (555), as any extension's", async (t)
 t.test("DSN end to end: mudmail's own engine, relaying through the receiver, puts its parameters on the wire", async (t) => {
   const s = await setup(t);
   // A tap between the engine and the receiver: what the engine sends, byte for byte.
-  const wire: Buffer[] = [];
-  const sockets = new Set<net.Socket>();
-  const tap = net.createServer((client) => {
-    const upstream = net.connect(s.server.address.port, "127.0.0.1");
-    for (const sock of [client, upstream]) {
-      sockets.add(sock);
-      sock.on("error", () => undefined);
-      sock.on("close", () => { sockets.delete(sock); client.destroy(); upstream.destroy(); });
-    }
-    client.on("data", (d: Buffer) => wire.push(Buffer.from(d)));
-    client.pipe(upstream);
-    upstream.pipe(client);
-  });
-  await new Promise<void>((resolve) => tap.listen(0, "127.0.0.1", resolve));
-  t.teardown(() => new Promise<void>((resolve) => {
-    for (const sock of sockets) sock.destroy();
-    tap.close(() => resolve());
-  }));
+  const tap = await recordingProxy(s.server.address.port);
+  t.teardown(() => tap.close());
   const spool = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-receiver-engine-"));
   t.teardown(() => fs.rm(spool, { recursive: true, force: true }));
   const engineLines: string[] = [];
   const engine = new MailEngine({
-    maildir: spool, relay: `127.0.0.1:${(tap.address() as net.AddressInfo).port}`, helo: "engine.test", fsync: false, log: (l) => engineLines.push(l),
+    maildir: spool, relay: `127.0.0.1:${tap.port}`, helo: "engine.test", fsync: false, log: (l) => engineLines.push(l),
   });
   t.teardown(() => engine.stop());
   const other = "other@local.test";
@@ -1024,7 +1009,7 @@ t.test("DSN end to end: mudmail's own engine, relaying through the receiver, put
   await engine.flush();
   t.equal(s.messages.length, 2, "both messages stored");
   if (s.messages.length !== 2) t.comment(engineLines.join("\n"));
-  const sent = Buffer.concat(wire).toString("latin1");
+  const sent = Buffer.concat(tap.chunks.flat()).toString("latin1");
   t.match(sent, /\r\nMAIL FROM:<sender@x\.test>[^\r\n]* RET=HDRS ENVID=ABC\+2B123\r\n/, "MAIL carries RET=HDRS ENVID=ABC+2B123");
   t.match(sent, /\r\nRCPT TO:<user@local\.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;user@local\.test\r\n/, "RCPT carries NOTIFY and ORCPT");
   t.match(sent, /\r\nRCPT TO:<other@local\.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;other@local\.test\r\n/);
@@ -1054,9 +1039,7 @@ t.test("DSN end to end: mudmail's own engine, relaying through the receiver, put
 
 t.test("STARTTLS: offered with a cert, pipelined plaintext discarded, state reset, ESMTPS", async (t) => {
   if (!requireTool(t, OPENSSL)) return;
-  const certDir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-cert-"));
-  t.teardown(() => fs.rm(certDir, { recursive: true, force: true }));
-  const { cert, key } = await makeCert(certDir);
+  const { certFile: cert, keyFile: key } = (await testCerts()).server;
   const s = await setup(t, { tlsCert: cert, tlsKey: key });
   const c = await s.connect();
   t.equal(await c.cmd("EHLO client.test"), `250-${HOST}\n250-SIZE 10485760\n250-PIPELINING\n250-8BITMIME\n250-ENHANCEDSTATUSCODES\n250-DSN\n250-STARTTLS\n250 HELP`);
@@ -1092,9 +1075,7 @@ t.test("STARTTLS: offered with a cert, pipelined plaintext discarded, state rese
 
 t.test("STARTTLS: a client that never starts the handshake is cut off by the timeout", async (t) => {
   if (!requireTool(t, OPENSSL)) return;
-  const certDir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-cert-"));
-  t.teardown(() => fs.rm(certDir, { recursive: true, force: true }));
-  const { cert, key } = await makeCert(certDir);
+  const { certFile: cert, keyFile: key } = (await testCerts()).server;
   const s = await setup(t, { tlsCert: cert, tlsKey: key, commandTimeout: 0.3 });
   const c = await s.connect();
   t.equal(await c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
@@ -1105,19 +1086,10 @@ t.test("STARTTLS: a client that never starts the handshake is cut off by the tim
 /* ------------------------------------------------------------------------------------ */
 /* Real clients                                                                          */
 
-function run(cmd: string, args: string[], timeoutMs = 60_000): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
-      const code = err ? (typeof (err as { code?: unknown }).code === "number" ? (err as { code: number }).code : 1) : 0;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
 t.test("Postfix's smtp-source: 5 sessions, 50 messages, all in the mbox", async (t) => {
   if (!requireTool(t, SMTP_SOURCE)) return;
   const s = await setup(t);
-  const r = await run(SMTP_SOURCE, ["-s", "5", "-m", "50", "-f", "a@x.test", "-t", USER, `127.0.0.1:${s.server.address.port}`]);
+  const r = await run(SMTP_SOURCE, ["-s", "5", "-m", "50", "-f", "a@x.test", "-t", USER, `127.0.0.1:${s.server.address.port}`], { timeoutMs: 60_000 });
   t.equal(r.code, 0, `smtp-source exits 0 ${r.stderr}`);
   const messages = splitMbox(await readLatin1(s.mbox()));
   t.equal(messages.length, 50, "50 messages in the mbox");
@@ -1127,22 +1099,20 @@ t.test("Postfix's smtp-source: 5 sessions, 50 messages, all in the mbox", async 
 });
 
 function swaksHasTls(): Promise<boolean> {
-  return run(SWAKS, ["--support"], 10_000).then((r) => /TLS supported/.test(r.stdout + r.stderr));
+  return run(SWAKS, ["--support"], { timeoutMs: 10_000 }).then((r) => /TLS supported/.test(r.stdout + r.stderr));
 }
 
 t.test("swaks: --pipeline, and --tls", async (t) => {
   if (!requireTool(t, [SWAKS, OPENSSL])) return;
-  const certDir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-cert-"));
-  t.teardown(() => fs.rm(certDir, { recursive: true, force: true }));
-  const { cert, key } = await makeCert(certDir);
+  const { certFile: cert, keyFile: key } = (await testCerts()).server;
   const s = await setup(t, { tlsCert: cert, tlsKey: key });
   const server = `127.0.0.1:${s.server.address.port}`;
-  const plain = await run(SWAKS, ["--server", server, "--to", USER, "--from", "a@x.test", "--pipeline"]);
+  const plain = await run(SWAKS, ["--server", server, "--to", USER, "--from", "a@x.test", "--pipeline"], { timeoutMs: 60_000 });
   t.equal(plain.code, 0, "swaks --pipeline exits 0");
   plain.stdout += plain.stderr;
   t.match(plain.stdout, /<-  250 2\.0\.0 Ok: queued as [0-9A-F]{12}/);
   t.match(plain.stdout, / -> MAIL FROM:<a@x\.test>\n -> RCPT TO:<user@local\.test>\n -> DATA\n/, "MAIL, RCPT and DATA went in one group");
-  const refused = await run(SWAKS, ["--server", server, "--to", "someone@relay.example", "--from", "a@x.test", "--pipeline"]);
+  const refused = await run(SWAKS, ["--server", server, "--to", "someone@relay.example", "--from", "a@x.test", "--pipeline"], { timeoutMs: 60_000 });
   t.not(refused.code, 0, "a relay attempt fails");
   refused.stdout += refused.stderr;
   t.match(refused.stdout, /550 5\.1\.1 <someone@relay\.example>: Recipient address rejected: User unknown/);
@@ -1151,7 +1121,7 @@ t.test("swaks: --pipeline, and --tls", async (t) => {
     if (process.env.CI) t.fail(what);
     else t.comment(`skipped --tls: ${what}`);
   } else {
-    const secure = await run(SWAKS, ["--server", server, "--to", USER, "--from", "a@x.test", "--tls", "--pipeline"]);
+    const secure = await run(SWAKS, ["--server", server, "--to", USER, "--from", "a@x.test", "--tls", "--pipeline"], { timeoutMs: 60_000 });
     t.equal(secure.code, 0, "swaks --tls exits 0");
     secure.stdout += secure.stderr;
     t.match(secure.stdout, /<~  250 2\.0\.0 Ok: queued as [0-9A-F]{12}/, "queued inside TLS");

@@ -24,15 +24,14 @@ import * as fs from "node:fs";
 import * as fsp from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
-import { execFile, spawn, type ChildProcess } from "node:child_process";
-import * as net from "node:net";
-import * as tls from "node:tls";
 import t, { type Test } from "tap";
 import { MailEngine, MailError, type FlushSummary, type MailOptions, type Outcome } from "../mail.js";
 import { SpoolError } from "../queue.js";
 import { multiline, startScriptedServer, type Script, type ScriptedServer, type Session } from "./helpers/scripted-server.js";
 import { OPENSSL, testCerts, type TestCerts } from "./helpers/certs.js";
-import { requirePostfix, requireTool, startPostfix, type PostfixInstance } from "./helpers/postfix.js";
+import { addTlsmgr, requirePostfix, requireTool, startPostfix, type PostfixInstance } from "./helpers/postfix.js";
+import { run, spawnDaemon } from "./helpers/daemon.js";
+import { RawClient } from "./helpers/smtp-raw.js";
 import { MAIL_JS, fromTestHeader, normaliseLineEnds, queueFile, runCli, testMessage, testNumber } from "./helpers/spool-files.js";
 
 const SASLPASSWD2 = "/usr/sbin/saslpasswd2";
@@ -215,45 +214,27 @@ server.listen(0, "127.0.0.1", () => process.stdout.write(JSON.stringify({ port: 
 interface Hostile {
   port: number;
   /** Per connection: bytes the server wrote (or tried to) before the client went away. */
-  closed: Array<{ written: number; ms: number }>;
-  child: ChildProcess;
+  closed(): Array<{ written: number; ms: number }>;
 }
 
 async function startHostile(tt: Test, mode: "longline" | "manylines" | "flood", limit: number): Promise<Hostile> {
-  const child = spawn(process.execPath, ["-e", HOSTILE_SERVER, mode, String(limit)], { stdio: ["ignore", "pipe", "inherit"] });
-  tt.teardown(() => {
-    if (child.exitCode === null) child.kill("SIGKILL");
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "mudmail-hostile-"));
+  const d = spawnDaemon(process.execPath, ["-e", HOSTILE_SERVER, mode, String(limit)], dir, "hostile");
+  tt.teardown(async () => {
+    await d.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
   });
-  const closed: Hostile["closed"] = [];
-  let buffered = "";
-  const port = await bounded(new Promise<number>((resolve, reject) => {
-    child.once("error", reject);
-    child.once("exit", (code) => reject(new Error(`hostile server exited ${code}`)));
-    child.stdout!.on("data", (d: Buffer) => {
-      buffered += d.toString();
-      let nl: number;
-      while ((nl = buffered.indexOf("\n")) >= 0) {
-        const msg = JSON.parse(buffered.slice(0, nl)) as { port?: number; closed?: boolean; written: number; ms: number };
-        buffered = buffered.slice(nl + 1);
-        if (msg.port) resolve(msg.port);
-        if (msg.closed) closed.push({ written: msg.written, ms: msg.ms });
-      }
-    });
-  }), 10_000, "hostile server start");
-  return { port, closed, child };
+  const said = () => fs.readFileSync(d.stdoutFile, "utf8").split("\n").filter(Boolean)
+    .map((l) => JSON.parse(l) as { port?: number; closed?: boolean; written: number; ms: number });
+  await d.waitForOutput(/"port":\d+/, 10_000);
+  return {
+    port: said().find((m) => m.port)!.port!,
+    closed: () => said().filter((m) => m.closed).map((m) => ({ written: m.written, ms: m.ms })),
+  };
 }
 
 /* ------------------------------------------------------------------------------------ */
 /* Postfix with TLS and Cyrus SASL (sasldb)                                               */
-
-function run(cmd: string, args: string[], input?: string): Promise<{ code: number; out: string }> {
-  return new Promise((resolve) => {
-    const child = execFile(cmd, args, { timeout: 20_000, killSignal: "SIGKILL" }, (error, stdout, stderr) => {
-      resolve({ code: error ? (typeof error.code === "number" ? error.code : 1) : 0, out: `${stdout}${stderr}` });
-    });
-    child.stdin?.end(input ?? "");
-  });
-}
 
 function groupId(name: string): number {
   for (const line of fs.readFileSync("/etc/group", "utf8").split("\n")) {
@@ -285,8 +266,8 @@ async function postfixSecurityCf(certs: TestCerts, sasl?: { mechanisms: string[]
   if (sasl) {
     const db = path.join(dir, "sasldb2");
     for (const [user, password] of Object.entries(sasl.users)) {
-      const r = await run(SASLPASSWD2, ["-f", db, "-c", "-p", "-u", "test.example", user], password);
-      if (r.code !== 0) throw new Error(`saslpasswd2 failed: ${r.out}`);
+      const r = await run(SASLPASSWD2, ["-f", db, "-c", "-p", "-u", "test.example", user], { input: password, timeoutMs: 20_000 });
+      if (r.code !== 0) throw new Error(`saslpasswd2 failed: ${r.stdout}${r.stderr}`);
     }
     await fsp.chown(db, 0, groupId("postfix"));
     await fsp.chmod(db, 0o640);
@@ -338,30 +319,6 @@ async function postfixWith(tt: Test, security: PostfixSecurity | { mainCf: Recor
   return pf;
 }
 
-/**
- * smtpd's TLS needs the tlsmgr service (its PRNG seed: without it "no entropy for TLS key
- * generation: disabling TLS support" and STARTTLS answers 454), which the harness's master.cf
- * lacks: add it and reload. smtpd processes started before (the harness's readiness probe) ran
- * without TLS; a reload makes the master replace them.
- */
-async function addTlsmgr(pf: PostfixInstance): Promise<void> {
-  const conf = path.join(pf.dir, "conf");
-  const masterCf = path.join(conf, "master.cf");
-  await fsp.appendFile(masterCf, "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n");
-  const past = new Date(Date.now() - 60_000);
-  await fsp.utimes(masterCf, past, past);
-  const r = await run("/usr/sbin/postfix", ["-c", conf, "reload"]);
-  if (r.code !== 0) throw new Error(`postfix reload failed: ${r.out}`);
-  const socket = path.join(pf.dir, "queue", "private", "tlsmgr");
-  const deadline = Date.now() + 10_000;
-  while (!fs.existsSync(socket)) {
-    if (Date.now() > deadline) throw new Error(`no ${socket} 10 s after postfix reload\n${await pf.log()}`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  // The reload is done once the master logs it; smtpd processes of the old configuration exit.
-  await new Promise((resolve) => setTimeout(resolve, 300));
-}
-
 /** An engine on a fresh maildir in front of a Postfix instance. */
 function postfixEngine(tt: Test, pf: PostfixInstance, options: MailOptions): { engine: MailEngine; maildir: string; lines: string[]; errors: MailError[]; drop(n: number): string } {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "mudmail-security-pf-"));
@@ -389,92 +346,6 @@ function postfixEngine(tt: Test, pf: PostfixInstance, options: MailOptions): { e
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* A raw SMTP client (plain, then TLS on the same connection), every wait bounded         */
-
-class RawSmtp {
-  private text = "";
-  private closed = false;
-  private waiters: Array<() => void> = [];
-  private constructor(private socket: net.Socket) {
-    this.listen(socket);
-  }
-
-  static connect(port: number, implicitTls = false): Promise<RawSmtp> {
-    return new Promise((resolve, reject) => {
-      const socket = implicitTls
-        ? tls.connect({ host: "127.0.0.1", port, rejectUnauthorized: false })
-        : net.connect(port, "127.0.0.1");
-      socket.once(implicitTls ? "secureConnect" : "connect", () => resolve(new RawSmtp(socket)));
-      socket.once("error", reject);
-    });
-  }
-
-  private listen(socket: net.Socket): void {
-    socket.on("data", (chunk: Buffer) => {
-      this.text += chunk.toString("latin1");
-      for (const w of this.waiters.splice(0)) w();
-    });
-    socket.on("error", () => undefined);
-    socket.on("close", () => {
-      this.closed = true;
-      for (const w of this.waiters.splice(0)) w();
-    });
-  }
-
-  write(data: string): void {
-    this.socket.write(data);
-  }
-
-  /** Everything received so far and not yet taken. */
-  pending(): string {
-    return this.text;
-  }
-
-  /** The lines of the next complete reply. */
-  async reply(timeoutMs = 3000): Promise<string[]> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const m = /^(?:\d{3}-[^\r\n]*\r\n)*\d{3}(?: [^\r\n]*)?\r\n/.exec(this.text);
-      if (m) {
-        this.text = this.text.slice(m[0].length);
-        return m[0].split("\r\n").filter(Boolean);
-      }
-      if (this.closed) throw new Error(`connection closed; unread ${JSON.stringify(this.text)}`);
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`no reply within ${timeoutMs} ms; unread ${JSON.stringify(this.text)}`);
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, left);
-        this.waiters.push(() => { clearTimeout(timer); resolve(); });
-      });
-    }
-  }
-
-  async command(line: string): Promise<string[]> {
-    this.write(`${line}\r\n`);
-    return this.reply();
-  }
-
-  /** STARTTLS's 220 has been read: the TLS handshake on the same socket (no verification). */
-  async upgrade(): Promise<void> {
-    const raw = this.socket;
-    raw.removeAllListeners("data");
-    raw.removeAllListeners("close");
-    this.text = "";
-    const secure = tls.connect({ socket: raw, rejectUnauthorized: false });
-    await bounded(new Promise<void>((resolve, reject) => {
-      secure.once("secureConnect", () => resolve());
-      secure.once("error", reject);
-    }), 3000, "TLS handshake");
-    this.socket = secure;
-    this.listen(secure);
-  }
-
-  close(): void {
-    this.socket.destroy();
-  }
-}
-
-/* ------------------------------------------------------------------------------------ */
 
 t.test("security", async (t) => {
   if (!requireTool(t, OPENSSL)) return;
@@ -494,8 +365,8 @@ t.test("security", async (t) => {
       auth: { mechanisms: ["PLAIN", "LOGIN", "XOAUTH2"], users: { [USER]: PASS }, tokens: { [USER]: TOKEN }, required: true },
     });
     t.teardown(() => server.close());
-    const c = await RawSmtp.connect(server.port);
-    t.teardown(() => c.close());
+    const c = await RawClient.connect(server.port);
+    t.teardown(() => c.destroy());
     t.match((await c.reply())[0], /^220 /, "greeting");
     const ehlo = await c.command("EHLO raw.test");
     t.ok(ehlo.includes("250-STARTTLS"), "STARTTLS advertised in plaintext");
@@ -516,10 +387,10 @@ t.test("security", async (t) => {
     t.match(session.authAttempts, [{ mechanism: "PLAIN", user: USER, password: PASS, ok: true, tls: true }], "the attempt is recorded");
     t.match((await c.command("MAIL FROM:<a@test.example>"))[0], /^250 /, "MAIL after AUTH");
     t.same(session.plaintextCommands, ["EHLO raw.test", "MAIL FROM:<a@test.example>", "STARTTLS"], "plaintextCommands");
-    c.close();
+    c.destroy();
 
-    const d = await RawSmtp.connect(server.port);
-    t.teardown(() => d.close());
+    const d = await RawClient.connect(server.port);
+    t.teardown(() => d.destroy());
     await d.reply();
     await d.command("EHLO raw.test");
     t.match(await d.command("AUTH LOGIN"), [`334 ${b64("Username:")}`], "LOGIN asks for the user");
@@ -535,10 +406,10 @@ t.test("security", async (t) => {
       { mechanism: "XOAUTH2", user: USER, token: "bad-token", ok: false },
       { mechanism: "XOAUTH2", user: USER, token: TOKEN, ok: true },
     ], "every attempt recorded, decoded");
-    d.close();
+    d.destroy();
 
-    const e = await RawSmtp.connect(server.port);
-    t.teardown(() => e.close());
+    const e = await RawClient.connect(server.port);
+    t.teardown(() => e.destroy());
     await e.reply();
     await e.command("EHLO raw.test");
     t.match(await e.command("AUTH PLAIN"), ["334 "], "a challenge");
@@ -550,17 +421,17 @@ t.test("security", async (t) => {
     t.equal(server.sessions[2].plaintextAfterStartTls.toString(), "EHLO smuggled.test\r\n", "client bytes pipelined behind STARTTLS are kept aside, unread");
     t.notOk(server.sessions[2].commands.includes("EHLO smuggled.test"), "and never taken as a command");
     t.ok(server.sessions[2].pipeliningViolations.includes("STARTTLS"), "and count as a pipelining violation");
-    e.close();
+    e.destroy();
 
     const wrapped = await startScriptedServer({ tls: serverTls, implicitTls: true });
     t.teardown(() => wrapped.close());
-    const f = await RawSmtp.connect(wrapped.port, true);
-    t.teardown(() => f.close());
+    const f = await RawClient.connect(wrapped.port, "127.0.0.1", { implicitTls: true });
+    t.teardown(() => f.destroy());
     t.match((await f.reply())[0], /^220 /, "implicit TLS: the greeting comes over TLS");
     t.notOk((await f.command("EHLO raw.test")).some((l) => /STARTTLS/.test(l)), "no STARTTLS offered");
     t.equal(wrapped.sessions[0].tls, true, "the session is TLS from the start");
     t.equal(wrapped.sessions[0].plaintextCommands.length, 0, "nothing in plaintext");
-    f.close();
+    f.destroy();
   });
 
   /* 1 ---------------------------------------------------------------------------------- */
@@ -1029,8 +900,8 @@ t.test("security", async (t) => {
       const log = await pf.log();
       t.notMatch(log, /bare <?LF>?|bare newline/i, "Postfix saw no bare newline");
       // The control: this Postfix does refuse a bare LF (so its silence above means something).
-      const raw = await RawSmtp.connect(pf.port);
-      t.teardown(() => raw.close());
+      const raw = await RawClient.connect(pf.port);
+      t.teardown(() => raw.destroy());
       await raw.reply();
       await raw.command("EHLO raw.test");
       await raw.command("MAIL FROM:<sender@test.example>");
@@ -1039,7 +910,7 @@ t.test("security", async (t) => {
       raw.write("Subject: control\r\n\r\nbare\nnewline\r\n.\r\n");
       const refused = await raw.reply().catch((err: Error) => [`(${err.message})`]);
       t.match(refused[0], /^5\d\d .*bare/i, `control: Postfix refuses a bare LF (${refused[0]})`);
-      raw.close();
+      raw.destroy();
       t.notMatch(log, /evil@attacker|victim@test\.example/, "no smuggled envelope in Postfix's log");
       for (const f of files) {
         const copy = stored.find((m) => testNumber(m) === f.n);
@@ -1137,9 +1008,9 @@ t.test("security", async (t) => {
       t.ok(fs.existsSync(path.join(maildir, "deferred", id)), "the message waits in deferred/");
       const deferredLine = smtpLines(lines, "deferred")[0] ?? "";
       t.match(deferredLine, reason, `the log says why the session was dropped: ${deferredLine.replace(/^.*status=deferred /, "")}`);
-      await bounded((async () => { while (hostile.closed.length === 0) await new Promise((r) => setTimeout(r, 20)); })(), 10_000, "the client to hang up");
-      t.ok(hostile.closed.length >= 1, `the engine hung up (${JSON.stringify(hostile.closed)})`);
-      t.ok(growth < LIMIT_MB, `RSS grew ${growth.toFixed(1)} MB (< ${LIMIT_MB} MB) while the server sent ${(hostile.closed[0]?.written ?? 0) / 2 ** 20} MB`);
+      await bounded((async () => { while (hostile.closed().length === 0) await new Promise((r) => setTimeout(r, 20)); })(), 10_000, "the client to hang up");
+      t.ok(hostile.closed().length >= 1, `the engine hung up (${JSON.stringify(hostile.closed())})`);
+      t.ok(growth < LIMIT_MB, `RSS grew ${growth.toFixed(1)} MB (< ${LIMIT_MB} MB) while the server sent ${(hostile.closed()[0]?.written ?? 0) / 2 ** 20} MB`);
     };
     await t.test("a 20 MB EHLO reply line without LF", (t) => measure(t, "longline", 20 * 2 ** 20, /longer than \d+ octets/));
     await t.test("100,000 continuation lines 250-x", (t) => measure(t, "manylines", 100_000, /longer than \d+ lines/));

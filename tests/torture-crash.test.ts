@@ -16,19 +16,17 @@
 // TORTURE_SEED=<n> (or "random") changes the seed; the seed used is printed as a comment.
 
 import t from "tap";
-import { spawn } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { startScriptedServer, type Message } from "./helpers/scripted-server.js";
 import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage, testNumber } from "./helpers/spool-files.js";
 import { Prng, torturePrng } from "./helpers/prng.js";
+import { sleep, spawnDaemon } from "./helpers/daemon.js";
 
 const TOTAL = 1000;
 const KILLS = 50;
 /** How long before a kill the 250 of a duplicated copy may have been decided (the data-done window, loaded machine). */
 const WINDOW_MS = 1500;
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 type Tap = Parameters<Parameters<typeof t.test>[0]>[0];
 
@@ -94,9 +92,9 @@ async function crashRun(t: Tap, o: { connections: number; total: number; kills: 
   const killed = () => runs.filter((r) => r.killAt !== null).length;
   const started = Date.now();
   for (let k = 0; killed() < o.kills && k < o.kills * 2; k++) {
-    const child = spawn(process.execPath, [MAIL_JS, ...args], { stdio: "ignore" });
-    let exited = false;
-    const exit = new Promise<void>((resolve) => child.on("exit", () => { exited = true; resolve(); }));
+    const child = spawnDaemon(process.execPath, [MAIL_JS, ...args], path.dirname(maildir), `flush-${k}`);
+    const exit = child.done;
+    const exited = () => child.exited() !== undefined;
     const run: Run = { k, spawnAt: Date.now(), killAt: null, how: "", sessions: [server.sessions.length, 0], activeAtKill: 0 };
     if (prng.chance(0.2)) {
       // Anywhere in the start: node's start-up, the lock, recovery of outgoing_active/, the scan, the first claims.
@@ -115,13 +113,13 @@ async function crashRun(t: Tap, o: { connections: number; total: number; kills: 
       await Promise.race([server.waitFor(() => distinct() >= target, 30_000, `${target} distinct messages`).catch(() => undefined), exit]);
       if (jitter > 0) await Promise.race([sleep(jitter), exit]);
     }
-    if (!exited) {
+    if (!exited()) {
       run.activeAtKill = (await listFolder(maildir, "outgoing_active")).length;
-      child.kill("SIGKILL");
+      child.kill("SIGKILL").catch(() => undefined);
       run.killAt = Date.now();
     }
     await Promise.race([exit, sleep(10_000)]);
-    if (!exited) t.fail(`run ${k}: the process did not die`);
+    if (!exited()) t.fail(`run ${k}: the process did not die`);
     run.sessions[1] = server.sessions.length;
     runs.push(run);
   }
