@@ -17,7 +17,7 @@
  *
  * Rules worth knowing when writing a script:
  * - A reply is a line ("451 4.3.0 try later"), an array of complete lines
- *   (see `multiline`), or an `Action` (close, reset, silence, raw bytes, delay).
+ *   (see `multiline`), or an `Action` (close, reset, silence, raw bytes, delay, stall).
  * - The code a reply starts with (for raw bytes: their first three bytes) drives the
  *   session as if the server had decided it: 2xx to MAIL opens a transaction, 3xx to
  *   DATA enters the data phase, 2xx to QUIT or any 421 ends the connection, ...
@@ -58,7 +58,9 @@ export type Action =
   /** Write these chunks as separate writes, waiting delayMs before each one. */
   | { action: "raw"; chunks: Array<string | Buffer>; delayMs?: number; thenClose?: boolean }
   /** Wait ms milliseconds, then give `reply`. */
-  | { action: "delay"; ms: number; reply: Reply };
+  | { action: "delay"; ms: number; reply: Reply }
+  /** Give `reply`, then read nothing more: what the client writes fills the socket buffers. */
+  | { action: "stall"; reply: Reply };
 
 /** A reply line without CRLF, an array of complete reply lines, or an Action. */
 export type Reply = string | string[] | Action;
@@ -907,6 +909,12 @@ class Connection {
       case "delay":
         await this.pause(action.ms);
         return this.respond(action.reply);
+      case "stall": {
+        const sent = await this.respond(action.reply);
+        this.note("S: [stops reading]");
+        this.socket.pause();
+        return sent;
+      }
       case "raw": {
         const chunks = "chunks" in action ? action.chunks : [action.bytes];
         const delayMs = "chunks" in action ? (action.delayMs ?? 0) : 0;
