@@ -9,6 +9,7 @@
 //       process exit if the test forgets; kill(signal) and stop() end it, bounded.
 //   waitForGreeting  polls a port until a 220 greeting comes (with the raw client of smtp-raw.ts)
 //   requireAll / needFile / needUser / needRoot   a missing tool FAILS under CI, skips elsewhere
+//   bounded(promise, ms, what)  the promise, or a rejection naming `what` after ms
 //   atExit, removeAtExit, readTail, lookupId, listMaildir, waitForFiles, sleep
 
 import { spawn, type ChildProcess } from "node:child_process";
@@ -19,6 +20,15 @@ import type { Test } from "tap";
 import { RawClient } from "./smtp-raw.js";
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** The promise's result, or a rejection naming `what` once ms have passed. */
+export function bounded<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: not done after ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
 
 /** uid (from /etc/passwd) or gid (from /etc/group) of a name; undefined when there is none. */
 export function lookupId(file: "/etc/passwd" | "/etc/group", name: string): number | undefined {

@@ -10,8 +10,8 @@ import {
   requireTool,
   startPostfix,
   startSmtpSink,
-} from "./helpers/postfix.js";
-import { RawClient } from "./helpers/smtp-raw.js";
+} from "../helpers/postfix.js";
+import { RawClient } from "../helpers/smtp-raw.js";
 
 interface Reply {
   code: number;

@@ -7,7 +7,7 @@
 // at the same server; and the conversation (debugPeer) shows which extensions were used.
 //
 // The matrix is printed (t.comment) and, with WRITE_MATRIX=1 only, written to
-// tests/interop-matrix.md.
+// tests/interop/interop-matrix.md.
 
 import t, { type Test } from "tap";
 import { existsSync } from "node:fs";
@@ -15,14 +15,15 @@ import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { MailEngine, type TlsMode } from "../mail.js";
-import { startServer } from "../receiver.js";
-import { addTlsmgr, requirePostfix, startPostfix, type PostfixInstance } from "./helpers/postfix.js";
-import { requireExim, startExim } from "./helpers/exim.js";
-import { requireOpenSmtpd, startOpenSmtpd } from "./helpers/opensmtpd.js";
-import { requireAiosmtpd, startAiosmtpd, type AiosmtpdMessage } from "./helpers/aiosmtpd.js";
-import { testCerts, type TestCerts } from "./helpers/certs.js";
-import { dropQueueFile, makeSpool, tempMaildir } from "./helpers/spool-files.js";
+import { MailEngine, type TlsMode } from "../../mail.js";
+import { startServer } from "../../receiver.js";
+import { addTlsmgr, requirePostfix, startPostfix } from "../helpers/postfix.js";
+import { requireExim, startExim } from "../helpers/exim.js";
+import { requireOpenSmtpd, startOpenSmtpd } from "../helpers/opensmtpd.js";
+import { requireAiosmtpd, startAiosmtpd, type AiosmtpdMessage } from "../helpers/aiosmtpd.js";
+import { testCerts, type TestCerts } from "../helpers/certs.js";
+import { dropQueueFile, makeSpool, tempMaildir } from "../helpers/spool-files.js";
+import { bounded } from "../helpers/daemon.js";
 
 const DOMAIN = "test.example";
 const SENDER = `sender@${DOMAIN}`;
@@ -38,15 +39,6 @@ const STAGE_TIMEOUTS = {
   connectTimeout: 10, heloTimeout: 20, mailTimeout: 20, rcptTimeout: 20, dataInitTimeout: 20, dataXferTimeout: 20,
   dataDoneTimeout: 30, quitTimeout: 10,
 };
-
-/** Rejects when p takes longer than ms. */
-function bounded<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const limit = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
-  });
-  return Promise.race([p, limit]).finally(() => clearTimeout(timer));
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* The messages                                                                               */
@@ -528,7 +520,7 @@ t.test("the matrix", async (t) => {
     const text = [
       "# Interop matrix",
       "",
-      `Written by \`WRITE_MATRIX=1 npx tap tests/interop.test.ts\` on ${new Date().toISOString().slice(0, 10)}, Node ${process.version}, ${os.type()} ${os.release()}.`,
+      `Written by \`WRITE_MATRIX=1 npx tap tests/interop/matrix.test.ts\` on ${new Date().toISOString().slice(0, 10)}, Node ${process.version}, ${os.type()} ${os.release()}.`,
       "Each server ran on loopback with a throw-away config from Debian 12's packages; mudmail relayed the same five messages to it",
       "(one connection, `--debug-peer` transcript) with `tls: \"verify\"` against the test CA where the server offers STARTTLS.",
       "",

@@ -1,13 +1,13 @@
 // Unit tests of bounce.ts: the DSN queue file, read back with a small MIME parser written
 // here (boundary split, part headers, delivery-status field groups) and, when Python is
 // there, with Python's email package as an independent parser; then the real queue parser.
-import { needFile, requireAll, run } from "./helpers/daemon.js";
+import { needFile, requireAll, run } from "../helpers/daemon.js";
 import fsp from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import t, { type Test } from "tap";
-import { composeBounce, BounceError, type BounceInput, type BounceRecipient } from "../bounce.js";
-import { HeaderScan, Spool } from "../queue.js";
+import { composeBounce, BounceError, type BounceInput, type BounceRecipient } from "../../bounce.js";
+import { HeaderScan, Spool } from "../../queue.js";
 
 /* ------------------------------------------------------------------------------------ */
 /* A small MIME parser                                                                   */

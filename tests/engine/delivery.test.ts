@@ -4,11 +4,11 @@
 import t from "tap";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { MailEngine } from "../mail.js";
-import { requirePostfix, requireTool, startPostfix, startSmtpSink, SMTP_SINK } from "./helpers/postfix.js";
+import { MailEngine } from "../../mail.js";
+import { requirePostfix, requireTool, startPostfix, startSmtpSink, SMTP_SINK } from "../helpers/postfix.js";
 import {
   dropQueueFile, fromTestHeader, listFolder, makeSpool, normaliseLineEnds, queueFile, tempMaildir, testMessage, testNumber,
-} from "./helpers/spool-files.js";
+} from "../helpers/spool-files.js";
 
 t.test("1,000 messages through 5 slots reach a real Postfix smtpd byte for byte, over few connections", async (t) => {
   if (!requirePostfix(t)) return;

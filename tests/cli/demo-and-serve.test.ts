@@ -3,10 +3,10 @@
 import t from "tap";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { sendmail } from "../mail.js";
-import { freePort } from "./helpers/postfix.js";
-import { spawnDaemon } from "./helpers/daemon.js";
-import { MAIL_JS, runCli, tempMaildir } from "./helpers/spool-files.js";
+import { sendmail } from "../../mail.js";
+import { freePort } from "../helpers/postfix.js";
+import { spawnDaemon } from "../helpers/daemon.js";
+import { MAIL_JS, runCli, tempMaildir } from "../helpers/spool-files.js";
 
 t.test("--demo shows the whole path: queued, sent through the receiver, and the mailbox it landed in", async (t) => {
   const r = await runCli(["--demo"], { timeoutMs: 30_000 });

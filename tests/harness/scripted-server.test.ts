@@ -1,8 +1,8 @@
 // Tests of the scripted SMTP server (tests/helpers/scripted-server.ts) with the raw client of
 // tests/helpers/smtp-raw.ts, so that the client tests built on it can trust it.
 import t from "tap";
-import { multiline, startScriptedServer, type ScriptedServer } from "./helpers/scripted-server.js";
-import { RawClient } from "./helpers/smtp-raw.js";
+import { multiline, startScriptedServer, type ScriptedServer } from "../helpers/scripted-server.js";
+import { RawClient } from "../helpers/smtp-raw.js";
 
 const WAIT_MS = 2000;
 

@@ -6,10 +6,10 @@ import os from "node:os";
 import path from "node:path";
 import fs from "node:fs/promises";
 import { build } from "esbuild";
-import { startScriptedServer } from "./helpers/scripted-server.js";
-import { freePort } from "./helpers/postfix.js";
-import { spawnDaemon } from "./helpers/daemon.js";
-import { RawClient } from "./helpers/smtp-raw.js";
+import { startScriptedServer } from "../helpers/scripted-server.js";
+import { freePort } from "../helpers/postfix.js";
+import { spawnDaemon } from "../helpers/daemon.js";
+import { RawClient } from "../helpers/smtp-raw.js";
 
 t.test("a talker user's .mail is delivered and the outcome is told to that user", async (t) => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-talker-"));

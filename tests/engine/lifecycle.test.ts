@@ -4,9 +4,9 @@
 import t from "tap";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { MailEngine, type Outcome } from "../mail.js";
-import { startScriptedServer } from "./helpers/scripted-server.js";
-import { dropQueueFile, listFolder, makeSpool, queueFile, tempMaildir } from "./helpers/spool-files.js";
+import { MailEngine, type Outcome } from "../../mail.js";
+import { startScriptedServer } from "../helpers/scripted-server.js";
+import { dropQueueFile, listFolder, makeSpool, queueFile, tempMaildir } from "../helpers/spool-files.js";
 
 const MESSAGE = "From: a@talker.test\nSubject: s\n\nbody\n";
 const within = <T>(p: Promise<T>, ms: number, what: string) =>

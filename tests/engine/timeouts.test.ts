@@ -5,10 +5,10 @@
 // mail.ts's STAGES table swapped) waits LONG_S and fails the bound, or names the wrong stage.
 
 import t, { type Test } from "tap";
-import { MailEngine, type MailOptions } from "../mail.js";
-import { startScriptedServer, type Script } from "./helpers/scripted-server.js";
-import { startDnsServer } from "./helpers/dns-server.js";
-import { dropQueueFile, listFolder, makeSpool, queueFile, tempMaildir } from "./helpers/spool-files.js";
+import { MailEngine, type MailOptions } from "../../mail.js";
+import { startScriptedServer, type Script } from "../helpers/scripted-server.js";
+import { startDnsServer } from "../helpers/dns-server.js";
+import { dropQueueFile, listFolder, makeSpool, queueFile, tempMaildir } from "../helpers/spool-files.js";
 
 const MESSAGE = "From: a@talker.test\nSubject: s\nDate: Mon, 23 Nov 2026 12:00:00 +0000\nMessage-ID: <t@talker.test>\n\nbody\n";
 /** A body that cannot fit in the socket buffers of a server that stopped reading (~30 MB). */

@@ -5,10 +5,10 @@
 import t from "tap";
 import path from "node:path";
 import fs from "node:fs/promises";
-import { sleep, spawnDaemon } from "./helpers/daemon.js";
-import { requirePostfix, startPostfix } from "./helpers/postfix.js";
-import { startScriptedServer } from "./helpers/scripted-server.js";
-import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage, testNumber } from "./helpers/spool-files.js";
+import { sleep, spawnDaemon } from "../helpers/daemon.js";
+import { requirePostfix, startPostfix } from "../helpers/postfix.js";
+import { startScriptedServer } from "../helpers/scripted-server.js";
+import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage, testNumber } from "../helpers/spool-files.js";
 
 
 t.test("kill -9 mid-flush loses nothing on restart", async (t) => {

@@ -1,4 +1,4 @@
-// Torture suite, crashes (issue 7, part 3): 50 kill -9 at random moments (seeded) while
+// Crash safety under load: 50 kill -9 at random moments (seeded) while
 // `node dist/mail.js --flush --force` sends 1,000 messages through a slow scripted server
 // (2-5 ms before each reply to the message data), a restart after each kill, then a last
 // flush. Every message must arrive, none be lost, nothing be left in outgoing/,
@@ -18,10 +18,10 @@
 import t from "tap";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { startScriptedServer, type Message } from "./helpers/scripted-server.js";
-import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage, testNumber } from "./helpers/spool-files.js";
-import { Prng, torturePrng } from "./helpers/prng.js";
-import { sleep, spawnDaemon } from "./helpers/daemon.js";
+import { startScriptedServer, type Message } from "../helpers/scripted-server.js";
+import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage, testNumber } from "../helpers/spool-files.js";
+import { Prng, torturePrng } from "../helpers/prng.js";
+import { sleep, spawnDaemon } from "../helpers/daemon.js";
 
 const TOTAL = 1000;
 const KILLS = 50;

@@ -1,4 +1,4 @@
-// Torture suite, hostile servers (issue 7, part 3): a table of misbehaving SMTP servers, each
+// Hostile servers: a table of misbehaving SMTP servers, each
 // one a scripted server (tests/helpers/scripted-server.ts; a plain node:net server for the
 // endless line, which must be streamed). For each case an engine in this process flushes two
 // queued messages through it with 1-second stage timeouts, and the test checks that
@@ -19,10 +19,11 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import net from "node:net";
-import { MailEngine, type FlushSummary, type MailError, type MailOptions } from "../mail.js";
-import { multiline, startScriptedServer, type Reply, type Script, type ScriptedServer } from "./helpers/scripted-server.js";
-import { testMessage, testNumber } from "./helpers/spool-files.js";
-import { torturePrng } from "./helpers/prng.js";
+import { MailEngine, type FlushSummary, type MailError, type MailOptions } from "../../mail.js";
+import { multiline, startScriptedServer, type Reply, type Script, type ScriptedServer } from "../helpers/scripted-server.js";
+import { testMessage, testNumber } from "../helpers/spool-files.js";
+import { torturePrng, watchProcess } from "../helpers/prng.js";
+import { bounded } from "../helpers/daemon.js";
 
 type Tap = Parameters<Parameters<typeof t.test>[0]>[0];
 
@@ -41,14 +42,6 @@ const TWO_SECONDS: MailOptions = {
 };
 /** RSS growth allowed while one hostile flush runs. */
 const RSS_LIMIT_MB = 64;
-
-function bounded<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: not done after ${ms} ms`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
 
 /* ------------------------------------------------------------------------------------ */
 /* Replies as a hostile server shapes them                                               */
@@ -331,14 +324,7 @@ const outcomes: string[] = [];
 
 t.test(`hostile servers: ${CASES.length} misbehaviours`, async (t) => {
   t.ok(CASES.length >= 25, `at least 25 cases (${CASES.length})`);
-  const escaped: unknown[] = [];
-  const onEscape = (err: unknown) => escaped.push(err);
-  process.on("uncaughtException", onEscape);
-  process.on("unhandledRejection", onEscape);
-  t.teardown(() => {
-    process.off("uncaughtException", onEscape);
-    process.off("unhandledRejection", onEscape);
-  });
+  const { escaped } = watchProcess(t);
 
   // Warm up once against a healthy server, so the first case's RSS is not the engine's first load.
   {

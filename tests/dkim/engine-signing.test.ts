@@ -6,11 +6,11 @@ import t from "tap";
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { MailEngine } from "../mail.js";
-import { dnsRecord, generateDkimKey } from "../dkim.js";
-import { startScriptedServer } from "./helpers/scripted-server.js";
-import { dkimpyMissing, dkimpyVerify } from "./helpers/dkim-verifiers.js";
-import { dropQueueFile, makeSpool, queueFile, runCli, tempMaildir } from "./helpers/spool-files.js";
+import { MailEngine } from "../../mail.js";
+import { dnsRecord, generateDkimKey } from "../../dkim.js";
+import { startScriptedServer } from "../helpers/scripted-server.js";
+import { dkimpyMissing, dkimpyVerify } from "../helpers/dkim-verifiers.js";
+import { dropQueueFile, makeSpool, queueFile, runCli, tempMaildir } from "../helpers/spool-files.js";
 
 const MESSAGE = "From: Talker <talker@talker.example>\nTo: bob@x.test\nSubject: signed\n\n.dot line\nbare LF body\r\ncaf\u00e9\n";
 

@@ -2,10 +2,10 @@
 // Postfix smtpd and, for refusals and faults, the scripted server.
 
 import t from "tap";
-import { sendmail, vrfy, expn, help, smtpTransactions, SmtpSession } from "../mail.js";
-import { requirePostfix, startPostfix } from "./helpers/postfix.js";
-import { startScriptedServer } from "./helpers/scripted-server.js";
-import { runCli } from "./helpers/spool-files.js";
+import { sendmail, vrfy, expn, help, smtpTransactions, SmtpSession } from "../../mail.js";
+import { requirePostfix, startPostfix } from "../helpers/postfix.js";
+import { startScriptedServer } from "../helpers/scripted-server.js";
+import { runCli } from "../helpers/spool-files.js";
 
 const BODY = "From: a@test.example\nSubject: direct\n\n.leading dot\nline two\n";
 

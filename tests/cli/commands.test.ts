@@ -3,9 +3,9 @@
 import t from "tap";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { sleep, spawnDaemon } from "./helpers/daemon.js";
-import { requireTool, startSmtpSink, SMTP_SINK } from "./helpers/postfix.js";
-import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage } from "./helpers/spool-files.js";
+import { sleep, spawnDaemon } from "../helpers/daemon.js";
+import { requireTool, startSmtpSink, SMTP_SINK } from "../helpers/postfix.js";
+import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage } from "../helpers/spool-files.js";
 
 t.test("--help and --version", async (t) => {
   const help = await runCli(["--help"]);

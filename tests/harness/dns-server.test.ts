@@ -5,7 +5,7 @@ import dgram from "node:dgram";
 import { promises as dnsp } from "node:dns";
 import net from "node:net";
 import t from "tap";
-import { startDnsServer, type DnsServer, type Zone } from "./helpers/dns-server.js";
+import { startDnsServer, type DnsServer, type Zone } from "../helpers/dns-server.js";
 
 const WAIT_MS = 1000;
 
