@@ -69,7 +69,7 @@ const ROWS: Row[] = [
     reason: /timed out while sending DATA command/ },
   // Answers 354, then reads nothing: the body fills the socket buffers and the engine waits for drain.
   { stage: "the body", timeout: "dataXferTimeout", message: BIG,
-    script: { size: null, onCommand: (c) => (c === "DATA" ? { action: "stall", reply: "354 go on" } : undefined) },
+    script: { size: null, onCommand: (c) => (c === "DATA" ? { action: "stop-reading", reply: "354 go on" } : undefined) },
     reason: /timed out while sending message body/ },
   { stage: "end of data", timeout: "dataDoneTimeout", script: { onData: () => ({ action: "silence" }) },
     reason: /timed out while sending end of data -- message may be sent more than once/ },

@@ -17,7 +17,7 @@
  *
  * Rules worth knowing when writing a script:
  * - A reply is a line ("451 4.3.0 try later"), an array of complete lines
- *   (see `multiline`), or an `Action` (close, reset, silence, raw bytes, delay, stall).
+ *   (see `multiline`), or an `Action` (close, reset, silence, raw bytes, delay, stop reading).
  * - The code a reply starts with (for raw bytes: their first three bytes) drives the
  *   session as if the server had decided it: 2xx to MAIL opens a transaction, 3xx to
  *   DATA enters the data phase, 2xx to QUIT or any 421 ends the connection, ...
@@ -59,8 +59,8 @@ export type Action =
   | { action: "raw"; chunks: Array<string | Buffer>; delayMs?: number; thenClose?: boolean }
   /** Wait ms milliseconds, then give `reply`. */
   | { action: "delay"; ms: number; reply: Reply }
-  /** Give `reply`, then read nothing more: what the client writes fills the socket buffers. */
-  | { action: "stall"; reply: Reply };
+  /** Give `reply`, then read nothing more (the client's writes fill the socket buffers); hang up after closeAfterMs. */
+  | { action: "stop-reading"; reply: Reply; closeAfterMs?: number };
 
 /** A reply line without CRLF, an array of complete reply lines, or an Action. */
 export type Reply = string | string[] | Action;
@@ -909,10 +909,17 @@ class Connection {
       case "delay":
         await this.pause(action.ms);
         return this.respond(action.reply);
-      case "stall": {
+      case "stop-reading": {
         const sent = await this.respond(action.reply);
         this.note("S: [stops reading]");
         this.socket.pause();
+        this.socket.removeAllListeners("data");
+        if (action.closeAfterMs !== undefined) {
+          void this.pause(action.closeAfterMs).then(() => {
+            this.note("S: [close]");
+            this.destroy();
+          });
+        }
         return sent;
       }
       case "raw": {
