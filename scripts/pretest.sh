@@ -19,13 +19,13 @@ NEEDED=(
   "/usr/lib/python3/dist-packages/nacl python3-nacl"
   "/usr/sbin/opendkim-testmsg opendkim-tools"
   "/usr/bin/openssl openssl"
-  # Postfix's AUTH in tests/security.test.ts (Cyrus SASL with a private sasldb): saslpasswd2,
+  # Postfix's AUTH in tests/engine/auth.test.ts (Cyrus SASL with a private sasldb): saslpasswd2,
   # and the PLAIN and LOGIN plug-ins (libsasl2-modules is only recommended by libsasl2-2).
   "/usr/sbin/saslpasswd2 sasl2-bin"
   "/usr/lib/*/sasl2/libplain.so.2 libsasl2-modules"
   "/usr/lib/*/sasl2/liblogin.so.2 libsasl2-modules"
   "/usr/bin/swaks swaks"
-  # aiosmtpd for tests/interop.test.ts (run by /usr/bin/python3: Debian's modules).
+  # aiosmtpd for tests/interop/matrix.test.ts (run by /usr/bin/python3: Debian's modules).
   "/usr/lib/python3/dist-packages/aiosmtpd python3-aiosmtpd"
   "perl:Net::SSLeay libnet-ssleay-perl"
 )
@@ -45,7 +45,7 @@ present() {
   esac
 }
 
-# --- Exim and OpenSMTPD, unpacked beside Postfix (tests/interop.test.ts) ----------------------
+# --- Exim and OpenSMTPD, unpacked beside Postfix (tests/interop/matrix.test.ts) ---------------
 # exim4-daemon-light and opensmtpd cannot be installed with apt next to postfix (all three
 # provide mail-transport-agent). Their .debs are fetched with `apt-get download` into
 # $DEB_CACHE and unpacked with `dpkg-deb -x` into $UNPACK_ROOT/<package>/ (no maintainer script

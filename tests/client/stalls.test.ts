@@ -5,12 +5,7 @@
 import t from "tap";
 import { SmtpSession, sendmail } from "../../mail.js";
 import { startScriptedServer } from "../helpers/scripted-server.js";
-
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms); });
-  return Promise.race([p, late]).finally(() => clearTimeout(timer));
-}
+import { bounded } from "../helpers/daemon.js";
 
 // Far more than the socket buffers hold, so the client must wait for them to drain.
 const BIG = "From: a@talker.test\r\nSubject: big\r\n\r\n" + `${"x".repeat(998)}\r\n`.repeat(20_000);
@@ -25,7 +20,7 @@ t.test("data(): the server stops reading the body and hangs up; the call ends, i
   await session.ehlo("talker.test");
   await session.mail("a@talker.test");
   await session.rcpt("b@x.test");
-  const outcome = await within(session.data(BIG).then((a) => a, (e: Error) => e), 10_000, "data()");
+  const outcome = await bounded(session.data(BIG).then((a) => a, (e: Error) => e), 10_000, "data()");
   if (outcome instanceof Error) t.match(outcome.message, /127\.0\.0\.1/, `rejected naming the host: ${outcome.message}`);
   else t.equal(outcome.code, 621, "or answered 621, the connection closed mid-conversation");
   t.ok(session.closed, "the session knows it is closed");
@@ -42,7 +37,7 @@ t.test("data(): a server that stops reading and stays: the data-xfer timeout end
   await session.mail("a@talker.test");
   await session.rcpt("b@x.test");
   const started = Date.now();
-  const err = await within(session.data(BIG).then(() => null, (e: Error) => e), 10_000, "data()");
+  const err = await bounded(session.data(BIG).then(() => null, (e: Error) => e), 10_000, "data()");
   t.match(err, { code: "ETIMEDOUT", message: /timed out while sending message body/ }, `rejects: ${String(err)}`);
   t.match(err, { details: { host: "127.0.0.1", stage: "sending message body", command: "DATA" } }, "the error names the host, the stage and the command");
   t.ok(Date.now() - started < 5000, "after about the data-xfer timeout");
@@ -56,7 +51,7 @@ t.test("starttls(): 220 and then no handshake; the helo timeout ends it", async 
   });
   t.teardown(() => server.close());
   const started = Date.now();
-  const err = await within(
+  const err = await bounded(
     sendmail({ host: "127.0.0.1", port: server.port, tls: "encrypt", timeouts: { helo: 1 }, from: "a@talker.test", to: ["b@x.test"], body: "Subject: s\r\n\r\nhi\r\n" })
       .then((r) => new Error(`resolved: ${JSON.stringify(r)}`), (e: Error) => e),
     10_000, "sendmail()",

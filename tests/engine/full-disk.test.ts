@@ -8,19 +8,19 @@ import t, { type Test } from "tap";
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { execFileSync } from "node:child_process";
 import { MailEngine } from "../../mail.js";
 import { SpoolError } from "../../queue.js";
-import { needRoot, requireAll } from "../helpers/daemon.js";
+import { needRoot, requireAll, run } from "../helpers/daemon.js";
 import { requirePostfix, startSmtpSink } from "../helpers/postfix.js";
 import { runCli } from "../helpers/spool-files.js";
 
 /** A 4 MiB tmpfs, unmounted at the end. */
 async function smallDisk(t: Test): Promise<string> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-full-"));
-  execFileSync("mount", ["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", dir]);
+  const mounted = await run("mount", ["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", dir]);
+  if (mounted.code !== 0) throw new Error(`mount: ${mounted.stderr}`);
   t.teardown(async () => {
-    execFileSync("umount", ["-l", dir]);
+    await run("umount", ["-l", dir]);
     await fs.rm(dir, { recursive: true, force: true });
   });
   return dir;

@@ -9,12 +9,7 @@ import path from "node:path";
 import { MailEngine, type Outcome } from "../../mail.js";
 import { requirePostfix, startPostfix, startSmtpSink } from "../helpers/postfix.js";
 import { listFolder, tempMaildir } from "../helpers/spool-files.js";
-
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms); });
-  return Promise.race([p, late]).finally(() => clearTimeout(timer));
-}
+import { bounded } from "../helpers/daemon.js";
 
 t.test("send() on a running engine: DSN parameters on the wire, each message once, no bookkeeping left behind", async (t) => {
   if (!requirePostfix(t)) return;
@@ -33,7 +28,7 @@ t.test("send() on a running engine: DSN parameters on the wire, each message onc
       dsn: { notify: ["success", "failure"], ret: "hdrs", envid: `env-${n}` },
     }));
   }
-  await within(allSent, 20_000, "20 sent events");
+  await bounded(allSent, 20_000, "20 sent events");
   await new Promise((r) => setTimeout(r, 300)); // a second delivery of any of them would show now
   t.equal(sent.length, 20, "one sent event per message");
   t.same([...new Set(sent.map((o) => o.queueId))].sort(), [...ids].sort(), "each queue id sent once");
@@ -47,7 +42,7 @@ t.test("send() on a running engine: DSN parameters on the wire, each message onc
         new RegExp(`X-Rcpt-Args: <?user${n}@x\\.test>? NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;user${n}@x\\.test`).test(text)) withDsn++;
   }
   t.equal(withDsn, 20, "every transaction carried RET, ENVID, NOTIFY and ORCPT");
-  await within(engine.stop(), 10_000, "stop()");
+  await bounded(engine.stop(), 10_000, "stop()");
   const leftovers = (await fs.readdir(path.join(maildir, "outgoing"))).concat(await fs.readdir(path.join(maildir, "outgoing_active")));
   t.same(leftovers, [], "nothing left in outgoing/ or outgoing_active/, no bookkeeping either");
   t.same(await listFolder(maildir, "deferred"), []);
@@ -67,8 +62,8 @@ t.test("send() on a running engine: NOTIFY=NEVER is honoured when Postfix refuse
   const ids: string[] = [];
   // Postfix relays nothing for other domains: 554 5.7.1 at RCPT, a permanent refusal.
   for (let n = 0; n < 5; n++) ids.push(await engine.send({ from: "talker@talker.test", to: `u${n}@elsewhere.test`, subject: "never", text: "x\n", dsn: { notify: ["never"] } }));
-  await within(done, 20_000, "5 bounced events");
-  await within(engine.stop(), 10_000, "stop()");
+  await bounded(done, 20_000, "5 bounced events");
+  await bounded(engine.stop(), 10_000, "stop()");
   for (const id of ids) t.match(lines.join("\n"), `${id}: no non-delivery notification: the sender asked for NOTIFY=NEVER`, `${id}: no bounce`);
   t.notMatch(lines.join("\n"), /sender non-delivery notification/, "no report queued for any of them");
   t.same(await fs.readdir(path.join(maildir, "outgoing")), [], "nothing queued, no bookkeeping left");

@@ -12,7 +12,6 @@
 // - DATA is read a line at a time (readuntil CRLF): lines over 1001 octets are refused with
 //   "500 Line too long"; data_size_limit (default 32 MiB) gives 552 after the dot.
 
-import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import fs from "node:fs/promises";
 import os from "node:os";
@@ -20,7 +19,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import type { Test } from "tap";
 import { freePort } from "./postfix.js";
-import { atExit, needFile, readTail, removeAtExit, requireAll, sleep, waitForFiles, waitForGreeting } from "./daemon.js";
+import { needFile, readTail, removeAtExit, requireAll, spawnDaemon, waitForFiles, waitForGreeting } from "./daemon.js";
 
 export const PYTHON = "/usr/bin/python3";
 export const AIOSMTPD_MODULE = "/usr/lib/python3/dist-packages/aiosmtpd";
@@ -77,56 +76,22 @@ export async function startAiosmtpd(opts: AiosmtpdOptions = {}): Promise<Aiosmtp
   const remove = removeAtExit(dir);
   const store = path.join(dir, "store");
   await fs.mkdir(store);
-  const errFile = path.join(dir, "stderr");
+  const errFile = path.join(dir, "aiosmtpd.stderr");
   const list = async () =>
     (await fs.readdir(store)).filter((n) => n.endsWith(".json")).sort().map((n) => path.join(store, n.replace(/\.json$/, ".eml")));
   const log = () => readTail(errFile, 1e6);
 
-  let child: ChildProcess | undefined;
-  let exited: string | undefined;
-  let exitP: Promise<void> = Promise.resolve();
   let port = 0;
   let lastWhy = "";
-  for (let attempt = 1; attempt <= 3 && !child; attempt++) {
+  for (let attempt = 1; attempt <= 3; attempt++) {
     port = await freePort(host);
     const args = [AIOSMTPD_SCRIPT, "--host", host, "--port", String(port), "--dir", store, "--domain", domain];
     for (const r of refuse) args.push("--refuse", r);
     if (opts.tls) args.push("--cert", opts.tls.certFile, "--key", opts.tls.keyFile);
-    const err = await fs.open(errFile, "a");
-    const c = spawn(PYTHON, args, { stdio: ["ignore", "pipe", err.fd] });
-    await err.close();
-    exited = undefined;
-    exitP = new Promise<void>((resolve) => {
-      c.once("exit", (code, sig) => {
-        exited = `aiosmtpd-server.py exited (code ${code}, signal ${sig})`;
-        resolve();
-      });
-      c.once("error", (e) => {
-        exited = `cannot run ${PYTHON}: ${e.message}`;
-        resolve();
-      });
-    });
-    let said = "";
-    c.stdout!.setEncoding("utf8");
-    c.stdout!.on("data", (d: string) => (said += d));
-    const forget = atExit(() => c.kill("SIGKILL"));
-    const deadline = Date.now() + 15_000;
-    while (!said.includes("READY") && !exited && Date.now() < deadline) await sleep(20);
-    const ready = said.includes("READY")
-      ? await waitForGreeting(host, port, 5000, () => exited)
-      : { ok: false as const, why: exited ?? "no READY from aiosmtpd-server.py within 15 s" };
+    const d = spawnDaemon(PYTHON, args, dir, "aiosmtpd");
+    const said = await d.waitForOutput(/READY/, 15_000).then(() => null, (e: Error) => e.message);
+    const ready = said === null ? await waitForGreeting(host, port, 5000, () => d.exited()) : { ok: false as const, why: said };
     if (ready.ok) {
-      child = c;
-      const running = c;
-      const instStop = async () => {
-        if (!exited) {
-          running.kill("SIGTERM");
-          const t = setTimeout(() => running.kill("SIGKILL"), 3000);
-          await exitP;
-          clearTimeout(t);
-        }
-        forget();
-      };
       let stopped = false;
       const inst: AiosmtpdInstance = {
         host,
@@ -146,17 +111,16 @@ export async function startAiosmtpd(opts: AiosmtpdOptions = {}): Promise<Aiosmtp
         async stop() {
           if (stopped) return;
           stopped = true;
-          await instStop();
+          await d.stop();
           await remove();
         },
       };
       return inst;
     }
-    c.kill("SIGKILL");
-    await exitP;
-    forget();
+    await d.kill("SIGKILL");
     lastWhy = ready.why;
     if (!/in use/i.test(await log())) break;
+    await fs.writeFile(errFile, "");
   }
   const text = await log();
   await remove();

@@ -1,5 +1,6 @@
-// Test helper: throw-away TLS keys and certificates, made with Debian's /usr/bin/openssl into a
-// temp dir (removed at process exit), once per test process.
+// Test helper: the suite's one certificate maker. Throw-away TLS keys and certificates, made with
+// Debian's /usr/bin/openssl (run by daemon.ts's run()) into a temp dir (removed at process exit),
+// once per test process.
 //
 //   ca          a CA ("mudmail test CA"); give its certificate to the client as tlsCa
 //   server      signed by the CA, for DNS:localhost and IP:127.0.0.1: verifies with the CA
@@ -9,11 +10,11 @@
 // RSA 2048 keys: every TLS stack here (node, Postfix 3.7's smtpd_tls_cert_file) takes them.
 // Key files are mode 0600 (Postfix reads its key as root before it drops privileges).
 
-import { execFile } from "node:child_process";
 import { existsSync, rmSync } from "node:fs";
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
+import { run } from "./daemon.js";
 
 export const OPENSSL = "/usr/bin/openssl";
 
@@ -34,13 +35,9 @@ export interface TestCerts {
   selfSigned: KeyPair;
 }
 
-function openssl(args: string[], cwd: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    execFile(OPENSSL, args, { cwd, timeout: 30_000, killSignal: "SIGKILL" }, (error, _stdout, stderr) => {
-      if (error) reject(new Error(`openssl ${args.join(" ")} failed: ${error.message}\n${stderr}`));
-      else resolve();
-    });
-  });
+async function openssl(args: string[], cwd: string): Promise<void> {
+  const r = await run(OPENSSL, args, { cwd, timeoutMs: 30_000 });
+  if (r.code !== 0) throw new Error(`openssl ${args.join(" ")} failed (exit ${r.code}, signal ${r.signal})\n${r.stderr}`);
 }
 
 const DAYS = "2";

@@ -1,16 +1,34 @@
-// Test harness plumbing shared by the throw-away servers of the interop matrix (exim.ts,
-// opensmtpd.ts, aiosmtpd.ts): a daemon started in the foreground in its own process group with
-// its output in files, killed at process exit if the test forgets; the wait for its 220
-// greeting; Maildir reading. postfix.ts keeps its own copies of these (it came first).
+// Test helper: the suite's child processes, and the plumbing of its throw-away servers.
+//
+//   run(cmd, args, { input?, stdinFile?, timeoutMs?, env?, cwd? })
+//       the one runner of a command that ends: bounded in time (SIGKILL, then a rejection naming
+//       the command), optional standard input; resolves { code, signal, stdout, stderr }.
+//   spawnDaemon(cmd, args, dir, name, { env? })
+//       the one starter of a process that runs until stopped (a server, mail.js in run mode, a
+//       flush to be killed): its own process group, stdout/stderr in files in dir, killed at
+//       process exit if the test forgets; kill(signal) and stop() end it, bounded.
+//   waitForGreeting  polls a port until a 220 greeting comes (with the raw client of smtp-raw.ts)
+//   requireAll / needFile / needUser / needRoot   a missing tool FAILS under CI, skips elsewhere
+//   bounded(promise, ms, what)  the promise, or a rejection naming `what` after ms
+//   atExit, removeAtExit, readTail, lookupId, listMaildir, waitForFiles, sleep
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, openSync, closeSync, readFileSync, rmSync } from "node:fs";
 import fs from "node:fs/promises";
-import net from "node:net";
 import path from "node:path";
 import type { Test } from "tap";
+import { RawClient } from "./smtp-raw.js";
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** The promise's result, or a rejection naming `what` once ms have passed. */
+export function bounded<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: not done after ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
 
 /** uid (from /etc/passwd) or gid (from /etc/group) of a name; undefined when there is none. */
 export function lookupId(file: "/etc/passwd" | "/etc/group", name: string): number | undefined {
@@ -85,29 +103,19 @@ export function atExit(fn: () => void): () => void {
 // ---------------------------------------------------------------------------------------------
 // The greeting
 
-function probeGreeting(host: string, port: number, timeoutMs: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    let buf = "";
-    let done = false;
-    const sock = net.connect({ host, port });
-    const finish = (ok: boolean) => {
-      if (done) return;
-      done = true;
-      clearTimeout(timer);
-      if (ok) sock.end("QUIT\r\n");
-      setTimeout(() => sock.destroy(), 200).unref();
-      resolve(ok);
-    };
-    const timer = setTimeout(() => finish(false), timeoutMs);
-    sock.setEncoding("latin1");
-    sock.on("data", (d: string) => {
-      buf += d;
-      if (/(^|\r\n)220 [^\r\n]*\r\n/.test(buf)) finish(true);
-      else if (/(^|\r\n)\d{3} [^\r\n]*\r\n/.test(buf)) finish(false);
-    });
-    sock.on("error", () => finish(false));
-    sock.on("close", () => finish(false));
-  });
+async function probeGreeting(host: string, port: number, timeoutMs: number): Promise<boolean> {
+  let c: RawClient | undefined;
+  try {
+    c = await RawClient.connect(port, host, timeoutMs);
+    const ok = /^220 /.test((await c.reply(timeoutMs)).at(-1) ?? "");
+    if (ok) c.write("QUIT\r\n");
+    return ok;
+  } catch {
+    return false;
+  } finally {
+    const sock = c;
+    if (sock) setTimeout(() => sock.destroy(), 200).unref();
+  }
 }
 
 /** Polls until a 220 greeting comes, at most totalMs; abort() returning a reason stops early. */
@@ -145,8 +153,16 @@ export interface Daemon {
   child: ChildProcess;
   /** Why it is gone, once it has exited (code/signal), or undefined while it runs. */
   exited(): string | undefined;
+  /** Resolves when it has exited: its exit code and signal. */
+  done: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   stdoutFile: string;
   stderrFile: string;
+  /** What it wrote so far to stdout, then stderr. */
+  output(): string;
+  /** Polls output() until it matches re; rejects after timeoutMs (or once it has exited) with the output. */
+  waitForOutput(re: RegExp, timeoutMs: number): Promise<void>;
+  /** Sends sig to its process group; resolves once it has exited, rejects after timeoutMs. */
+  kill(sig?: NodeJS.Signals, timeoutMs?: number): Promise<void>;
   /** SIGTERM to its process group, SIGKILL after graceMs; resolves once it has exited. */
   stop(graceMs?: number): Promise<void>;
 }
@@ -168,14 +184,14 @@ export function spawnDaemon(cmd: string, args: string[], dir: string, name: stri
     closeSync(err);
   }
   let why: string | undefined;
-  const exitP = new Promise<void>((resolve) => {
-    child.once("exit", (code, sig) => {
-      why = `${name} exited (code ${code}, signal ${sig})`;
-      resolve();
+  const done = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once("exit", (code, signal) => {
+      why = `${name} exited (code ${code}, signal ${signal})`;
+      resolve({ code, signal });
     });
     child.once("error", (e) => {
       why = `cannot run ${cmd}: ${e.message}`;
-      resolve();
+      resolve({ code: null, signal: null });
     });
   });
   const killGroup = (sig: NodeJS.Signals) => {
@@ -191,16 +207,46 @@ export function spawnDaemon(cmd: string, args: string[], dir: string, name: stri
     }
   };
   const forget = atExit(() => killGroup("SIGKILL"));
+  const read = (f: string) => {
+    try {
+      return readFileSync(f, "utf8");
+    } catch {
+      return "";
+    }
+  };
+  const output = () => read(stdoutFile) + read(stderrFile);
   return {
     child,
     exited: () => why,
+    done,
     stdoutFile,
     stderrFile,
+    output,
+    async waitForOutput(re, timeoutMs) {
+      const deadline = Date.now() + timeoutMs;
+      while (!re.test(output())) {
+        if (why || Date.now() > deadline) throw new Error(`${name}: no ${re} within ${timeoutMs} ms${why ? ` (${why})` : ""}; it said: ${output()}`);
+        await sleep(25);
+      }
+    },
+    async kill(sig = "SIGKILL", timeoutMs = 10_000) {
+      if (!why) killGroup(sig);
+      let timer: NodeJS.Timeout | undefined;
+      const late = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`${name}: still running ${timeoutMs} ms after ${sig}`)), timeoutMs);
+      });
+      try {
+        await Promise.race([done, late]);
+      } finally {
+        clearTimeout(timer);
+      }
+      forget();
+    },
     async stop(graceMs = 3000) {
       if (!why) {
         killGroup("SIGTERM");
         const timer = setTimeout(() => killGroup("SIGKILL"), graceMs);
-        await exitP;
+        await done;
         clearTimeout(timer);
       }
       // Children that outlived the leader (a delivery under way) go too.
@@ -257,4 +303,57 @@ export async function waitForFiles(
     }
     await sleep(50);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A command that ends
+
+export interface RunResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+export interface RunOptions {
+  /** Standard input (default: none, stdin is closed at once). */
+  input?: string | Buffer;
+  /** Standard input from this file instead. */
+  stdinFile?: string;
+  /** Default 30 s; then the command is SIGKILLed and the promise rejects. */
+  timeoutMs?: number;
+  /** Added to process.env. */
+  env?: NodeJS.ProcessEnv;
+  cwd?: string;
+}
+
+/** Runs a command without blocking the event loop, bounded in time; rejects when it cannot start or run out of time. */
+export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise<RunResult> {
+  const timeoutMs = opts.timeoutMs ?? 30_000;
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ["pipe", "pipe", "pipe"], env: { ...process.env, ...opts.env }, cwd: opts.cwd });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on("data", (d: Buffer) => out.push(d));
+    child.stderr.on("data", (d: Buffer) => err.push(d));
+    const text = (chunks: Buffer[]) => Buffer.concat(chunks).toString("utf8");
+    const timer = setTimeout(() => {
+      child.kill("SIGKILL");
+      reject(new Error(`${cmd} ${args.join(" ").slice(0, 200)} did not finish within ${timeoutMs} ms\n${text(err)}`));
+    }, timeoutMs);
+    child.on("error", (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+    child.on("close", (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout: text(out), stderr: text(err) });
+    });
+    child.stdin.on("error", () => undefined); // a child that exits before reading all of it
+    if (opts.stdinFile) {
+      fs.open(opts.stdinFile).then((h) => h.createReadStream().pipe(child.stdin), reject);
+    } else {
+      child.stdin.end(opts.input ?? "");
+    }
+  });
 }

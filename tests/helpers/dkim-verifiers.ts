@@ -19,12 +19,12 @@
  *   Debian's libopendkim checks RFC 5322 header counts (exactly one Date and From, at most
  *   one To, Cc, Subject, ...): messages for it must keep to them.
  */
-import { spawn, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { startDnsServer, type DnsServer, type Zone } from "./dns-server.js";
+import { run } from "./daemon.js";
 
 export const PYTHON = "/usr/bin/python3";
 export const DKIMPY = "/usr/lib/python3/dist-packages/dkim/__init__.py";
@@ -76,38 +76,6 @@ for spec in sys.argv[2:]:
 print(json.dumps(out))
 `;
 
-/** Runs a command without blocking the event loop; rejects after timeoutMs (the child is killed). */
-export function run(cmd: string, args: string[], opts: { input?: Buffer | string; stdinFile?: string; timeoutMs?: number } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ["pipe", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (d) => (stdout += d));
-    child.stderr.on("data", (d) => (stderr += d));
-    const timer = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new Error(`${cmd} did not finish within ${opts.timeoutMs ?? 30000} ms\n${stderr}`));
-    }, opts.timeoutMs ?? 30000);
-    child.on("error", (err) => {
-      clearTimeout(timer);
-      reject(err);
-    });
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-    child.stdin.on("error", () => undefined); // a child that exits before reading all of it
-    if (opts.stdinFile) {
-      fs.open(opts.stdinFile).then((h) => {
-        const stream = h.createReadStream();
-        stream.pipe(child.stdin);
-      }, reject);
-    } else {
-      child.stdin.end(opts.input ?? "");
-    }
-  });
-}
-
 /**
  * Verifies every DKIM-Signature of each file with dkimpy; one list of verdicts per file,
  * in the order of the signatures in the message.
@@ -146,12 +114,12 @@ export interface PrivateResolver {
  * Why opendkim-testmsg cannot be pointed at a local key here, or null when it can: it
  * needs the tool, root (for the mount namespace and port 53) and unshare(1).
  */
-export function opendkimUnavailable(): string | null {
+export async function opendkimUnavailable(): Promise<string | null> {
   const missing = [OPENDKIM_TESTMSG, UNSHARE].filter((p) => !existsSync(p));
   if (missing.length > 0) return `missing ${missing.join(", ")}`;
   if (process.getuid?.() !== 0) return "opendkim-testmsg reads keys only through the libc resolver (/etc/resolv.conf, port 53): pointing it at the test DNS server needs root for a private mount namespace";
-  const probe = spawnSync(UNSHARE, ["-m", "/bin/true"], { timeout: 10000 });
-  if (probe.status !== 0) return `unshare -m is not permitted here (${String(probe.stderr).trim() || `exit ${probe.status}`}): no private /etc/resolv.conf for opendkim-testmsg`;
+  const probe = await run(UNSHARE, ["-m", "/bin/true"], { timeoutMs: 10000 });
+  if (probe.code !== 0) return `unshare -m is not permitted here (${probe.stderr.trim() || `exit ${probe.code}`}): no private /etc/resolv.conf for opendkim-testmsg`;
   return null;
 }
 

@@ -36,7 +36,7 @@
  *   a process warning, never an exception.
  *
  * What Node 20's `dns.promises.Resolver` (c-ares) makes of the answers (proved in
- * tests/dns-server.test.ts):
+ * tests/harness/dns-server.test.ts):
  * - null MX (RFC 7505, `{ preference: 0, exchange: "." }` or `exchange: ""`):
  *   resolveMx resolves to `[{ exchange: "", priority: 0 }]` -- the root name comes
  *   back as the empty string, it is not an error.

@@ -40,15 +40,16 @@
 //   reaches it and all its children. On SIGTERM (what `postfix stop` sends) it needs 1.2-1.8 s
 //   to exit, and `postfix stop` polls with `sleep 1`; stop() SIGKILLs the group instead (~ms).
 
-import { spawn, execFile, type ChildProcess } from "node:child_process";
-import { existsSync, openSync, closeSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, readFileSync, rmSync } from "node:fs";
 import fs from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { randomBytes } from "node:crypto";
 import type { Test } from "tap";
-import { atExit, listMaildir, lookupId, readTail, requireAll, waitForGreeting } from "./daemon.js";
+import {
+  atExit, listMaildir, lookupId, readTail, requireAll, run, sleep, spawnDaemon, waitForFiles, waitForGreeting,
+} from "./daemon.js";
 
 export const SMTP_SINK = "/usr/sbin/smtp-sink";
 export const SMTP_SOURCE = "/usr/sbin/smtp-source";
@@ -81,7 +82,6 @@ export function requirePostfix(t: Test): boolean {
 // ---------------------------------------------------------------------------------------------
 // Small utilities
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** A TCP port that was free a moment ago on `host` (bind to port 0, read it, close). */
 export async function freePort(host = "127.0.0.1"): Promise<number> {
@@ -157,8 +157,6 @@ export async function startSmtpSink(opts: SmtpSinkOptions = {}): Promise<SmtpSin
     await fs.mkdir(dumpDir, { mode: 0o755 });
     if (isRoot) await fs.chown(dumpDir, (lookupId("/etc/passwd", "nobody") ?? 65534), (lookupId("/etc/group", "nogroup") ?? 65534));
   }
-  const outFile = path.join(dir, "stdout");
-  const errFile = path.join(dir, "stderr");
   let lastErr = "";
   for (let attempt = 1; attempt <= 3; attempt++) {
     const port = await freePort(host);
@@ -169,69 +167,32 @@ export async function startSmtpSink(opts: SmtpSinkOptions = {}): Promise<SmtpSin
     if (dumpDir) args.push("-d", path.join(dumpDir, "%Y%m%d%H%M%S."));
     args.push(...(opts.extraArgs ?? []));
     args.push(hostPort(host, port), "256");
-    const out = openSync(outFile, "a");
-    const err = openSync(errFile, "a");
-    let child: ChildProcess;
-    try {
-      child = spawn(SMTP_SINK, args, { stdio: ["ignore", out, err] });
-    } finally {
-      closeSync(out);
-      closeSync(err);
-    }
-    let exited: string | undefined;
-    const exitP = new Promise<void>((resolve) => {
-      child.once("exit", (code, sig) => {
-        exited = `smtp-sink exited (code ${code}, signal ${sig})`;
-        resolve();
-      });
-      child.once("error", (e) => {
-        exited = `cannot run ${SMTP_SINK}: ${e.message}`;
-        resolve();
-      });
-    });
-    const forget = atExit(() => {
-      if (child.exitCode === null && child.pid) {
-        try {
-          process.kill(child.pid, "SIGKILL");
-        } catch {
-          /* gone */
-        }
-      }
-      rmSync(dir, { recursive: true, force: true });
-    });
-    const ready = await waitForGreeting(host, port, 5000, () => exited);
+    const sink = spawnDaemon(SMTP_SINK, args, dir, `smtp-sink-${attempt}`);
+    const forget = atExit(() => rmSync(dir, { recursive: true, force: true }));
+    const ready = await waitForGreeting(host, port, 5000, () => sink.exited());
     if (ready.ok) {
       let stopped = false;
       return {
         host,
         port,
         dumpDir,
-        output: () => fs.readFile(outFile, "utf8").catch(() => ""),
+        output: () => fs.readFile(sink.stdoutFile, "utf8").catch(() => ""),
         async stop() {
           if (stopped) return;
           stopped = true;
-          if (!exited) {
-            child.kill("SIGTERM");
-            const t = setTimeout(() => child.kill("SIGKILL"), 3000);
-            await exitP;
-            clearTimeout(t);
-          }
+          await sink.stop();
           forget();
           await fs.rm(dir, { recursive: true, force: true });
         },
       };
     }
     // failed: clean up this attempt
-    if (!exited) {
-      child.kill("SIGKILL");
-      await exitP;
-    }
+    await sink.kill("SIGKILL");
     forget();
-    const stderr = await readTail(errFile, 4000);
+    const stderr = await readTail(sink.stderrFile, 4000);
     lastErr = `${ready.why}; command: ${SMTP_SINK} ${args.join(" ")}; stderr: ${stderr.trim() || "(empty)"}`;
     // Retry only when another process grabbed the port between freePort() and bind().
     if (!/in use/i.test(stderr)) break;
-    await fs.writeFile(errFile, "");
   }
   await fs.rm(dir, { recursive: true, force: true });
   throw new Error(`startSmtpSink failed: ${lastErr}`);
@@ -267,18 +228,14 @@ export interface PostfixInstance {
   startMs: number;
 }
 
-function run(
-  cmd: string,
-  args: string[],
-  timeoutMs: number,
-): Promise<{ code: number | null; out: string; error?: Error }> {
-  return new Promise((resolve) => {
-    execFile(cmd, args, { timeout: timeoutMs, killSignal: "SIGKILL" }, (error, stdout, stderr) => {
-      const out = `${stdout}${stderr}`.trim();
-      if (!error) resolve({ code: 0, out });
-      else resolve({ code: typeof error.code === "number" ? error.code : null, out, error });
-    });
-  });
+/** daemon.ts's run(), its output in one string; a command that cannot run or ends late is an exit code null. */
+async function runTool(cmd: string, args: string[], timeoutMs: number): Promise<{ code: number | null; out: string }> {
+  try {
+    const r = await run(cmd, args, { timeoutMs });
+    return { code: r.code, out: `${r.stdout}${r.stderr}`.trim() };
+  } catch (e) {
+    return { code: null, out: (e as Error).message };
+  }
 }
 
 function mainCf(o: {
@@ -427,7 +384,7 @@ async function killMaster(pid: number): Promise<void> {
  */
 async function diagnose(conf: string): Promise<string> {
   if (!existsSync("/usr/bin/script")) return "";
-  const r = await run("/usr/bin/script", ["-qec", `${POSTFIX} -c '${conf}' check`, "/dev/null"], 10000);
+  const r = await runTool("/usr/bin/script", ["-qec", `${POSTFIX} -c '${conf}' check`, "/dev/null"], 10000);
   return r.out ? `\n--- \`postfix -c ${conf} check\` on a pty ---\n${r.out}` : "";
 }
 
@@ -492,7 +449,7 @@ export async function startPostfix(opts: PostfixOptions = {}): Promise<PostfixIn
     const past = new Date(Date.now() - 60_000);
     await fs.utimes(path.join(conf, "main.cf"), past, past);
     await fs.utimes(path.join(conf, "master.cf"), past, past);
-    const r = await run(POSTFIX, ["-c", conf, "start"], 20000);
+    const r = await runTool(POSTFIX, ["-c", conf, "start"], 20000);
     if (r.code !== 0) {
       const log = await readTail(logFile, 4000);
       // Someone took the port between freePort() and master's bind(): try another one.
@@ -501,7 +458,7 @@ export async function startPostfix(opts: PostfixOptions = {}): Promise<PostfixIn
         continue;
       }
       return fail(
-        `\`${POSTFIX} -c ${conf} start\` exited ${r.code}: ${r.out || r.error?.message || ""}` +
+        `\`${POSTFIX} -c ${conf} start\` exited ${r.code}: ${r.out}` +
           (await diagnose(conf)),
       );
     }
@@ -533,22 +490,34 @@ export async function startPostfix(opts: PostfixOptions = {}): Promise<PostfixIn
       const files = await listMaildir(maildir);
       return Promise.all(files.map((f) => fs.readFile(f)));
     },
-    async waitForMessages(n: number, timeoutMs: number) {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const files = await listMaildir(maildir);
-        if (files.length >= n) return inst.readMessages();
-        if (Date.now() >= deadline) {
-          throw new Error(
-            `waitForMessages: ${files.length} of ${n} messages in ${maildir} after ${timeoutMs} ms\n` +
-              `--- postfix log ---\n${await readTail(logFile, 8000)}`,
-          );
-        }
-        await sleep(50);
-      }
-    },
+    waitForMessages: (n: number, timeoutMs: number) =>
+      waitForFiles(() => listMaildir(maildir), n, timeoutMs, async () => `--- postfix log ---\n${await readTail(logFile, 8000)}`),
     log: () => readTail(logFile, 1e9),
     startMs,
   };
   return inst;
+}
+
+/**
+ * smtpd's TLS needs the tlsmgr service (its PRNG seed: without it "no entropy for TLS key
+ * generation: disabling TLS support" and STARTTLS answers 454), which the instance's master.cf
+ * lacks: add it and reload. smtpd processes started before (the readiness probe's) ran without
+ * TLS; a reload makes the master replace them.
+ */
+export async function addTlsmgr(pf: PostfixInstance): Promise<void> {
+  const conf = path.join(pf.dir, "conf");
+  const masterCf = path.join(conf, "master.cf");
+  await fs.appendFile(masterCf, "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n");
+  const past = new Date(Date.now() - 60_000);
+  await fs.utimes(masterCf, past, past);
+  const r = await runTool(POSTFIX, ["-c", conf, "reload"], 20_000);
+  if (r.code !== 0) throw new Error(`postfix reload failed (exit ${r.code}): ${r.out}`);
+  const socket = path.join(pf.dir, "queue", "private", "tlsmgr");
+  const deadline = Date.now() + 10_000;
+  while (!existsSync(socket)) {
+    if (Date.now() > deadline) throw new Error(`no ${socket} 10 s after postfix reload\n${await pf.log()}`);
+    await sleep(50);
+  }
+  // The reload is done once the master logs it; smtpd processes of the old configuration exit.
+  await sleep(300);
 }

@@ -1,7 +1,10 @@
 // Test helper: a seeded pseudo-random generator for the torture suite, so a failing run can be
 // repeated exactly. Each file has a fixed default seed (CI runs are repeatable); the environment
 // variable TORTURE_SEED overrides it (a number, or "random" for one from the clock). The test
-// logs the seed it used (t.comment) either way.
+// logs the seed it used (t.comment) either way. watchProcess() collects what escapes to the
+// process (uncaught exceptions, unhandled rejections) while a test runs: there must be none.
+
+import type { Test } from "tap";
 
 /** mulberry32: 32 bits of state, good enough to pick bytes, lengths and moments. */
 export class Prng {
@@ -61,4 +64,17 @@ export function torturePrng(defaultSeed: number): Prng {
   if (given === "random") return new Prng((Date.now() ^ (process.pid << 16)) >>> 0);
   if (given !== undefined && /^\d+$/.test(given)) return new Prng(Number(given) >>> 0);
   return new Prng(defaultSeed);
+}
+
+/** Exceptions that escape to the process while a test runs: there must be none. */
+export function watchProcess(tt: Test): { escaped: unknown[] } {
+  const escaped: unknown[] = [];
+  const onError = (err: unknown) => escaped.push(err);
+  process.on("uncaughtException", onError);
+  process.on("unhandledRejection", onError);
+  tt.teardown(() => {
+    process.off("uncaughtException", onError);
+    process.off("unhandledRejection", onError);
+  });
+  return { escaped };
 }

@@ -1,11 +1,11 @@
 // Test helper: queue files as another program (the C talker) drops them into outgoing/,
-// and the comparison of what a real server stored with what was queued.
+// and the comparison of what a real server stored with what was queued; runCli runs dist/mail.js.
 
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
+import { run, type RunOptions, type RunResult } from "./daemon.js";
 
 export const MAIL_JS = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../dist/mail.js");
 
@@ -77,25 +77,7 @@ export async function listFolder(maildir: string, folder: string): Promise<strin
   return (await fs.readdir(path.join(maildir, folder)).catch(() => [] as string[])).filter((n) => !n.startsWith("."));
 }
 
-export interface CliResult { code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }
-
-/** Runs `node dist/mail.js ARGS`, bounded in time, with optional standard input. */
-export function runCli(args: string[], opts: { input?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [MAIL_JS, ...args], { env: { ...process.env, ...opts.env }, stdio: ["pipe", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (d) => (stdout += d));
-    child.stderr.on("data", (d) => (stderr += d));
-    const timer = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new Error(`mail.js ${args.join(" ")} did not finish within ${opts.timeoutMs ?? 30000} ms\n${stderr}`));
-    }, opts.timeoutMs ?? 30000);
-    child.on("error", reject);
-    child.on("close", (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr });
-    });
-    child.stdin.end(opts.input ?? "");
-  });
+/** Runs `node dist/mail.js ARGS` with daemon.ts's run(): bounded in time, optional standard input. */
+export function runCli(args: string[], opts: RunOptions = {}): Promise<RunResult> {
+  return run(process.execPath, [MAIL_JS, ...args], opts);
 }
