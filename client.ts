@@ -180,9 +180,16 @@ export class SmtpSession {
       for await (const chunk of chunks) yield stuffer.push(typeof chunk === "string" ? Buffer.from(chunk) : chunk);
       yield stuffer.end();
     })();
+    // The reply to the dot is expected before the body leaves: a server may answer the last
+    // piece before the stream says it is done.
+    let written: Promise<boolean> = Promise.resolve(false);
     const reply = await this.#ask((done) => {
-      this.#conn.writeBody(stuffed).then((written) => { if (written) this.#conn.expect(STEPS.dot, done); });
+      this.#conn.expect(STEPS.dot, done);
+      written = this.#conn.writeBody(stuffed);
     });
+    // A reply that came early (a server that did not wait for the dot): nothing more is
+    // written until the body is out, or the data-xfer timer ends the wait.
+    await written;
     return answer(reply);
   }
 

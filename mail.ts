@@ -50,14 +50,12 @@ import {
 import { Router, type Hop, type Route } from "./route.js";
 import { SmtpConnection, STEPS, type ConnectionOptions, type Credentials, type Hello, type Step, type TlsMode } from "./smtp-connection.js";
 import { composeBounce, composeNotice } from "./bounce.js";
-import { addedHeaders, checkDsn, composeMessage, formatAge, type SendMessage } from "./compose.js";
+import { checkDsn, composeMessage, formatAge, type SendMessage } from "./compose.js";
 import { MailLog, seconds, secretForms } from "./log.js";
 import { checkOptions, credentialsOf, parseHostPort, type MailOptions, type Resolved } from "./options.js";
-import { loadDkimKeys, signByFrom, type DkimKey } from "./dkim.js";
-import {
-  Spool, CorruptMessageError, addressProblem, measureWire, queueEntries, wireChunks, errno,
-  type Bookkeeping, type QueuedMessage, type QueueEntry, type Wire,
-} from "./queue.js";
+import { loadDkimKeys, type DkimKey } from "./dkim.js";
+import { Spool, addressProblem, errno, type Bookkeeping, type QueueEntry, type Wire } from "./queue.js";
+import { SpoolThread, type MessageInfo, type Prepared } from "./spool-worker.js";
 
 export const VERSION = "0.1.0";
 
@@ -148,7 +146,7 @@ class Delivery {
   /** What settling decided, made once; its steps are done once each, retried until done. */
   settlement: Settlement | null = null;
   constructor(
-    readonly msg: QueuedMessage,
+    readonly msg: MessageInfo,
     readonly wire: Wire,
     readonly prefix: Buffer,
     readonly claimedAt: number,
@@ -347,7 +345,7 @@ interface Session {
 /** What a Slot needs of the engine, and all it may touch. */
 interface SlotHost {
   readonly stopping: boolean;
-  readonly spool: Spool;
+  readonly spool: SpoolThread;
   session(hop: Hop): Session;
   /* The scheduler: jobs for this slot's destination. */
   jobFor(dest: Destination, give: (job: Job | null) => void): void;
@@ -397,6 +395,8 @@ class Slot {
   #lastError = "no address to connect to";
   #authenticated = false;
   #session: Session | null = null;
+  /** A large body is being written from its file: the slot writes nothing else meanwhile. */
+  #streaming = false;
 
   constructor(private readonly host: SlotHost, readonly destination: Destination) {}
 
@@ -626,22 +626,41 @@ class Slot {
     // A large message, piece by piece from its file: each stuffed piece is handed to the
     // kernel before the next is made in the same buffer, so a 50 MB message costs two
     // buffers of memory, whatever the server's speed (the data-xfer timer bounds a stall).
+    // The reply to the end is expected before the first piece leaves: the last piece carries
+    // the dot, and a quick server answers it before the stream says it is done.
+    // While it streams, nothing else is written: a reply that comes before the stream says it
+    // is done (the server answered the last piece quickly, or too early) waits for it.
     const { delivery } = txn.job;
-    conn.writeBody(wireChunks(this.host.spool, delivery.msg, delivery.prefix, { reuse: true })).then(
-      (written) => { if (written && !this.#closed) this.#endOfData(txn); },
+    this.#streaming = true;
+    this.#expectDot(txn);
+    conn.writeBody(this.host.spool.wireChunks(delivery.msg, delivery.prefix)).then(
+      (written) => {
+        this.#streaming = false;
+        if (!written || this.#closed) return;
+        if (txn.settled && this.#txns.length === 0 && !conn.awaiting) this.#nextJob();
+        else this.#pipelineNext();
+      },
       (err: Error) => conn.abort(`error reading queue file ${delivery.msg.id}: ${err.message}`, "EQUEUE"),
     );
   }
 
   /** The terminator is on its way: wait for the reply, and with PIPELINING send the next envelope behind it. */
   #endOfData(txn: Txn): void {
+    this.#expectDot(txn);
+    this.#pipelineNext();
+  }
+
+  #expectDot(txn: Txn): void {
     txn.dotSent = true;
     this.stage = Stage.Dot;
     this.#conn!.expect(STAGES[Stage.Dot], this.#on(Stage.Dot, (r) => this.#onDot(txn, r)));
-    if (this.#ext?.pipelining) {
-      const job = this.host.jobNow(this.destination);
-      if (job) this.#startTxn(job);
-    }
+  }
+
+  /** RFC 2920: with PIPELINING the next envelope goes right behind the dot, in the same packet. */
+  #pipelineNext(): void {
+    if (!this.#ext?.pipelining) return;
+    const job = this.host.jobNow(this.destination);
+    if (job) this.#startTxn(job);
   }
 
   #onDot(txn: Txn, reply: Reply): void {
@@ -654,7 +673,7 @@ class Slot {
     } else {
       this.#settleAccepted(txn, this.#replyOutcome(txn.job, reply, Stage.Dot));
     }
-    if (this.#txns.length === 0 && !this.#conn!.awaiting) this.#nextJob();
+    if (this.#txns.length === 0 && !this.#conn!.awaiting && !this.#streaming) this.#nextJob();
   }
 
   #rset(): void {
@@ -801,7 +820,10 @@ export interface MailEngineEvents {
 
 export class MailEngine extends EventEmitter<MailEngineEvents> {
   readonly #options: Resolved;
-  readonly #spool: Spool;
+  /** The spool's file work, on the engine's worker thread. */
+  readonly #spool: SpoolThread;
+  /** The spool's lock, taken and given back on this thread (at start and stop, never while sending). */
+  readonly #lock: Spool;
   #stopping = false;
   readonly #log: MailLog;
   readonly #slots = new Set<Slot>();
@@ -864,7 +886,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   constructor(options: MailOptions = {}) {
     super();
     this.#options = checkOptions(options);
-    this.#spool = new Spool(this.#options.maildir, { fsync: this.#options.fsync });
+    this.#lock = new Spool(this.#options.maildir);
     const o = this.#options;
     this.#router = new Router({
       relay: o.relay ? parseHostPort(o.relay, "--relay", 25) : null,
@@ -879,6 +901,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#log = new MailLog(this.#options.log);
     this.#log.redact(secretForms(this.#credentials()));
     this.#dkimKeys = loadDkimKeys({ domain: o.dkimDomain, selector: o.dkimSelector, keyFile: o.dkimKey, keysFile: o.dkimKeys });
+    this.#spool = new SpoolThread(o.maildir, { fsync: o.fsync, helo: o.helo, dkimKeys: this.#dkimKeys });
+    this.#extraCa = o.tlsCa ? fs.readFileSync(o.tlsCa, "utf8") : null;
   }
 
   readonly #dkimKeys: DkimKey[];
@@ -941,12 +965,13 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     await this.#retryStranded();
     this.#active = false;
     this.#releaseLock();
+    await this.#spool.close();
     await this.#log.flush();
   }
 
   /** Every message in the spool, oldest first: what `--queue --json` prints (SPEC section 5). */
   queue(): Promise<QueueEntry[]> {
-    return queueEntries(this.#spool);
+    return this.#spool.queueEntries();
   }
 
   /** Live numbers for a progress line. */
@@ -998,13 +1023,9 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
 
   /** At start: the schedule of deferred/, from each message's bookkeeping (due now when it has none). */
   async #loadDeferred(): Promise<void> {
-    const { ids } = await this.#spool.scan("deferred");
-    for (let i = 0; i < ids.length; i += 64) {
-      const batch = ids.slice(i, i + 64);
-      const books = await Promise.all(batch.map((id) => this.#spool.readBookkeeping(id, "deferred")));
-      batch.forEach((id, j) => this.#due.push(id, books[j]?.nextAttempt ?? 0));
-    }
+    await this.#spool.scanDue((slice) => { for (const [id, due] of slice) this.#due.push(id, due); });
   }
+
 
   #init(): Promise<void> {
     this.#initialized ??= (async () => {
@@ -1022,7 +1043,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   async #initOnce(): Promise<void> {
     {
       await this.#spool.init();
-      this.#spool.lock();
+      this.#lock.lock();
       const { recovered } = await this.#spool.init({ recover: true });
       for (const id of recovered) this.#log.write("qmgr", `${id}: requeued from outgoing_active/ after an unclean stop`);
       await this.#loadDeferred();
@@ -1045,9 +1066,16 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#scanning ??= (async () => {
       this.#lastScan = Date.now();
       try {
-        const { ids, badNames } = await this.#spool.scan("outgoing");
-        for (const id of ids) this.#enqueue(id);
-        for (const name of badNames) await this.#quarantine(name, "outgoing", "file name is not a queue id");
+        const bad: string[] = [];
+        // Each slice as the worker reads it: sending starts before the listing ends, and no
+        // turn of the loop handles more than one slice of a large queue.
+        await this.#spool.scan("outgoing", (ids, badNames) => {
+          for (const id of ids) this.#enqueue(id);
+          bad.push(...badNames);
+          this.#pump();
+          this.#schedule();
+        });
+        for (const name of bad) await this.#quarantine(name, "outgoing", "file name is not a queue id");
       } finally {
         this.#scanning = null;
         this.#checkIdle();
@@ -1129,40 +1157,26 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
 
   async #prepare(queued: string): Promise<void> {
     const from = this.#fromDeferred.delete(queued) ? "deferred" : "outgoing";
-    let claimed: { id: string; booked: boolean } | null;
+    let prepared: Prepared;
     try {
-      claimed = await this.#spool.claim(queued, from);
+      prepared = await this.#spool.prepare(queued, from);
     } catch (err) {
       this.#known.delete(queued);
       throw new MailError(`${queued}: cannot claim queue file: ${(err as Error).message}`, "EQUEUE", { queueId: queued });
     }
-    if (claimed?.id !== queued) this.#known.delete(queued);
-    if (claimed === null) return;
-    const { id } = claimed;
+    if (prepared.kind === "gone" || prepared.id !== queued) this.#known.delete(queued);
+    if (prepared.kind === "gone") return;
+    const { id } = prepared;
+    if (prepared.kind === "corrupt") return this.#quarantine(id, "outgoing_active", prepared.reason);
+    if (prepared.kind === "unreadable") {
+      this.#forget(id, prepared.putBack);
+      throw new MailError(`${id}: cannot read queue file: ${prepared.error}`, "EQUEUE", { queueId: id });
+    }
     this.#known.add(id);
     this.#inFlight.add(id);
-    const claimedAt = Date.now();
-    let msg: QueuedMessage;
-    let wire: Wire;
-    let prefix: Buffer = Buffer.alloc(0);
-    const stored = claimed.booked ? await this.#spool.readBookkeeping(id, "outgoing_active") : null;
-    try {
-      msg = await this.#spool.open(id);
-      // A prefix made (and signed) at an earlier attempt is used again as it was: one
-      // signature per message, valid whatever the clock or the queue id says now.
-      const kept = stored?.prefix ? Buffer.from(stored.prefix, "base64") : null;
-      wire = await measureWire(this.#spool, msg, (facts) => (prefix = kept ?? addedHeaders(facts, msg, this.#options.helo)));
-      if (!kept && this.#dkimKeys.length > 0) ({ prefix, wire } = await this.#sign(msg, prefix, wire));
-    } catch (err) {
-      if (err instanceof CorruptMessageError) {
-        this.#forget(id);
-        return this.#quarantine(id, "outgoing_active", err.reason);
-      }
-      this.#forget(id, await this.#spool.release(id, from).catch(() => id));
-      throw new MailError(`${id}: cannot read queue file: ${(err as Error).message}`, "EQUEUE", { queueId: id });
-    }
-    const book = stored;
-    const delivery = new Delivery(msg, wire, prefix, claimedAt, book, from);
+    for (const note of prepared.notes) this.#log.write("qmgr", `${id}: ${printable(note, 1000)}`);
+    const { msg, wire, prefix, book } = prepared;
+    const delivery = new Delivery(msg, wire, prefix, Date.now(), book, from);
     this.#log.write("qmgr", `${id}: from=<${msg.sender}>, size=${msg.size}, nrcpt=${msg.recipients.length} (queue active)`);
     this.#counts.messages++;
     this.#counts.recipients += msg.recipients.length;
@@ -1171,29 +1185,6 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     const jobs = this.#splitJobs(delivery);
     delivery.openJobs = jobs.length;
     for (const job of jobs) this.#queueJob(job);
-  }
-
-  /** DKIM: signs what will go on the wire (our added headers, then the message) and prepends the signature. */
-  async #sign(msg: QueuedMessage, prefix: Buffer, wire: Wire): Promise<{ prefix: Buffer; wire: Wire }> {
-    const content = (async function* (spool: Spool) {
-      yield prefix;
-      yield* spool.content(msg);
-    })(this.#spool);
-    try {
-      const result = await signByFrom(content, this.#dkimKeys);
-      if (result.skipped) {
-        this.#log.write("qmgr", `${msg.id}: ${result.skipped}`);
-        return { prefix, wire };
-      }
-      const fields = Buffer.from(result.fields);
-      return {
-        prefix: Buffer.concat([fields, prefix]),
-        wire: { ...wire, size: wire.size + fields.length, bytes: wire.bytes ? Buffer.concat([fields, wire.bytes]) : null },
-      };
-    } catch (err) {
-      this.#log.write("qmgr", `warning: ${msg.id}: not DKIM-signed: ${printable((err as Error).message)}`);
-      return { prefix, wire };
-    }
   }
 
   #splitJobs(delivery: Delivery): Job[] {
@@ -1495,13 +1486,9 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     return this.#options.tls;
   }
 
-  #extraCaRead = false;
-  #extraCaText: string | null = null;
-  get #extraCa(): string | null {
-    if (!this.#extraCaRead && this.#options.tlsCa) this.#extraCaText = fs.readFileSync(this.#options.tlsCa, "utf8");
-    this.#extraCaRead = true;
-    return this.#extraCaText;
-  }
+  /** --tls-ca's certificates, read once when the engine is made. */
+  readonly #extraCa: string | null;
+
 
   /** A handshake failed: under "may", that host gets one plaintext attempt next time (and it is said). */
   #tlsFailed(hop: Hop): void {
@@ -1739,7 +1726,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     const now = new Date();
     const headers = await this.#spool.headerBlock(msg);
     const full = dsn?.ret === "full" && msg.size <= 50_000;
-    const body = full ? await this.#bodyOf(msg, headers.length) : undefined;
+    const body = full ? await this.#spool.body(msg, headers.length) : undefined;
     const base = {
       queueId: msg.id,
       arrival: new Date(msg.arrival),
@@ -1778,16 +1765,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     }
   }
 
-  /** The body of a small message (after its header block), for RET=FULL. */
-  async #bodyOf(msg: QueuedMessage, headerLength: number): Promise<Buffer> {
-    const parts: Buffer[] = [];
-    for await (const chunk of this.#spool.content(msg)) parts.push(chunk);
-    const whole = Buffer.concat(parts);
-    const rest = whole.subarray(headerLength);
-    // Skip the blank line that separates headers and body.
-    const skip = rest[0] === 0x0d && rest[1] === 0x0a ? 2 : rest[0] === 0x0a ? 1 : 0;
-    return rest.subarray(skip);
-  }
+
 
   async #quarantine(id: string, from: "outgoing" | "outgoing_active", reason: string): Promise<void> {
     const moved = await this.#spool.quarantine(id, from, reason);
@@ -1825,7 +1803,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   }
 
   #releaseLock(): void {
-    this.#spool.unlock();
+    this.#lock.unlock();
     this.#initialized = null;
   }
 }

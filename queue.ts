@@ -65,6 +65,7 @@
  *   Only the first 1 MiB of a file may hold the envelope lines.
  */
 
+import { isAscii } from "node:buffer";
 import * as fs from "node:fs";
 import * as path from "node:path";
 
@@ -265,6 +266,25 @@ export class Spool {
       }
     }
     return { ids, booked, badNames };
+  }
+
+  /** The same listing in slices of at most `size` names, as the directory is read. */
+  async *scanSlices(folder: Folder, size = 1000): AsyncGenerator<{ ids: string[]; badNames: string[] }> {
+    let ids: string[] = [];
+    let badNames: string[] = [];
+    const dir = await fs.promises.opendir(path.join(this.dir, folder), { bufferSize: 256 });
+    for await (const entry of dir) {
+      const name = entry.name;
+      if (name.startsWith(".")) continue;
+      if (QUEUE_ID.test(name)) ids.push(name);
+      else badNames.push(name);
+      if (ids.length + badNames.length >= size) {
+        yield { ids, badNames };
+        ids = [];
+        badNames = [];
+      }
+    }
+    if (ids.length + badNames.length > 0) yield { ids, badNames };
   }
 
   /**
@@ -501,19 +521,17 @@ export class Spool {
     const file = this.pathOf(folder, id);
     const fd = fs.openSync(file, "r");
     try {
-      let buf = Buffer.allocUnsafe(CHUNK);
-      let length = fs.readSync(fd, buf, 0, CHUNK, 0);
-      let whole = length < CHUNK;
-      let fileSize = length;
-      if (!whole) {
-        fileSize = (await fsFstat(fd)).size;
-        whole = fileSize <= CHUNK;
-      }
+      const stat = fs.fstatSync(fd);
+      const fileSize = stat.size;
+      // As much as the message holds, up to CHUNK: no fresh 64 KiB for a 1 KB message.
+      let buf = Buffer.allocUnsafe(Math.max(1, Math.min(fileSize, CHUNK)));
+      let length = readFullySync(fd, buf, 0);
+      const whole = fileSize <= CHUNK;
       let envelope = findEnvelope(buf, length, length >= fileSize);
       if (!envelope && !whole) {
         const more = Buffer.allocUnsafe(Math.min(fileSize, MAX_ENVELOPE));
         buf.copy(more, 0, 0, length);
-        length += await fsReadFully(fd, more, length);
+        length += readFullySync(fd, more, length);
         buf = more;
         envelope = findEnvelope(buf, length, length >= fileSize);
       }
@@ -524,7 +542,7 @@ export class Spool {
       const head = buf.subarray(contentOffset, Math.min(length, contentOffset + CHUNK));
       return {
         id, sender, recipients, folder,
-        arrival: await arrivalOf(id, fd),
+        arrival: arrivalOf(id, stat),
         size: fileSize - contentOffset,
         contentOffset,
         head,
@@ -890,7 +908,8 @@ export const MAX_LINE = 998;
  * second dot for a dot at the start of a line, and state carried across chunks so a CR at
  * the end of one chunk and an LF at the start of the next make one line end. A line longer
  * than 998 octets is broken with CRLF and a space, as Postfix's smtp_line_length_limit does:
- * nothing is lost, and a folded header stays one header.
+ * nothing is lost, and a folded header stays one header. It works in runs: the next line
+ * end is found with indexOf and the bytes up to it are copied whole, never byte by byte.
  */
 export class Stuffer {
   private atLineStart = true;
@@ -910,52 +929,88 @@ export class Stuffer {
 
   /**
    * Stuffs a chunk; the result is a new buffer, or a view into `into` when it is given and
-   * large enough (2 × chunk + 4 octets): a pass that only counts needs no new memory.
+   * large enough (2 × chunk + 4 octets).
    */
   push(chunk: Buffer, into?: Buffer): Buffer {
     const need = chunk.length * 2 + 4;
     const out = into && into.length >= need ? into : Buffer.allocUnsafe(need);
+    return out.subarray(0, this.run(chunk, out));
+  }
+
+  /** Stuffs into `out`, which must hold what count() said this chunk makes; returns the octets written. */
+  into(chunk: Buffer, out: Buffer): number {
+    return this.run(chunk, out);
+  }
+
+  /** How many octets push() would make of this chunk, with the same effect on the state: a measuring pass writes nothing. */
+  count(chunk: Buffer): number {
+    return this.run(chunk, null);
+  }
+
+  /** The stuffing itself, writing into `out` when it is given; returns the octets made. */
+  private run(chunk: Buffer, out: Buffer | null): number {
+    if (!this.eightBit && !isAscii(chunk)) this.eightBit = true;
+    const n = chunk.length;
+    const dots = this.options.dots !== false;
     let j = 0;
     let atLineStart = this.atLineStart;
     let afterCR = this.afterCR;
     let column = this.column;
-    let high = 0;
-    const dots = this.options.dots !== false;
-    for (let i = 0; i < chunk.length; i++) {
+    // The next CR and LF at or after i: -2 not looked for yet, -1 none left in this chunk.
+    let nextCR = -2;
+    let nextLF = -2;
+    for (let i = 0; i < n;) {
       const b = chunk[i];
       if (afterCR) {
         afterCR = false;
-        if (b === LF) continue;
+        if (b === LF) {
+          i++;
+          continue;
+        }
       }
       if (b === CR || b === LF) {
-        out[j++] = CR;
-        out[j++] = LF;
+        if (out) {
+          out[j] = CR;
+          out[j + 1] = LF;
+        }
+        j += 2;
         atLineStart = true;
         afterCR = b === CR;
         column = 0;
+        i++;
         continue;
       }
       if (column >= MAX_LINE) {
-        out[j++] = CR;
-        out[j++] = LF;
-        out[j++] = 0x20;
+        if (out) {
+          out[j] = CR;
+          out[j + 1] = LF;
+          out[j + 2] = 0x20;
+        }
+        j += 3;
         column = 1;
         this.folded++;
       }
-      if (atLineStart && b === DOT && dots) {
-        out[j++] = DOT;
-        column++;
+      if (atLineStart) {
+        atLineStart = false;
+        if (b === DOT && dots) {
+          if (out) out[j] = DOT;
+          j++;
+          column++;
+        }
       }
-      atLineStart = false;
-      high |= b;
-      out[j++] = b;
-      column++;
+      if (nextCR !== -1 && nextCR < i) nextCR = chunk.indexOf(CR, i);
+      if (nextLF !== -1 && nextLF < i) nextLF = chunk.indexOf(LF, i);
+      let end = nextCR === -1 ? (nextLF === -1 ? n : nextLF) : nextLF === -1 ? nextCR : Math.min(nextCR, nextLF);
+      if (end - i > MAX_LINE - column) end = i + (MAX_LINE - column);
+      if (out) chunk.copy(out, j, i, end);
+      j += end - i;
+      column += end - i;
+      i = end;
     }
     this.atLineStart = atLineStart;
     this.afterCR = afterCR;
     this.column = column;
-    if (high & 0x80) this.eightBit = true;
-    return out.subarray(0, j);
+    return j;
   }
 
   /**
@@ -984,20 +1039,26 @@ export interface Wire {
  */
 export async function measureWire(spool: Spool, msg: QueuedMessage, makePrefix: (facts: HeaderFacts) => Buffer): Promise<Wire> {
   const scan = new HeaderScan();
-  const stuffer = new Stuffer();
   if (msg.whole) {
     scan.push(msg.head);
     const facts = scan.end();
     const prefix = makePrefix(facts);
-    const body = stuffer.push(msg.head);
-    const bytes = Buffer.concat([prefix, body, stuffer.end()]);
-    return { size: bytes.length, eightBit: stuffer.eightBit, bytes, facts };
+    // One pass to count, one to stuff straight into memory of exactly the wire's size (its
+    // own, not a pool's: the worker hands it over without a copy).
+    const counter = new Stuffer();
+    const size = prefix.length + counter.count(msg.head) + counter.end().length;
+    const bytes = Buffer.allocUnsafeSlow(size);
+    prefix.copy(bytes, 0);
+    const stuffer = new Stuffer();
+    const body = stuffer.into(msg.head, bytes.subarray(prefix.length));
+    stuffer.end().copy(bytes, prefix.length + body);
+    return { size, eightBit: stuffer.eightBit, bytes, facts };
   }
   let size = 0;
-  const scratch = Buffer.allocUnsafe(CHUNK * 2 + 4);
+  const stuffer = new Stuffer();
   for await (const chunk of spool.content(msg, { reuse: true })) {
     if (!scan.facts.complete) scan.push(chunk);
-    size += stuffer.push(chunk, scratch).length;
+    size += stuffer.count(chunk);
   }
   const facts = scan.end();
   size += makePrefix(facts).length + stuffer.end().length;
@@ -1097,28 +1158,25 @@ function fsRead(fd: number, buf: Buffer, position: number, offset = 0): Promise<
     fs.read(fd, buf, offset, buf.length - offset, position, (err, n) => (err ? reject(err) : resolve(n))));
 }
 
-async function fsReadFully(fd: number, buf: Buffer, from: number): Promise<number> {
-  let total = 0;
-  while (from + total < buf.length) {
-    const n = await fsRead(fd, buf, from + total, from + total);
-    if (n === 0) break;
-    total += n;
-  }
-  return total;
-}
-
-function fsFstat(fd: number): Promise<fs.Stats> {
-  return new Promise((resolve, reject) => fs.fstat(fd, (err, st) => (err ? reject(err) : resolve(st))));
-}
-
 function fsClose(fd: number): void {
   fs.close(fd, () => undefined);
 }
 
-async function arrivalOf(id: string, fd: number): Promise<number> {
+/** A queue id's seconds are its arrival; another program's name has its file's mtime. */
+function arrivalOf(id: string, stat: fs.Stats): number {
   const match = /^(\d{9,11})\./.exec(id);
-  if (match) return Number(match[1]) * 1000;
-  return (await fsFstat(fd)).mtimeMs;
+  return match ? Number(match[1]) * 1000 : stat.mtimeMs;
+}
+
+/** Reads into buf from `from` on (file position = buffer offset) until it is full or the file ends. */
+function readFullySync(fd: number, buf: Buffer, from: number): number {
+  let total = 0;
+  while (from + total < buf.length) {
+    const n = fs.readSync(fd, buf, from + total, buf.length - from - total, from + total);
+    if (n === 0) break;
+    total += n;
+  }
+  return total;
 }
 
 function exists(file: string): Promise<boolean> {

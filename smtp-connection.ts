@@ -228,7 +228,7 @@ export class SmtpConnection {
   expect(step: Step, onReply: (reply: Reply) => void): void {
     if (this.#ended) return;
     this.#expects.push({ step, onReply, after: this.#reads });
-    if (this.#expects.length === 1) this.#arm(step);
+    if (this.#expects.length === 1 && this.#current !== STEPS.body) this.#arm(step);
   }
 
   /** Message bytes, as they are (the caller stuffed them). */
@@ -247,8 +247,10 @@ export class SmtpConnection {
 
   /**
    * Writes a body piece by piece: each is handed to the kernel before the next is asked for
-   * (a chunk may be a view of a reused buffer), under the data-xfer timer. Resolves true
-   * when all went out, false when the connection ended first (the failure says why).
+   * (a chunk may be a view of a reused buffer), under the data-xfer timer. The reply to the
+   * body's end must be expected before this is called: the last piece carries the dot, and
+   * the server may answer it before the next piece is asked for. Resolves true when all went
+   * out, false when the connection ended first (the failure says why).
    */
   async writeBody(chunks: AsyncIterable<Buffer> | Iterable<Buffer>): Promise<boolean> {
     const socket = this.#socket!;
@@ -261,6 +263,9 @@ export class SmtpConnection {
         socket.write(chunk, done);
       });
     }
+    // Written: now the wait is for the reply (unless it came already).
+    const head = this.#expects[0];
+    if (head && !this.#ended) this.#arm(head.step);
     return !this.#ended;
   }
 
@@ -440,7 +445,7 @@ export class SmtpConnection {
     if (this.#quitting) return this.#quitEnded();
     const partial = this.#parser.end();
     const detail = partial ? ` (${printable(replyText(partial))})` : why === "Connection closed" ? "" : ` (${why})`;
-    const label = this.#handshaking ? STEPS.tlsHandshake.label : (this.#expects[0]?.step ?? this.#current).label;
+    const label = this.#handshaking ? STEPS.tlsHandshake.label : this.#current.label;
     this.#fail(`lost connection with ${this.peer} while ${label}${detail}`, this.#handshaking ? "ETLS" : "ECONNECTION", partial);
   }
 
@@ -475,7 +480,7 @@ export class SmtpConnection {
     if (this.#ended) return;
     this.#ended = true;
     this.#disarm();
-    const step = this.#handshaking ? STEPS.tlsHandshake : (this.#expects[0]?.step ?? this.#current);
+    const step = this.#handshaking ? STEPS.tlsHandshake : this.#current;
     this.#expects.length = 0;
     this.#socket?.destroy();
     this.#onFailure(new MailError(reason, code, {

@@ -17,7 +17,8 @@
  */
 
 import * as net from "node:net";
-import { MailEngine, type Outcome } from "../mail.js";
+// The package entry, as a host imports it ("mudmail"): dist/index.js, built by `npm run build`.
+import { MailEngine, type Outcome } from "../dist/index.js";
 
 const port = Number(process.argv[2] ?? 4000);
 
