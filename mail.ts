@@ -145,6 +145,8 @@ class Delivery {
   readonly sentWithoutDsn = new Set<string>();
   /** What settling decided, made once; its steps are done once each, retried until done. */
   settlement: Settlement | null = null;
+  /** Resolves once settling ended (done, or stranded for a later tick); null before it began. */
+  settled: Promise<void> | null = null;
   constructor(
     readonly msg: MessageInfo,
     readonly wire: Wire,
@@ -397,6 +399,8 @@ class Slot {
   #session: Session | null = null;
   /** A large body is being written from its file: the slot writes nothing else meanwhile. */
   #streaming = false;
+  /** The settling (unlink) of the last message this slot delivered, while it is under way. */
+  #lastSettling: Promise<void> | null = null;
 
   constructor(private readonly host: SlotHost, readonly destination: Destination) {}
 
@@ -613,6 +617,18 @@ class Slot {
     }
     txn.inBody = true;
     this.stage = Stage.Body;
+    // The last message this slot delivered is off the disk before this one's dot goes out:
+    // a crash then duplicates at most two messages a connection (qmail's flagcritical window,
+    // one deep), however slow the spool's thread is to unlink.
+    const previous = this.#lastSettling;
+    this.#lastSettling = null;
+    if (previous) previous.then(() => this.#sendBody(txn));
+    else this.#sendBody(txn);
+  }
+
+  #sendBody(txn: Txn): void {
+    const conn = this.#conn!;
+    if (this.#closed || conn.ended) return;
     const wire = txn.job.delivery.wire;
     if (wire.bytes) {
       // The body, its dot and the next envelope leave in one packet: a server that answers
@@ -670,6 +686,7 @@ class Slot {
       if (!this.#ext?.dsn) for (const rcpt of txn.accepted) txn.job.delivery.sentWithoutDsn.add(rcpt);
       const words = printable(replyText(reply));
       this.#settleAccepted(txn, this.#outcome(txn.job, "sent", reply.code, dsnStatus(reply), words, words));
+      this.#lastSettling = txn.job.delivery.settled;
     } else {
       this.#settleAccepted(txn, this.#replyOutcome(txn.job, reply, Stage.Dot));
     }
@@ -1565,7 +1582,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     // The unlink after a 250 goes first: every moment before it is a window for a duplicate.
     const settled = this.#settle(delivery);
     this.#pump();
-    settled.then(
+    delivery.settled = settled.then(
       (putBack) => this.#forget(delivery.msg.id, putBack ?? undefined),
       (err) => this.#strand(delivery, err as Error),
     ).finally(() => this.#checkIdle());
