@@ -299,6 +299,7 @@ function rsaFirst(keys: DkimKey[]): DkimKey[] {
 const CR = 0x0d, LF = 0x0a, SP = 0x20, HTAB = 0x09;
 /** The canonical bytes go to the hash in pieces this size. */
 const OUT_SIZE = 64 * 1024;
+const DOUBLE_SPACE = Buffer.from("  ");
 
 /**
  * The body hash (bh=) under relaxed body canonicalization (RFC 6376 section 3.4.4),
@@ -321,56 +322,86 @@ export class BodyHash {
   private content = false;
   private done = false;
 
+  /**
+   * Canonicalizes in runs: the next line end, tab and double space are found with indexOf,
+   * and what lies between them (words and the single spaces between them, already
+   * canonical) goes to the hash whole, never byte by byte.
+   */
   push(chunk: Buffer): void {
     if (this.done) throw new Error("BodyHash: push() after digest()");
-    const out = this.out;
-    let used = this.used;
-    let pendingLines = this.pendingLines;
-    let pendingSpace = this.pendingSpace;
-    let afterCR = this.afterCR;
-    let content = this.content;
-    for (let i = 0; i < chunk.length; i++) {
+    const n = chunk.length;
+    // The next of each at or after i: -2 not looked for yet, -1 none left in this chunk.
+    let nextCR = -2, nextLF = -2, nextTab = -2, nextDouble = -2;
+    for (let i = 0; i < n;) {
       const b = chunk[i];
-      if (afterCR) {
-        afterCR = false;
-        if (b === LF) continue;
+      if (this.afterCR) {
+        this.afterCR = false;
+        if (b === LF) {
+          i++;
+          continue;
+        }
       }
       if (b === CR || b === LF) {
-        afterCR = b === CR;
-        pendingLines++;
-        pendingSpace = false;
+        this.afterCR = b === CR;
+        this.pendingLines++;
+        this.pendingSpace = false;
+        i++;
         continue;
       }
       if (b === SP || b === HTAB) {
-        pendingSpace = true;
+        this.pendingSpace = true;
+        i++;
         continue;
       }
-      // Room for this byte, a space and one CRLF; more line ends flush as they go.
-      if (used > OUT_SIZE - 4) {
-        this.hash.update(out.subarray(0, used));
-        used = 0;
-      }
-      while (pendingLines > 0) {
-        if (used > OUT_SIZE - 4) {
-          this.hash.update(out.subarray(0, used));
-          used = 0;
-        }
-        out[used++] = CR;
-        out[used++] = LF;
-        pendingLines--;
-      }
-      if (pendingSpace) {
-        out[used++] = SP;
-        pendingSpace = false;
-      }
-      out[used++] = b;
-      content = true;
+      // Content, single spaces within it already canonical, up to the next line end, tab or
+      // double space: emitted whole; spaces at its end join the white space that follows.
+      if (nextCR !== -1 && nextCR < i) nextCR = chunk.indexOf(CR, i);
+      if (nextLF !== -1 && nextLF < i) nextLF = chunk.indexOf(LF, i);
+      if (nextTab !== -1 && nextTab < i) nextTab = chunk.indexOf(HTAB, i);
+      if (nextDouble !== -1 && nextDouble < i) nextDouble = chunk.indexOf(DOUBLE_SPACE, i);
+      let end = n;
+      if (nextCR !== -1 && nextCR < end) end = nextCR;
+      if (nextLF !== -1 && nextLF < end) end = nextLF;
+      if (nextTab !== -1 && nextTab < end) end = nextTab;
+      if (nextDouble !== -1 && nextDouble < end) end = nextDouble;
+      let last = end;
+      while (last > i && chunk[last - 1] === SP) last--;
+      this.emit(chunk, i, last);
+      if (last < end) this.pendingSpace = true;
+      i = end;
     }
-    this.used = used;
-    this.pendingLines = pendingLines;
-    this.pendingSpace = pendingSpace;
-    this.afterCR = afterCR;
-    this.content = content;
+  }
+
+  /** Content bytes [from, to): the line ends and the one space owed before them first. */
+  private emit(chunk: Buffer, from: number, to: number): void {
+    const room = () => OUT_SIZE - this.used;
+    while (this.pendingLines > 0) {
+      if (room() < 2) this.drain();
+      this.out[this.used++] = CR;
+      this.out[this.used++] = LF;
+      this.pendingLines--;
+    }
+    if (this.pendingSpace) {
+      if (room() < 1) this.drain();
+      this.out[this.used++] = SP;
+      this.pendingSpace = false;
+    }
+    if (to - from > room()) {
+      this.drain();
+      if (to - from > OUT_SIZE) {
+        this.hash.update(chunk.subarray(from, to));
+        this.content = true;
+        return;
+      }
+    }
+    chunk.copy(this.out, this.used, from, to);
+    this.used += to - from;
+    this.content = true;
+  }
+
+  private drain(): void {
+    this.hash.update(this.out.subarray(0, this.used));
+    this.used = 0;
   }
 
   /** bh=: base64 of the SHA-256 of the canonical body. Once. */

@@ -919,6 +919,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#log.redact(secretForms(this.#credentials()));
     this.#dkimKeys = loadDkimKeys({ domain: o.dkimDomain, selector: o.dkimSelector, keyFile: o.dkimKey, keysFile: o.dkimKeys });
     this.#spool = new SpoolThread(o.maildir, { fsync: o.fsync, helo: o.helo, dkimKeys: this.#dkimKeys });
+    this.#spool.start();
     this.#extraCa = o.tlsCa ? fs.readFileSync(o.tlsCa, "utf8") : null;
   }
 

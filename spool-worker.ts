@@ -132,6 +132,15 @@ export class SpoolThread {
     this.#options = options;
   }
 
+  /** Starts the thread now, so that the first request does not wait for it (it idles unref'd). */
+  start(): void {
+    try {
+      this.#start();
+    } catch {
+      // The first request reports it.
+    }
+  }
+
   /** Creates what is missing and checks ownership; with recover, puts crashed claims back. */
   init(options: { recover?: boolean } = {}): Promise<{ recovered: string[] }> {
     return this.#call("init", options) as Promise<{ recovered: string[] }>;
