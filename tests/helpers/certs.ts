@@ -6,6 +6,8 @@
 //   server      signed by the CA, for DNS:localhost and IP:127.0.0.1: verifies with the CA
 //   wrongName   signed by the CA, for DNS:wrong.example only: the chain verifies, the name does not
 //   selfSigned  for DNS:localhost and IP:127.0.0.1 but signed by itself, NOT by the CA
+//   issueCert(names, { days }) one more, signed by the CA, for these DNS names (MX hosts, mta-sts.DOMAIN);
+//               days < 0 makes one that has expired; `chainFile` holds it and the CA (for DANE-TA)
 //
 // RSA 2048 keys: every TLS stack here (node, Postfix 3.7's smtpd_tls_cert_file) takes them.
 // Key files are mode 0600 (Postfix reads its key as root before it drops privileges).
@@ -25,6 +27,8 @@ export interface KeyPair {
   cert: string;
   keyFile: string;
   certFile: string;
+  /** The certificate, then the CA's (issueCert only): a server that sends its chain. */
+  chainFile?: string;
 }
 
 export interface TestCerts {
@@ -42,7 +46,7 @@ async function openssl(args: string[], cwd: string): Promise<void> {
 
 const DAYS = "2";
 
-async function signedBy(dir: string, name: string, subject: string, san: string): Promise<KeyPair> {
+async function signedBy(dir: string, name: string, subject: string, san: string, days = DAYS): Promise<KeyPair> {
   const keyFile = path.join(dir, `${name}.key`);
   const csrFile = path.join(dir, `${name}.csr`);
   const certFile = path.join(dir, `${name}.crt`);
@@ -56,7 +60,7 @@ async function signedBy(dir: string, name: string, subject: string, san: string)
   ].join("\n"));
   await openssl(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", keyFile, "-out", csrFile, "-subj", subject], dir);
   await openssl(["x509", "-req", "-in", csrFile, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-    "-out", certFile, "-days", DAYS, "-sha256", "-extfile", extFile], dir);
+    "-out", certFile, "-days", days, "-sha256", "-extfile", extFile], dir);
   return read(keyFile, certFile);
 }
 
@@ -90,4 +94,16 @@ let made: Promise<TestCerts> | null = null;
 export function testCerts(): Promise<TestCerts> {
   made ??= make();
   return made;
+}
+
+let issued = 0;
+
+/** A certificate from the test CA for these DNS names; `days` below 0 has expired already. */
+export async function issueCert(names: string[], opts: { days?: number } = {}): Promise<KeyPair> {
+  const certs = await testCerts();
+  const name = `issued-${++issued}`;
+  const pair = await signedBy(certs.dir, name, `/O=mudmail tests/CN=${names[0]}`, names.map((n) => `DNS:${n}`).join(", "), String(opts.days ?? DAYS));
+  const chainFile = path.join(certs.dir, `${name}.chain.crt`);
+  await fs.writeFile(chainFile, pair.cert + certs.ca.cert);
+  return { ...pair, chainFile };
 }
