@@ -8,10 +8,12 @@
 //   selfSigned  for DNS:localhost and IP:127.0.0.1 but signed by itself, NOT by the CA
 //   issueCert(names, { days }) one more, signed by the CA, for these DNS names (MX hosts, mta-sts.DOMAIN);
 //               days < 0 makes one that has expired; `chainFile` holds it and the CA (for DANE-TA)
+//   tlsaData(pem, selector, mtype)  a TLSA record's association data for a certificate (RFC 6698)
 //
 // RSA 2048 keys: every TLS stack here (node, Postfix 3.7's smtpd_tls_cert_file) takes them.
 // Key files are mode 0600 (Postfix reads its key as root before it drops privileges).
 
+import { createHash, X509Certificate } from "node:crypto";
 import { existsSync, rmSync } from "node:fs";
 import fs from "node:fs/promises";
 import os from "node:os";
@@ -106,4 +108,11 @@ export async function issueCert(names: string[], opts: { days?: number } = {}): 
   const chainFile = path.join(certs.dir, `${name}.chain.crt`);
   await fs.writeFile(chainFile, pair.cert + certs.ca.cert);
   return { ...pair, chainFile };
+}
+
+/** TLSA association data: selector 0 the whole certificate, 1 its key (SPKI); matching type 0 exact, 1 SHA-256, 2 SHA-512. */
+export function tlsaData(pem: string, selector: number, mtype: number): Buffer {
+  const cert = new X509Certificate(pem);
+  const selected = selector === 0 ? cert.raw : cert.publicKey.export({ type: "spki", format: "der" });
+  return mtype === 0 ? selected : createHash(mtype === 1 ? "sha256" : "sha512").update(selected).digest();
 }
