@@ -34,7 +34,9 @@
  *
  *   For MX delivery, a destination's TLS policy (MTA-STS, DANE: tls-policy.ts) is found with
  *   its route, once per tick: hops the policy forbids are left out, and each session knows
- *   what its certificate must prove; the log line names the policy that applied.
+ *   what its certificate must prove; the log line names the policy that applied. Each
+ *   session's TLS outcome is counted for TLS-RPT (tls-report.ts), whose daily reports are
+ *   queued like the engine's other reports.
  *
  * BUGS
  *   One engine per spool (a lock); a second process asking to flush is refused. No
@@ -57,7 +59,8 @@ import { addedHeaders, checkDsn, composeMessage, formatAge, type SendMessage } f
 import { MailLog, seconds, secretForms } from "./log.js";
 import { checkOptions, credentialsOf, parseHostPort, type MailOptions, type Resolved } from "./options.js";
 import { loadDkimKeys, signByFrom, type DkimKey } from "./dkim.js";
-import { PolicyFiles, TlsPolicies, type DomainTls, type ReportPolicy, type ResultType, type TlsResult } from "./tls-policy.js";
+import { PolicyFiles, TlsPolicies, type DomainTls, type ReportPolicy, type TlsResult } from "./tls-policy.js";
+import { TlsReports } from "./tls-report.js";
 import {
   Spool, CorruptMessageError, addressProblem, measureWire, queueEntries, wireChunks, errno,
   type Bookkeeping, type QueuedMessage, type QueueEntry, type Wire,
@@ -896,8 +899,13 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     });
     this.#log = new MailLog(this.#options.log);
     this.#log.redact(secretForms(this.#credentials()));
-    // TLS policies are the MX hosts' business: none through a relay.
-    this.#policies = o.relay || (!o.mtaSts && o.tls !== "dane") ? null : new TlsPolicies({
+    // TLS policies and reports are the MX hosts' business: none through a relay.
+    this.#tlsReports = o.relay ? null : new TlsReports({
+      org: o.tlsRptOrg ?? o.helo, contact: o.tlsRptContact ?? this.#postmaster, submitter: o.helo, interval: o.tlsRptInterval,
+      router: this.#router, ca: () => this.#extraCa, log: (text) => this.#log.write("qmgr", printable(text, 1000)),
+      state: { read: () => this.#spool.readState("tls-rpt"), write: (value) => this.#spool.writeState("tls-rpt", value) },
+    });
+    this.#policies = o.relay ? null : new TlsPolicies({
       router: this.#router, store: new PolicyFiles(o.maildir), ca: () => this.#extraCa, mtaSts: o.mtaSts, dane: o.tls === "dane",
       warn: (text) => this.#log.write("smtp", `warning: ${printable(text, 1000)}`),
       onFailure: (policy, type, reason, hop) => this.#tlsResult(policy, hop ?? null, { ok: false, type, reason }),
@@ -907,6 +915,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
 
   readonly #dkimKeys: DkimKey[];
   readonly #policies: TlsPolicies | null;
+  readonly #tlsReports: TlsReports | null;
 
   /** Queues a message (get_mailqueue_file + compose); delivery starts at once when the engine runs. */
   async send(message: SendMessage): Promise<string> {
@@ -964,6 +973,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     for (const dest of this.#destinations.values()) this.#dropJobs(dest, null);
     await this.#idle();
     await this.#retryStranded();
+    await this.#tlsReports?.save().catch(() => undefined);
     this.#active = false;
     this.#releaseLock();
     await this.#log.flush();
@@ -1007,6 +1017,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     }
     this.#forgetTried();
     await this.#retryStranded();
+    await this.#tlsReportsDue();
     this.#takeDue(force ? Infinity : Date.now());
     await this.#scan();
     this.#pump();
@@ -1052,6 +1063,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       for (const id of recovered) this.#log.write("qmgr", `${id}: requeued from outgoing_active/ after an unclean stop`);
       await this.#loadDeferred();
       await this.#loadTlsFallback();
+      await this.#tlsReports?.load();
     }
   }
 
@@ -1507,7 +1519,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       connection: {
         host: hop.host, address: hop.address, port: hop.port, helo: o.helo,
         tls: policy?.requireTls ? "encrypt" : this.#tlsModeFor(hop),
-        peer: policy ? { policy, onResult: (result) => this.#tlsResult(policy.report, hop, result) } : null,
+        peer: policy ? { policy, onResult: (result, local) => this.#tlsResult(policy.report, hop, result, local) } : null,
         tlsWrapper: o.tls !== "none" && (o.tlsWrapper || (o.relay !== null && hop.port === 465)),
         ca: this.#extraCa,
         timeouts: {
@@ -1535,8 +1547,23 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   }
 
   /** A session's TLS outcome under its policy (or a problem found before any session): counted for TLS-RPT. */
-  #tlsResult(policy: ReportPolicy, hop: Hop | null, result: TlsResult): void {
-    void policy; void hop; void result;
+  #tlsResult(policy: ReportPolicy, hop: Hop | null, result: TlsResult, local: string | null = null): void {
+    this.#tlsReports?.count(policy, hop, result, local);
+  }
+
+  /**
+   * Each tick: once the report period is over, the TLS reports (mailto: ones queued here,
+   * https: ones posted by tls-report.ts); the counts are saved in the spool when they changed.
+   */
+  async #tlsReportsDue(): Promise<void> {
+    const reports = this.#tlsReports;
+    if (!reports) return;
+    try {
+      for (const mail of await reports.due(Date.now())) await this.#queueReport(mail.content, mail.what);
+      await reports.save();
+    } catch (err) {
+      this.#log.write("qmgr", `warning: TLS reports: ${printable((err as Error).message)}`);
+    }
   }
 
   #extraCaRead = false;

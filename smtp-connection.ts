@@ -99,7 +99,7 @@ export interface ConnectionOptions {
   /** Seconds per timeout; Postfix's defaults for those not given. */
   timeouts?: Partial<Record<TimeoutName, number>>;
   /** The MX host's TLS policy (MTA-STS, DANE), and who hears how the session's TLS went. */
-  peer?: { policy: PeerPolicy; onResult: (result: TlsResult) => void } | null;
+  peer?: { policy: PeerPolicy; onResult: (result: TlsResult, localAddress: string | null) => void } | null;
   /** Every command and reply line as it passes (">" out, "<" in), AUTH redacted, never a body. */
   onLine?: (direction: ">" | "<", line: string) => void;
 }
@@ -314,7 +314,7 @@ export class SmtpConnection {
   #peerResult(result: TlsResult): void {
     if (this.#peerReported || !this.#options.peer) return;
     this.#peerReported = true;
-    this.#options.peer.onResult(result);
+    this.#options.peer.onResult(result, this.#socket?.localAddress ?? null);
   }
 
   /** Upgrades the connection in place; everything learned before it is forgotten (RFC 3207). */

@@ -197,6 +197,16 @@ export interface FetchOptions {
 
 export type FetchResult = { ok: true; text: string } | { ok: false; type: ResultType; reason: string };
 
+/** A `lookup` for node:https that asks our resolver (--resolver), not the system's. */
+export function lookupThrough(addresses: (host: string) => Promise<string[]>): typeof import("node:dns").lookup {
+  return ((hostname: string, options: { all?: boolean }, callback: (...args: unknown[]) => void) => {
+    addresses(hostname).then((list) => {
+      if (options.all) callback(null, list.map((address) => ({ address, family: net.isIPv6(address) ? 6 : 4 })));
+      else callback(null, list[0], net.isIPv6(list[0]) ? 6 : 4);
+    }, (err: Error) => callback(err));
+  }) as unknown as typeof import("node:dns").lookup;
+}
+
 /** Node's names for a certificate the WebPKI does not accept. */
 const CERT_ERRORS: Record<string, ResultType> = {
   CERT_HAS_EXPIRED: "certificate-expired", CERT_NOT_YET_VALID: "certificate-expired",
@@ -230,12 +240,7 @@ export function fetchStsPolicy(domain: string, o: FetchOptions): Promise<FetchRe
       host, port: 443, path: "/.well-known/mta-sts.txt", servername: host, agent: false,
       ...(o.ca ? { ca: [...tls.rootCertificates, o.ca] } : {}),
       headers: { "user-agent": "mudmail" },
-      lookup: ((hostname: string, options: { all?: boolean }, callback: (...args: unknown[]) => void) => {
-        o.addresses(hostname).then((list) => {
-          if (options.all) callback(null, list.map((address) => ({ address, family: net.isIPv6(address) ? 6 : 4 })));
-          else callback(null, list[0], net.isIPv6(list[0]) ? 6 : 4);
-        }, (err: Error) => callback(err));
-      }) as unknown as typeof import("node:dns").lookup,
+      lookup: lookupThrough(o.addresses),
     }, (response) => {
       const status = response.statusCode ?? 0;
       if (status >= 300 && status < 400) return fail(`HTTP ${status} redirect to ${JSON.stringify(response.headers.location ?? "")} (not followed, RFC 8461 section 3.3)`);
