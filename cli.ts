@@ -75,8 +75,11 @@ const OPTION_FLAGS: Record<string, FlagSpec> = {
   "--resolver": { kind: "string", key: "resolver", arg: "IP[:PORT]", help: "DNS server for MX/A lookups (the system's)" },
   "--max-connections": { kind: "int", key: "maxConnections", arg: "N", help: "connection slots (5)" },
   "--helo": { kind: "string", key: "helo", arg: "NAME", help: "name sent in EHLO/HELO (the host name)" },
-  "--tls": { kind: "string", key: "tls", arg: "MODE", help: "none, may, encrypt or verify (may; verify with --auth)" },
-  "--tls-ca": { kind: "string", key: "tlsCa", arg: "FILE", help: "extra CA bundle for --tls verify" },
+  "--tls": { kind: "string", key: "tls", arg: "MODE", help: "none, may, encrypt, verify or dane (may; verify with --auth)" },
+  "--tls-ca": { kind: "string", key: "tlsCa", arg: "FILE", help: "extra CA bundle for --tls verify, MTA-STS and its policy fetches" },
+  "--no-mta-sts": { kind: "bool", help: "do not look up or apply MTA-STS policies (RFC 8461)" },
+  "--tls-rpt-org": { kind: "string", key: "tlsRptOrg", arg: "NAME", help: "TLS reports (RFC 8460): our organisation's name (--helo)" },
+  "--tls-rpt-contact": { kind: "string", key: "tlsRptContact", arg: "ADDRESS", help: "TLS reports: the contact address they give (--postmaster)" },
   "--tls-wrapper": { kind: "bool", key: "tlsWrapper", help: "implicit TLS from the first byte (SMTPS; a relay on port 465 implies it)" },
   "--auth": { kind: "string", key: "auth", arg: "USER:PASS", help: "SMTP AUTH to the relay; MUDMAIL_AUTH is preferred (MUDMAIL_XOAUTH2: a bearer token)" },
   "--log": { kind: "string", key: "log", arg: "FILE", help: "where log lines go (standard error)" },
@@ -161,6 +164,7 @@ export function parseArgs(argv: string[]): Parsed {
       throw new UsageError(`${arg} takes no value`);
     }
     if (arg === "--no-skip-quit-response") { options.skipQuitResponse = false; continue; }
+    if (arg === "--no-mta-sts") { options.mtaSts = false; continue; }
     if (!spec.key) {
       if (spec.kind === "int") value = String(intValue(arg, String(value)));
       modes[arg] = value;
@@ -387,6 +391,7 @@ async function checkDomainMode(domain: string, modes: Record<string, string | bo
 async function ask(mode: string, what: string, options: MailOptions): Promise<number> {
   if (!options.relay) throw new UsageError(`${mode} needs --relay HOST[:PORT]: the server to ask`);
   const { host, port } = parseHostPort(options.relay, "--relay", 25);
+  if (options.tls === "dane") throw new UsageError("--tls dane is for MX delivery: it cannot be used with --relay");
   const client = { host, port, helo: options.helo, tls: options.tls ?? "may", tlsWrapper: options.tlsWrapper };
   const call = mode === "--vrfy" ? vrfy : mode === "--expn" ? expn : help;
   try {

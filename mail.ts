@@ -32,10 +32,15 @@
  *   A session that fails defers what it was carrying; a message is never lost and never in
  *   two folders. Success of a pass means every message due was tried, not delivered.
  *
+ *   For MX delivery, a destination's TLS policy (MTA-STS, DANE: tls-policy.ts) is found with
+ *   its route, once per tick: hops the policy forbids are left out, and each session knows
+ *   what its certificate must prove; the log line names the policy that applied. Each
+ *   session's TLS outcome is counted for TLS-RPT (tls-report.ts), whose daily reports are
+ *   queued like the engine's other reports.
+ *
  * BUGS
  *   One engine per spool (a lock); a second process asking to flush is refused. No
- *   per-destination rate limits yet, and no DANE or MTA-STS: under --tls may, MX hosts are
- *   encrypted to, not authenticated.
+ *   per-destination rate limits yet.
  */
 
 import { EventEmitter } from "node:events";
@@ -54,6 +59,8 @@ import { checkDsn, composeMessage, formatAge, type SendMessage } from "./compose
 import { MailLog, seconds, secretForms } from "./log.js";
 import { checkOptions, credentialsOf, parseHostPort, type MailOptions, type Resolved } from "./options.js";
 import { loadDkimKeys, type DkimKey } from "./dkim.js";
+import { TlsPolicies, type DomainTls, type ReportPolicy, type TlsResult } from "./tls-policy.js";
+import { TlsReports } from "./tls-report.js";
 import { Spool, addressProblem, errno, type Bookkeeping, type QueueEntry, type Wire } from "./queue.js";
 import { SpoolThread, type MessageInfo, type Prepared } from "./spool-worker.js";
 
@@ -105,8 +112,8 @@ export interface Outcome {
   relay: string;
 }
 
-/** An outcome as the code that finds it out knows it; the engine fills in the rest. */
-type OutcomeInput = Omit<Outcome, "enhanced" | "reply"> & { reply?: string | null };
+/** An outcome as the code that finds it out knows it; the engine fills in the rest (and logs the TLS policy that applied). */
+type OutcomeInput = Omit<Outcome, "enhanced" | "reply"> & { reply?: string | null; tlsPolicy?: string | null };
 
 export interface FlushSummary {
   sent: number;
@@ -235,8 +242,12 @@ class Destination {
   /** Set for the rest of the tick once connecting failed twice: its jobs are deferred. */
   deadReason: string | null = null;
   lastError: string | null = null;
+  /** The TLS policy of the session that failed last, for the log lines of the jobs it defers. */
+  lastTlsPolicy: string | null = null;
   /** The route, looked up once per tick; null until asked, "pending" while DNS answers. */
   route: Route | "pending" | null = null;
+  /** The TLS policy (MTA-STS, DANE) found with the route, for MX delivery. */
+  tls: DomainTls | null = null;
   constructor(readonly key: string) {}
 
   get hops(): Hop[] {
@@ -254,7 +265,9 @@ class Destination {
     this.failures = 0;
     this.deadReason = null;
     this.lastError = null;
+    this.lastTlsPolicy = null;
     this.route = null;
+    this.tls = null;
   }
 }
 
@@ -342,13 +355,15 @@ interface Session {
   credentials: Credentials | null;
   /** smtp_skip_quit_response off: QUIT waits for its reply. */
   waitForQuit: boolean;
+  /** The TLS policy that applies, for the log line: "sts=enforce", "sts=testing", "dane", or null. */
+  tlsPolicy: string | null;
 }
 
 /** What a Slot needs of the engine, and all it may touch. */
 interface SlotHost {
   readonly stopping: boolean;
   readonly spool: SpoolThread;
-  session(hop: Hop): Session;
+  session(hop: Hop, dest: Destination): Session;
   /* The scheduler: jobs for this slot's destination. */
   jobFor(dest: Destination, give: (job: Job | null) => void): void;
   jobNow(dest: Destination): Job | null;
@@ -402,6 +417,11 @@ class Slot {
   /** The settling (unlink) of the last message this slot delivered, while it is under way. */
   #lastSettling: Promise<void> | null = null;
 
+  /** The TLS policy of the session (sts=enforce, sts=testing, dane), or null. */
+  get tlsPolicy(): string | null {
+    return this.#session?.tlsPolicy ?? null;
+  }
+
   constructor(private readonly host: SlotHost, readonly destination: Destination) {}
 
   /**
@@ -424,7 +444,7 @@ class Slot {
     }
     this.#hop = hop;
     this.#peer = `${hop.host}[${hop.address}]`;
-    this.#session = this.host.session(hop);
+    this.#session = this.host.session(hop, this.destination);
     this.#debug = this.#session.debug;
     this.#transcript = this.#session.transcript ? [] : null;
     this.stage = Stage.Connect;
@@ -723,7 +743,7 @@ class Slot {
   /* Outcomes */
 
   #outcome(job: Job, status: Status, code: number, dsn: string, text: string, reply: string | null = null): Omit<OutcomeInput, "recipient"> {
-    return { queueId: job.delivery.msg.id, status, code, dsn, text, relay: this.relay, reply };
+    return { queueId: job.delivery.msg.id, status, code, dsn, text, relay: this.relay, reply, tlsPolicy: this.#session?.tlsPolicy };
   }
 
   #replyOutcome(job: Job, reply: Reply, stage: Stage): Omit<OutcomeInput, "recipient"> {
@@ -774,7 +794,8 @@ class Slot {
    */
   #failed(conn: SmtpConnection, err: MailError, reply: Reply | null): void {
     if (this.#closed || conn !== this.#conn) return;
-    if (err.code === "ETLS") this.host.tlsFailed(this.#hop);
+    // A failed handshake under "may" earns that host one plaintext attempt; under a policy, never.
+    if (err.code === "ETLS" && this.#session?.connection.tls === "may") this.host.tlsFailed(this.#hop);
     if (this.stage <= Stage.Banner && this.#hops.length > 0 && !this.host.stopping) {
       this.#lastError = err.message;
       return this.#connectNext();
@@ -882,7 +903,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     return {
       get stopping() { return engine.#stopping; },
       get spool() { return engine.#spool; },
-      session: (hop) => this.#session(hop),
+      session: (hop, dest) => this.#session(hop, dest),
       jobFor: (dest, give) => this.#jobFor(dest, give),
       jobNow: (dest) => this.#jobNow(dest),
       jobReturned: (job) => this.#jobReturned(job),
@@ -905,6 +926,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#options = checkOptions(options);
     this.#lock = new Spool(this.#options.maildir);
     const o = this.#options;
+    this.#dkimKeys = loadDkimKeys({ domain: o.dkimDomain, selector: o.dkimSelector, keyFile: o.dkimKey, keysFile: o.dkimKeys });
+    this.#spool = new SpoolThread(o.maildir, { fsync: o.fsync, helo: o.helo, dkimKeys: this.#dkimKeys });
     this.#router = new Router({
       relay: o.relay ? parseHostPort(o.relay, "--relay", 25) : null,
       port: o.port,
@@ -917,13 +940,24 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     });
     this.#log = new MailLog(this.#options.log);
     this.#log.redact(secretForms(this.#credentials()));
-    this.#dkimKeys = loadDkimKeys({ domain: o.dkimDomain, selector: o.dkimSelector, keyFile: o.dkimKey, keysFile: o.dkimKeys });
-    this.#spool = new SpoolThread(o.maildir, { fsync: o.fsync, helo: o.helo, dkimKeys: this.#dkimKeys });
-    this.#spool.start();
+    // TLS policies and reports are the MX hosts' business: none through a relay.
+    this.#tlsReports = o.relay ? null : new TlsReports({
+      org: o.tlsRptOrg ?? o.helo, contact: o.tlsRptContact ?? this.#postmaster, submitter: o.helo, interval: o.tlsRptInterval,
+      router: this.#router, ca: () => this.#extraCa, log: (text) => this.#log.write("qmgr", printable(text, 1000)),
+      state: { read: () => this.#spool.readState("tls-rpt"), write: (value) => this.#spool.writeState("tls-rpt", value) },
+    });
+    this.#policies = o.relay ? null : new TlsPolicies({
+      router: this.#router, store: this.#spool.policies(), ca: () => this.#extraCa, mtaSts: o.mtaSts, dane: o.tls === "dane",
+      warn: (text) => this.#log.write("smtp", `warning: ${printable(text, 1000)}`),
+      onFailure: (policy, type, reason, hop) => this.#tlsResult(policy, hop ?? null, { ok: false, type, reason }),
+    });
     this.#extraCa = o.tlsCa ? fs.readFileSync(o.tlsCa, "utf8") : null;
+    this.#spool.start();
   }
 
   readonly #dkimKeys: DkimKey[];
+  readonly #policies: TlsPolicies | null;
+  readonly #tlsReports: TlsReports | null;
 
   /** Queues a message (get_mailqueue_file + compose); delivery starts at once when the engine runs. */
   async send(message: SendMessage): Promise<string> {
@@ -981,6 +1015,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     for (const dest of this.#destinations.values()) this.#dropJobs(dest, null);
     await this.#idle();
     await this.#retryStranded();
+    await this.#tlsReports?.save().catch(() => undefined);
     this.#active = false;
     this.#releaseLock();
     await this.#spool.close();
@@ -1025,6 +1060,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     }
     this.#forgetTried();
     await this.#retryStranded();
+    await this.#tlsReportsDue();
     this.#takeDue(force ? Infinity : Date.now());
     await this.#scan();
     this.#pump();
@@ -1066,6 +1102,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       for (const id of recovered) this.#log.write("qmgr", `${id}: requeued from outgoing_active/ after an unclean stop`);
       await this.#loadDeferred();
       await this.#loadTlsFallback();
+      await this.#tlsReports?.load();
     }
   }
 
@@ -1245,8 +1282,11 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   /** Once per tick and destination: where its mail goes. Its jobs wait in its queue meanwhile. */
   #lookUpRoute(dest: Destination): void {
     dest.route = "pending";
-    this.#router.route(dest.key.startsWith("relay:") ? "" : dest.key).then((route) => {
+    const mx = !dest.key.startsWith("relay:");
+    this.#router.route(mx ? dest.key : "").then((found): Promise<{ route: Route; tls: DomainTls | null }> | { route: Route; tls: null } =>
+      (this.#policies && mx && found.ok ? this.#policies.secure(dest.key, found) : { route: found, tls: null })).then(({ route, tls }) => {
       dest.route = route;
+      dest.tls = tls;
       if (!route.ok) for (const job of this.#jobs.drain(dest)) this.#routeFailed(job, route);
       this.#schedule();
     }, (err) => {
@@ -1380,6 +1420,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   #slotFailedEarly(slot: Slot, reason: string): void {
     slot.destination.failures++;
     slot.destination.lastError = reason;
+    slot.destination.lastTlsPolicy = slot.tlsPolicy;
     this.#slotClosed(slot);
   }
 
@@ -1402,7 +1443,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     job.startedAt = Date.now();
     for (const rcpt of job.recipients) {
       if (!job.delivery.outcomes.has(rcpt)) {
-        this.#recordOutcome(job, { queueId: job.delivery.msg.id, recipient: rcpt, status: "deferred", code: 0, dsn: "4.4.1", text: reason, relay: "none" });
+        this.#recordOutcome(job, { queueId: job.delivery.msg.id, recipient: rcpt, status: "deferred", code: 0, dsn: "4.4.1", text: reason, relay: "none", tlsPolicy: job.destination.lastTlsPolicy });
       }
     }
     this.#jobDone(job);
@@ -1476,13 +1517,18 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   /** Counts ticks: "the next attempt" of a host is one in a later pass. */
   #pass = 0;
 
-  /** How a slot talks to this hop: TLS mode (with its plaintext-once memory), timeouts, AUTH, transcripts. */
-  #session(hop: Hop): Session {
+  /**
+   * How a slot talks to this hop: TLS mode (with its plaintext-once memory, or what the MX
+   * host's TLS policy requires), timeouts, AUTH, transcripts.
+   */
+  #session(hop: Hop, dest: Destination): Session {
     const o = this.#options;
+    const policy = dest.tls?.peerFor(hop) ?? null;
     return {
       connection: {
         host: hop.host, address: hop.address, port: hop.port, helo: o.helo,
-        tls: this.#tlsModeFor(hop),
+        tls: policy?.requireTls ? "encrypt" : this.#tlsModeFor(hop),
+        peer: policy ? { policy, onResult: (result, local) => this.#tlsResult(policy.report, hop, result, local) } : null,
         tlsWrapper: o.tls !== "none" && (o.tlsWrapper || (o.relay !== null && hop.port === 465)),
         ca: this.#extraCa,
         timeouts: {
@@ -1494,23 +1540,47 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       transcript: this.#options.notifyClasses.includes("protocol"),
       credentials: this.#credentials(),
       waitForQuit: !o.skipQuitResponse,
+      tlsPolicy: policy?.tag ?? null,
     };
   }
 
-  /** The TLS policy for this hop: the option, except once, in a later pass, after a failed "may" handshake. */
+  /**
+   * The TLS mode for this hop: the option ("dane" where no TLSA record applies is "may"),
+   * except once, in a later pass, after a failed "may" handshake.
+   */
   #tlsModeFor(hop: Hop): TlsMode {
+    const mode = this.#options.tls === "dane" ? "may" : this.#options.tls;
     const failedIn = this.#plaintextOnce.get(hop.address);
-    if (this.#options.tls === "may" && failedIn !== undefined && failedIn < this.#pass) return "none";
-    return this.#options.tls;
+    if (mode === "may" && failedIn !== undefined && failedIn < this.#pass) return "none";
+    return mode;
+  }
+
+  /** A session's TLS outcome under its policy (or a problem found before any session): counted for TLS-RPT. */
+  #tlsResult(policy: ReportPolicy, hop: Hop | null, result: TlsResult, local: string | null = null): void {
+    this.#tlsReports?.count(policy, hop, result, local);
+  }
+
+  /**
+   * Each tick: once the report period is over, the TLS reports (mailto: ones queued here,
+   * https: ones posted by tls-report.ts); the counts are saved in the spool when they changed.
+   */
+  async #tlsReportsDue(): Promise<void> {
+    const reports = this.#tlsReports;
+    if (!reports) return;
+    try {
+      for (const mail of await reports.due(Date.now())) await this.#queueReport(mail.content, mail.what);
+      await reports.save();
+    } catch (err) {
+      this.#log.write("qmgr", `warning: TLS reports: ${printable((err as Error).message)}`);
+    }
   }
 
   /** --tls-ca's certificates, read once when the engine is made. */
   readonly #extraCa: string | null;
 
 
-  /** A handshake failed: under "may", that host gets one plaintext attempt next time (and it is said). */
+  /** A handshake failed under "may": that host gets one plaintext attempt next time (and it is said). */
   #tlsFailed(hop: Hop): void {
-    if (this.#options.tls !== "may") return;
     if (this.#plaintextOnce.has(hop.address)) return;
     this.#plaintextOnce.set(hop.address, this.#pass);
     this.#saveTlsFallback();
@@ -1560,7 +1630,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   /* Outcomes: log line, event, and the queue file's fate */
 
   #recordOutcome(job: Job, input: OutcomeInput): void {
-    const outcome: Outcome = { ...input, enhanced: input.dsn, reply: input.reply ?? null };
+    const { tlsPolicy, ...fields } = input;
+    const outcome: Outcome = { ...fields, enhanced: input.dsn, reply: input.reply ?? null };
     const delivery = job.delivery;
     delivery.outcomes.set(outcome.recipient, outcome);
     const now = Date.now();
@@ -1572,7 +1643,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     const d = now - started;
     this.#log.write("smtp",
       `${outcome.queueId}: to=<${outcome.recipient}>, relay=${outcome.relay}, delay=${seconds(now - delivery.msg.arrival)}, ` +
-      `delays=${seconds(a)}/${seconds(b)}/${seconds(c)}/${seconds(d)}, dsn=${outcome.dsn}, status=${outcome.status} (${outcome.text})`);
+      `delays=${seconds(a)}/${seconds(b)}/${seconds(c)}/${seconds(d)}, dsn=${outcome.dsn}, status=${outcome.status} (${outcome.text})${tlsPolicy ? `, ${tlsPolicy}` : ""}`);
     this.#emit(outcome.status, outcome);
   }
 

@@ -32,8 +32,16 @@ export interface MailOptions {
   resolver?: string | null;
   maxConnections?: number;
   helo?: string;
-  tls?: TlsMode;
+  /** none, may, encrypt, verify, or dane (Postfix's level: DANE where TLSA records are published, else may). */
+  tls?: TlsMode | "dane";
   tlsCa?: string | null;
+  /** MTA-STS (RFC 8461) for MX delivery; false is --no-mta-sts. */
+  mtaSts?: boolean;
+  /** TLS reports (RFC 8460): the organisation and the contact address the reports name. */
+  tlsRptOrg?: string | null;
+  tlsRptContact?: string | null;
+  /** Seconds between TLS reports (a day); an embedding option, shorter in tests. */
+  tlsRptInterval?: number;
   /** Implicit TLS from the first byte (SMTPS, port 465); a relay on port 465 implies it. */
   tlsWrapper?: boolean;
   /** USER:PASS for SMTP AUTH to the relay (MUDMAIL_AUTH on the command line). */
@@ -84,7 +92,7 @@ export type Resolved = Required<Omit<MailOptions, "log">> & { log: MailOptions["
 
 export const DEFAULTS: Resolved = {
   maildir: "./maildir", relay: null, port: 25, resolver: null, maxConnections: 5,
-  helo: os.hostname(), tls: "may", tlsCa: null, tlsWrapper: false, auth: null, xoauth2Token: null, log: null,
+  helo: os.hostname(), tls: "may", tlsCa: null, mtaSts: true, tlsRptOrg: null, tlsRptContact: null, tlsRptInterval: 86_400, tlsWrapper: false, auth: null, xoauth2Token: null, log: null,
   connectTimeout: STAGE_TIMEOUTS.connect, heloTimeout: STAGE_TIMEOUTS.helo, mailTimeout: STAGE_TIMEOUTS.mail,
   rcptTimeout: STAGE_TIMEOUTS.rcpt, dataInitTimeout: STAGE_TIMEOUTS.dataInit, dataXferTimeout: STAGE_TIMEOUTS.dataXfer,
   dataDoneTimeout: STAGE_TIMEOUTS.dataDone, quitTimeout: STAGE_TIMEOUTS.quit,
@@ -125,7 +133,11 @@ export function checkOptions(input: MailOptions): Resolved {
   positive("tickInterval", "tickInterval");
   positive("dnsTimeout", "dnsTimeout");
   if (o.maxBackoff < o.minBackoff) throw new UsageError(`--max-backoff (${o.maxBackoff}) is less than --min-backoff (${o.minBackoff})`);
-  if (!["none", "may", "encrypt", "verify"].includes(o.tls)) throw new UsageError(`--tls: expected none, may, encrypt or verify, got ${JSON.stringify(o.tls)}`);
+  if (!["none", "may", "encrypt", "verify", "dane"].includes(o.tls)) throw new UsageError(`--tls: expected none, may, encrypt, verify or dane, got ${JSON.stringify(o.tls)}`);
+  if (o.tls === "dane" && o.relay) throw new UsageError("--tls dane is for MX delivery: it cannot be used with --relay");
+  positive("tlsRptInterval", "tlsRptInterval");
+  if (o.tlsRptContact != null && addressProblem(o.tlsRptContact.replace(/^mailto:/i, ""))) throw new UsageError(`--tls-rpt-contact: ${addressProblem(o.tlsRptContact.replace(/^mailto:/i, ""))}`);
+  if (o.tlsRptOrg != null && (o.tlsRptOrg.trim() === "" || /[\x00-\x1f]/.test(o.tlsRptOrg))) throw new UsageError(`--tls-rpt-org: not a name: ${JSON.stringify(o.tlsRptOrg)}`);
   for (const [key, flag] of [["relay", "--relay"], ["fallbackRelay", "--fallback-relay"], ["bestMxRelay", "--best-mx-relay"]] as const) {
     if (o[key] != null) parseHostPort(String(o[key]), flag, 25);
   }

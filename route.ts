@@ -7,6 +7,8 @@
  *   const route = await router.route("example.org");
  *   if (route.ok) for (const hop of route.hops) connect(hop.address, hop.port);
  *   else route.permanent ? bounce(route.reason, route.dsn) : defer(route.reason, route.dsn);
+ *   const tlsa = await router.query("_25._tcp.mx.example.org", "TLSA");  // { rcode, secure, records }
+ *   await router.txt("_mta-sts.example.org"); await router.hostAddresses("mta-sts.example.org");
  *
  * DESCRIPTION
  *   The one place that asks DNS. With a relay, every destination is the relay. Without one,
@@ -22,12 +24,20 @@
  *   the mail loops back to myself and bounces, unless a best-MX relay (best_mx_transport)
  *   takes it; with ignore_mx_lookup_error a failed MX lookup falls back to A records.
  *
+ *   For the TLS policies of tls-policy.ts: TXT records, a host's addresses, and raw queries
+ *   whose answer keeps what Node's resolver throws away: the RCODE and the AD bit of a
+ *   validating resolver (RFC 4035 section 3.2.3; the query sets AD and EDNS0's DO bit), with
+ *   the RDATA of each record of the asked type (TLSA has no resolver call in Node). Over UDP
+ *   to --resolver (else the system's first name server), again over TCP when truncated.
+ *
  * DIAGNOSTICS
  *   A route that cannot be had says whether that is for good (the domain does not exist,
  *   or publishes the null MX of RFC 7505: the mail bounces) or for now (a DNS timeout or
  *   SERVFAIL: the mail is deferred), with Postfix's wording and an RFC 3463 status.
  */
 
+import { randomBytes } from "node:crypto";
+import * as dgram from "node:dgram";
 import * as dns from "node:dns";
 import * as net from "node:net";
 
@@ -58,6 +68,16 @@ export interface RouterOptions {
   dnsTimeout?: number;
 }
 
+/** A raw answer: RCODE (0 NOERROR, 2 SERVFAIL, 3 NXDOMAIN, ...), the AD bit, each record's RDATA of the asked type. */
+export interface SecureAnswer {
+  rcode: number;
+  /** The resolver validated the answer (or the denial) with DNSSEC. */
+  secure: boolean;
+  records: Buffer[];
+}
+
+export const DNS_TYPES = { A: 1, MX: 15, TXT: 16, AAAA: 28, TLSA: 52 } as const;
+
 /** DNS errors that mean the name does not exist, as opposed to "cannot tell now". */
 const NOT_FOUND = new Set(["ENOTFOUND", "NXDOMAIN"]);
 const NO_DATA = new Set(["ENODATA"]);
@@ -71,6 +91,42 @@ export class Router {
       const { host, port } = options.resolver;
       this.resolver.setServers([net.isIPv6(host) ? `[${host}]:${port}` : `${host}:${port}`]);
     }
+  }
+
+  /** The TXT records of a name, each joined from its strings; [] when there are none (NXDOMAIN, NODATA). */
+  async txt(name: string): Promise<string[]> {
+    try {
+      return (await this.resolver.resolveTxt(name)).map((parts) => parts.join(""));
+    } catch (err) {
+      if (NOT_FOUND.has(errorCode(err)) || NO_DATA.has(errorCode(err))) return [];
+      throw err;
+    }
+  }
+
+  /** A host's addresses (IPv4 first), through --resolver when given; rejects when there are none. */
+  async hostAddresses(host: string): Promise<string[]> {
+    const found = await this.addresses(host);
+    if (Array.isArray(found)) return found;
+    throw new Error(found.ok ? `no address for ${host}` : found.reason);
+  }
+
+  /** One raw query with the AD bit asked for; rejects on a timeout or an unreadable answer. */
+  async query(name: string, type: keyof typeof DNS_TYPES): Promise<SecureAnswer> {
+    const server = this.options.resolver ?? systemServer();
+    const packet = dnsQuery(name, DNS_TYPES[type]);
+    const timeout = this.options.dnsTimeout ?? 5000;
+    let lastError: Error = new Error(`DNS query ${name} ${type}: no answer`);
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        const answer = await udpExchange(server, packet, timeout);
+        // TC: the answer did not fit a datagram; ask again over TCP (RFC 7766).
+        const reply = answer.readUInt16BE(2) & 0x0200 ? await tcpExchange(server, packet, timeout) : answer;
+        return parseAnswer(reply, packet, DNS_TYPES[type]);
+      } catch (err) {
+        lastError = err as Error;
+      }
+    }
+    throw new Error(`DNS query ${name} ${type}: ${lastError.message}`);
   }
 
   /** Where mail for this recipient domain goes. */
@@ -183,4 +239,104 @@ function dnsFailure(name: string, type: string, code: string): Route {
     return { ok: false, permanent: true, dsn: "5.4.4", reason: `Host or domain name not found. Name service error for name=${name} type=${type}: Host not found` };
   }
   return { ok: false, permanent: false, dsn: "4.4.3", reason: `Host or domain name not found. Name service error for name=${name} type=${type}: Host not found, try again (${code})` };
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Raw queries: what Node's resolver does not show                                       */
+
+function systemServer(): { host: string; port: number } {
+  const first = dns.getServers()[0] ?? "127.0.0.1";
+  const m = /^\[(.+)\]:(\d+)$/.exec(first) ?? /^([^:]+):(\d+)$/.exec(first);
+  return m ? { host: m[1], port: Number(m[2]) } : { host: first, port: 53 };
+}
+
+function encodeName(name: string): Buffer {
+  const labels = name.replace(/\.$/, "").split(".").filter((l) => l !== "");
+  const parts = labels.map((l) => Buffer.from(l, "ascii"));
+  if (parts.some((p) => p.length === 0 || p.length > 63)) throw new Error(`not a DNS name: ${JSON.stringify(name)}`);
+  return Buffer.concat([...parts.flatMap((p) => [Buffer.from([p.length]), p]), Buffer.from([0])]);
+}
+
+/** A query with RD and AD set and an EDNS0 OPT record asking for DNSSEC (DO), 1232-byte answers. */
+function dnsQuery(name: string, type: number): Buffer {
+  const header = Buffer.alloc(12);
+  randomBytes(2).copy(header, 0);
+  header.writeUInt16BE(0x0120, 2);
+  header.writeUInt16BE(1, 4);
+  header.writeUInt16BE(1, 10);
+  const question = Buffer.alloc(4);
+  question.writeUInt16BE(type, 0);
+  question.writeUInt16BE(1, 2);
+  const opt = Buffer.from([0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 0]);
+  return Buffer.concat([header, encodeName(name), question, opt]);
+}
+
+/** Skips a (possibly compressed) name; returns the offset after it. */
+function skipName(msg: Buffer, pos: number): number {
+  for (let guard = 0; guard < 128; guard++) {
+    if (pos >= msg.length) throw new Error("truncated name");
+    const len = msg[pos];
+    if (len === 0) return pos + 1;
+    if ((len & 0xc0) === 0xc0) return pos + 2;
+    pos += 1 + len;
+  }
+  throw new Error("name too long");
+}
+
+function parseAnswer(msg: Buffer, query: Buffer, type: number): SecureAnswer {
+  if (msg.length < 12 || msg.readUInt16BE(0) !== query.readUInt16BE(0) || !(msg.readUInt16BE(2) & 0x8000)) throw new Error("not an answer to our query");
+  const flags = msg.readUInt16BE(2);
+  let pos = 12;
+  for (let i = msg.readUInt16BE(4); i > 0; i--) pos = skipName(msg, pos) + 4;
+  const records: Buffer[] = [];
+  for (let i = msg.readUInt16BE(6); i > 0; i--) {
+    pos = skipName(msg, pos);
+    if (pos + 10 > msg.length) throw new Error("truncated record");
+    const rtype = msg.readUInt16BE(pos);
+    const length = msg.readUInt16BE(pos + 8);
+    if (pos + 10 + length > msg.length) throw new Error("truncated record");
+    if (rtype === type) records.push(Buffer.from(msg.subarray(pos + 10, pos + 10 + length)));
+    pos += 10 + length;
+  }
+  return { rcode: flags & 0x0f, secure: (flags & 0x0020) !== 0, records };
+}
+
+function udpExchange(server: { host: string; port: number }, packet: Buffer, timeoutMs: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const socket = dgram.createSocket(net.isIPv6(server.host) ? "udp6" : "udp4");
+    const timer = setTimeout(() => done(new Error("timed out")), timeoutMs);
+    const done = (err: Error | null, answer?: Buffer) => {
+      clearTimeout(timer);
+      socket.close();
+      if (err) reject(err);
+      else resolve(answer!);
+    };
+    socket.on("error", (err) => done(err));
+    socket.on("message", (msg) => {
+      // Only the answer to this query (same id) counts; anything else is ignored.
+      if (msg.length >= 2 && msg.readUInt16BE(0) === packet.readUInt16BE(0)) done(null, msg);
+    });
+    socket.send(packet, server.port, server.host);
+  });
+}
+
+function tcpExchange(server: { host: string; port: number }, packet: Buffer, timeoutMs: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: server.host, port: server.port });
+    let got = Buffer.alloc(0);
+    const timer = setTimeout(() => done(new Error("timed out (TCP)")), timeoutMs);
+    const done = (err: Error | null, answer?: Buffer) => {
+      clearTimeout(timer);
+      socket.destroy();
+      if (err) reject(err);
+      else resolve(answer!);
+    };
+    socket.on("error", (err) => done(err));
+    socket.on("connect", () => socket.write(Buffer.concat([Buffer.from([packet.length >> 8, packet.length & 0xff]), packet])));
+    socket.on("data", (chunk: Buffer) => {
+      got = Buffer.concat([got, chunk]);
+      if (got.length >= 2 && got.length >= 2 + got.readUInt16BE(0)) done(null, got.subarray(2, 2 + got.readUInt16BE(0)));
+    });
+    socket.on("end", () => done(new Error("connection closed before the answer (TCP)")));
+  });
 }

@@ -18,6 +18,10 @@
  *   is refused, STARTTLS as the TLS mode asks (everything learned before it is forgotten, and
  *   bytes sent behind the 220 are dropped unread, RFC 3207), the TLS handshake under the
  *   helo timer, AUTH (XOAUTH2, PLAIN, LOGIN) and the body's back-pressure live here once.
+ *   Under an MX host's TLS policy (MTA-STS, DANE: `peer`), the certificate is checked after
+ *   the handshake by tls-policy.ts's checkPeer(); the session's TLS outcome (a missing
+ *   STARTTLS, a failed handshake, a certificate the policy refuses, or success) is told once
+ *   to `peer.onResult`, and a refusal the policy enforces ends the session (ETLS).
  *   Every line of the conversation but message bodies can be watched through onLine, with
  *   AUTH redacted.
  *
@@ -36,6 +40,7 @@ import {
   ReplyParser, STAGE_TIMEOUTS, MailError, classify, expectedReply, makeReply, parseEhlo, printable, replyText,
   type Extensions, type Reply,
 } from "./smtp-codes.js";
+import { checkPeer, type PeerPolicy, type TlsResult } from "./tls-policy.js";
 
 export type TlsMode = "none" | "may" | "encrypt" | "verify";
 export type TimeoutName = keyof typeof STAGE_TIMEOUTS;
@@ -93,6 +98,8 @@ export interface ConnectionOptions {
   ca?: string | null;
   /** Seconds per timeout; Postfix's defaults for those not given. */
   timeouts?: Partial<Record<TimeoutName, number>>;
+  /** The MX host's TLS policy (MTA-STS, DANE), and who hears how the session's TLS went. */
+  peer?: { policy: PeerPolicy; onResult: (result: TlsResult, localAddress: string | null) => void } | null;
   /** Every command and reply line as it passes (">" out, "<" in), AUTH redacted, never a body. */
   onLine?: (direction: ">" | "<", line: string) => void;
 }
@@ -285,9 +292,11 @@ export class SmtpConnection {
       if (classify(reply) !== "ok" || reply.code >= 600) return done({ reply, ext: null, helo: false, tlsProblem: null });
       this.ext = parseEhlo(reply);
       const mode = this.#options.tls;
+      if (!this.secure && mode !== "none" && !this.ext.startTls) this.#peerResult({ ok: false, type: "starttls-not-supported", reason: `host ${this.peer} did not offer STARTTLS` });
       if (this.secure || mode === "none" || !this.ext.startTls) return done({ reply, ext: this.ext, helo: false, tlsProblem: this.#tlsProblem() });
       this.send("STARTTLS\r\n", STEPS.starttls, (answer) => {
         if (answer.code === 220) return this.#startTls(() => this.hello(done, name));
+        this.#peerResult({ ok: false, type: "starttls-not-supported", reason: `host ${this.peer} refused STARTTLS: ${printable(replyText(answer))}` });
         if (mode === "may") {
           this.ext!.startTls = false;
           return done({ reply, ext: this.ext, helo: false, tlsProblem: null });
@@ -300,7 +309,17 @@ export class SmtpConnection {
   /** Without TLS where the mode requires it: why the session must not go on. */
   #tlsProblem(): string | null {
     if (this.secure || this.#options.tls === "none" || this.#options.tls === "may") return null;
-    return `TLS is required, but was not offered by host ${this.peer}`;
+    const by = this.#options.peer?.policy.requireTls ? ` by ${this.#options.peer.policy.by}` : "";
+    return `TLS is required${by}, but was not offered by host ${this.peer}`;
+  }
+
+  #peerReported = false;
+
+  /** The session's TLS outcome under its policy, told once. */
+  #peerResult(result: TlsResult): void {
+    if (this.#peerReported || !this.#options.peer) return;
+    this.#peerReported = true;
+    this.#options.peer.onResult(result, this.#socket?.localAddress ?? null);
   }
 
   /** Upgrades the connection in place; everything learned before it is forgotten (RFC 3207). */
@@ -325,6 +344,12 @@ export class SmtpConnection {
       this.#socket = secure;
       this.secure = true;
       this.#listen(secure);
+      const peer = this.#options.peer;
+      if (peer) {
+        const result = checkPeer(secure, peer.policy);
+        this.#peerResult(result);
+        if (!result.ok && peer.policy.enforce) return this.#fail(`${result.reason}; TLS is required to be verified by ${peer.policy.by}`, "ETLS");
+      }
       then();
     });
   }
@@ -481,6 +506,7 @@ export class SmtpConnection {
     this.#ended = true;
     this.#disarm();
     const step = this.#handshaking ? STEPS.tlsHandshake : this.#current;
+    if (this.#handshaking) this.#peerResult({ ok: false, type: "validation-failure", reason });
     this.#expects.length = 0;
     this.#socket?.destroy();
     this.#onFailure(new MailError(reason, code, {

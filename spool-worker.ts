@@ -40,6 +40,7 @@ import { Worker, isMainThread, parentPort, workerData } from "node:worker_thread
 import { MailError } from "./smtp-codes.js";
 import { addedHeaders } from "./compose.js";
 import { signByFrom, type DkimKey } from "./dkim.js";
+import { PolicyFiles, type CachedPolicy, type PolicyStore } from "./tls-policy.js";
 import {
   CorruptMessageError, Spool, SpoolError, measureWire, queueEntries, wireChunks,
   type Bookkeeping, type Folder, type QueuedMessage, type QueueEntry, type Wire,
@@ -227,6 +228,14 @@ export class SpoolThread {
     return this.#call("queueEntries") as Promise<QueueEntry[]>;
   }
 
+  /** The MTA-STS policy cache (.mta-sts/ in the spool), read and written by the worker too. */
+  policies(): PolicyStore {
+    return {
+      read: (domain) => this.#call("policyRead", domain) as Promise<CachedPolicy | null>,
+      write: (domain, policy) => this.#call("policyWrite", domain, policy) as Promise<void>,
+    };
+  }
+
   /** Ends the worker once what waits is answered; a later request starts a new one. */
   async close(): Promise<void> {
     const worker = this.#worker;
@@ -328,6 +337,7 @@ interface WorkerData { role: string; dir: string; fsync: boolean; helo: string; 
 
 function serve(data: WorkerData): void {
   const spool = new Spool(data.dir, { fsync: data.fsync });
+  const policies = new PolicyFiles(data.dir);
   const bodies = new Map<number, AsyncGenerator<Buffer>>();
   let bodyHandles = 0;
   let outbox: Reply[] = [];
@@ -387,6 +397,8 @@ function serve(data: WorkerData): void {
     readState: (name: string) => spool.readState(name),
     writeState: (name: string, value: unknown) => spool.writeState(name, value),
     queueEntries: () => queueEntries(spool),
+    policyRead: (domain: string) => policies.read(domain),
+    policyWrite: (domain: string, policy: CachedPolicy) => policies.write(domain, policy),
   };
   const perform = async ({ n, op, args }: Request) => {
     try {

@@ -6,10 +6,14 @@
 //   server      signed by the CA, for DNS:localhost and IP:127.0.0.1: verifies with the CA
 //   wrongName   signed by the CA, for DNS:wrong.example only: the chain verifies, the name does not
 //   selfSigned  for DNS:localhost and IP:127.0.0.1 but signed by itself, NOT by the CA
+//   issueCert(names, { days }) one more, signed by the CA, for these DNS names (MX hosts, mta-sts.DOMAIN);
+//               days < 0 makes one that has expired; `chainFile` holds it and the CA (for DANE-TA)
+//   tlsaData(pem, selector, mtype)  a TLSA record's association data for a certificate (RFC 6698)
 //
 // RSA 2048 keys: every TLS stack here (node, Postfix 3.7's smtpd_tls_cert_file) takes them.
 // Key files are mode 0600 (Postfix reads its key as root before it drops privileges).
 
+import { createHash, X509Certificate } from "node:crypto";
 import { existsSync, rmSync } from "node:fs";
 import fs from "node:fs/promises";
 import os from "node:os";
@@ -25,6 +29,8 @@ export interface KeyPair {
   cert: string;
   keyFile: string;
   certFile: string;
+  /** The certificate, then the CA's (issueCert only): a server that sends its chain. */
+  chainFile?: string;
 }
 
 export interface TestCerts {
@@ -42,7 +48,7 @@ async function openssl(args: string[], cwd: string): Promise<void> {
 
 const DAYS = "2";
 
-async function signedBy(dir: string, name: string, subject: string, san: string): Promise<KeyPair> {
+async function signedBy(dir: string, name: string, subject: string, san: string, days = DAYS): Promise<KeyPair> {
   const keyFile = path.join(dir, `${name}.key`);
   const csrFile = path.join(dir, `${name}.csr`);
   const certFile = path.join(dir, `${name}.crt`);
@@ -56,7 +62,7 @@ async function signedBy(dir: string, name: string, subject: string, san: string)
   ].join("\n"));
   await openssl(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", keyFile, "-out", csrFile, "-subj", subject], dir);
   await openssl(["x509", "-req", "-in", csrFile, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-    "-out", certFile, "-days", DAYS, "-sha256", "-extfile", extFile], dir);
+    "-out", certFile, "-days", days, "-sha256", "-extfile", extFile], dir);
   return read(keyFile, certFile);
 }
 
@@ -90,4 +96,23 @@ let made: Promise<TestCerts> | null = null;
 export function testCerts(): Promise<TestCerts> {
   made ??= make();
   return made;
+}
+
+let issued = 0;
+
+/** A certificate from the test CA for these DNS names; `days` below 0 has expired already. */
+export async function issueCert(names: string[], opts: { days?: number } = {}): Promise<KeyPair> {
+  const certs = await testCerts();
+  const name = `issued-${++issued}`;
+  const pair = await signedBy(certs.dir, name, `/O=mudmail tests/CN=${names[0]}`, names.map((n) => `DNS:${n}`).join(", "), String(opts.days ?? DAYS));
+  const chainFile = path.join(certs.dir, `${name}.chain.crt`);
+  await fs.writeFile(chainFile, pair.cert + certs.ca.cert);
+  return { ...pair, chainFile };
+}
+
+/** TLSA association data: selector 0 the whole certificate, 1 its key (SPKI); matching type 0 exact, 1 SHA-256, 2 SHA-512. */
+export function tlsaData(pem: string, selector: number, mtype: number): Buffer {
+  const cert = new X509Certificate(pem);
+  const selected = selector === 0 ? cert.raw : cert.publicKey.export({ type: "spki", format: "der" });
+  return mtype === 0 ? selected : createHash(mtype === 1 ? "sha256" : "sha512").update(selected).digest();
 }

@@ -26,6 +26,14 @@
  * - A name not in the zone: NXDOMAIN with an SOA. A name only exists if it is a key
  *   of the zone: empty non-terminals (e.g. "example.test" when only
  *   "mx1.example.test" is listed) are NXDOMAIN too.
+ * - TLSA (RFC 6698): `{ usage, selector, mtype, data }` with `data` in hex, for DANE lookups
+ *   (`_25._tcp.mx.example.test`).
+ * - The AD bit (RFC 4035 section 3.2.3), as a validating resolver sets it: `secure: true` marks a
+ *   name's records as DNSSEC-validated. An answer carries AD when the query asked for it (AD or
+ *   the DO bit of EDNS0) and every owner it names is secure (the asked name and each CNAME
+ *   target); a denial (NXDOMAIN or NODATA) when the closest name of the zone at or above the
+ *   asked one is secure (a signed zone proves the name or type absent). Bogus data is what a
+ *   validator answers with SERVFAIL: `rcodeFor: { TLSA: "SERVFAIL" }`.
  * - `rcodeFor[type]` wins over `rcode`; "TIMEOUT" means the query is recorded but never
  *   answered. A class other than IN (or ANY) is REFUSED. Opcodes other than QUERY get
  *   NOTIMP.
@@ -74,11 +82,15 @@ export interface RecordSet {
   /** A string is one TXT record; a string[] is one record made of several strings. */
   TXT?: string[][] | string[];
   PTR?: string[];
+  /** DANE: usage, selector, matching type and the association data in hex. */
+  TLSA?: Array<{ usage: number; selector: number; mtype: number; data: string }>;
   CNAME?: string;
+  /** This name's records (and its absence proofs) are DNSSEC-validated: answers carry the AD bit. */
+  secure?: boolean;
   /** Answer this name with this RCODE instead: "NXDOMAIN" | "SERVFAIL" | "REFUSED"; or "TIMEOUT": never answer. */
   rcode?: Rcode;
   /** Per query type override, e.g. { MX: "SERVFAIL" } or { MX: "TIMEOUT" } while A works. */
-  rcodeFor?: Partial<Record<"MX" | "A" | "AAAA" | "TXT" | "PTR", Rcode>>;
+  rcodeFor?: Partial<Record<"MX" | "A" | "AAAA" | "TXT" | "PTR" | "TLSA", Rcode>>;
 }
 
 export interface DnsServer {
@@ -94,7 +106,7 @@ export interface DnsServer {
 }
 
 const TYPES: Record<string, number> = {
-  A: 1, NS: 2, CNAME: 5, SOA: 6, PTR: 12, MX: 15, TXT: 16, AAAA: 28, SRV: 33, OPT: 41, CAA: 257, ANY: 255,
+  A: 1, NS: 2, CNAME: 5, SOA: 6, PTR: 12, MX: 15, TXT: 16, AAAA: 28, SRV: 33, OPT: 41, TLSA: 52, CAA: 257, ANY: 255,
 };
 const TYPE_NAMES = new Map(Object.entries(TYPES).map(([k, v]) => [v, k]));
 const RCODES = { NOERROR: 0, FORMERR: 1, SERVFAIL: 2, NXDOMAIN: 3, NOTIMP: 4, REFUSED: 5 } as const;
@@ -111,6 +123,8 @@ interface Question {
   name: string;
   qtype: number;
   qclass: number;
+  /** EDNS0's DO bit was set (an OPT record in the additional section). */
+  dnssecOk: boolean;
 }
 
 /** ASCII-only lower-casing, as DNS compares names. */
@@ -165,7 +179,14 @@ function parseQuery(msg: Buffer): Question | undefined {
   const name = labels.join(".");
   // Echo the question without compression (a pointer would point into our header).
   const raw = Buffer.concat([encodeName(name), u16(qtype), u16(qclass)]);
-  return { id, flags, raw, name, qtype, qclass };
+  return { id, flags, raw, name, qtype, qclass, dnssecOk: ednsDo(msg, pos + 4) };
+}
+
+/** The DO bit of an OPT record (RFC 6891: root owner, type 41, TTL's bit 15) right after the question, if any. */
+function ednsDo(msg: Buffer, pos: number): boolean {
+  if (msg.readUInt16BE(6) !== 0 || msg.readUInt16BE(8) !== 0 || msg.readUInt16BE(10) < 1) return false;
+  if (pos + 11 > msg.length || msg[pos] !== 0 || msg.readUInt16BE(pos + 1) !== TYPES.OPT) return false;
+  return (msg.readUInt16BE(pos + 7) & 0x8000) !== 0;
 }
 
 function u16(n: number): Buffer {
@@ -271,6 +292,12 @@ function records(owner: string, set: RecordSet, qtype: number): Buffer[] {
     }
   }
   if (want(TYPES.PTR!)) for (const p of set.PTR ?? []) out.push(rr(owner, TYPES.PTR!, encodeName(p)));
+  if (want(TYPES.TLSA!)) {
+    for (const r of set.TLSA ?? []) {
+      if (!/^(?:[0-9a-f]{2})*$/i.test(r.data)) throw new Error(`bad TLSA data ${JSON.stringify(r.data)}`);
+      out.push(rr(owner, TYPES.TLSA!, Buffer.concat([Buffer.from([r.usage, r.selector, r.mtype]), Buffer.from(r.data, "hex")])));
+    }
+  }
   return out;
 }
 
@@ -279,6 +306,21 @@ function lookup(zone: Zone, name: string): RecordSet | undefined {
   if (Object.prototype.hasOwnProperty.call(zone, key)) return zone[key];
   for (const k of Object.keys(zone)) if (normalize(k) === key) return zone[k];
   return undefined;
+}
+
+/** A denial is proven secure when the closest name of the zone at or above the asked one is secure. */
+function secureDenial(zone: Zone, name: string): boolean {
+  const labels = normalize(name).split(".").filter((l) => l !== "");
+  for (let i = 0; i < labels.length; i++) {
+    const set = lookup(zone, labels.slice(i).join("."));
+    if (set) return set.secure === true;
+  }
+  return false;
+}
+
+/** The query asked for DNSSEC answers: the AD bit (RFC 6840 section 5.7) or EDNS0's DO bit. */
+function wantsDnssec(q: Question): boolean {
+  return (q.flags & 0x0020) !== 0 || q.dnssecOk;
 }
 
 /** The override that applies to this record set and query type, if any. */
@@ -307,10 +349,11 @@ function soa(zone: Zone, qname: string): Buffer {
   return rr(apex, TYPES.SOA!, rdata);
 }
 
-function message(q: Question, rcode: number, answers: Buffer[], authority: Buffer[]): Buffer {
+function message(q: Question, rcode: number, answers: Buffer[], authority: Buffer[], secure = false): Buffer {
   const opcode = q.flags & 0x7800;
   const rd = q.flags & 0x0100;
-  const flags = 0x8000 | opcode | 0x0400 | rd | (rcode & 0xf);
+  const ad = secure && wantsDnssec(q) ? 0x0020 : 0;
+  const flags = 0x8000 | opcode | 0x0400 | rd | ad | (rcode & 0xf);
   const header = Buffer.concat([u16(q.id), u16(flags), u16(1), u16(answers.length), u16(authority.length), u16(0)]);
   return Buffer.concat([header, q.raw, ...answers, ...authority]);
 }
@@ -323,10 +366,13 @@ function answer(zone: Zone, q: Question): Buffer | undefined {
   let owner = q.name;
   let set = lookup(zone, owner);
   const seen = new Set<string>();
+  // AD: every owner named in the answer is secure (and a denial is proven).
+  let secure = true;
   for (;;) {
     // Not in the zone (the asked name, or the end of a CNAME chain): NXDOMAIN, with the
     // CNAMEs followed so far, as a recursive resolver reports a dangling CNAME.
-    if (!set) return message(q, RCODES.NXDOMAIN, answers, [soa(zone, owner)]);
+    if (!set) return message(q, RCODES.NXDOMAIN, answers, [soa(zone, owner)], secure && secureDenial(zone, owner));
+    secure &&= set.secure === true;
     const rc = override(set, q.qtype);
     if (rc === "TIMEOUT") return undefined;
     if (rc !== undefined) return message(q, RCODES[rc], answers, rc === "NXDOMAIN" ? [soa(zone, owner)] : []);
@@ -339,7 +385,7 @@ function answer(zone: Zone, q: Question): Buffer | undefined {
     set = lookup(zone, owner);
   }
   answers.push(...records(owner, set, q.qtype));
-  return message(q, RCODES.NOERROR, answers, answers.length === 0 ? [soa(zone, owner)] : []);
+  return message(q, RCODES.NOERROR, answers, answers.length === 0 ? [soa(zone, owner)] : [], secure);
 }
 
 export async function startDnsServer(zone: Zone, opts: { host?: string; port?: number } = {}): Promise<DnsServer> {

@@ -203,6 +203,8 @@ export async function startSmtpSink(opts: SmtpSinkOptions = {}): Promise<SmtpSin
 
 export interface PostfixOptions {
   host?: string;
+  /** The port to listen on (several instances on 127.0.0.x with one port, as MX hosts); a free one when not given. */
+  port?: number;
   /** Every recipient of this domain goes into one Maildir (default "test.example"). */
   domain?: string;
   /** Extra/overriding main.cf settings, e.g. { smtpd_forbid_bare_newline: "yes" }. */
@@ -438,7 +440,7 @@ export async function startPostfix(opts: PostfixOptions = {}): Promise<PostfixIn
   const started = Date.now();
   let port = 0;
   for (let attempt = 1; ; attempt++) {
-    port = await freePort(host);
+    port = opts.port ?? (await freePort(host));
     await fs.writeFile(
       path.join(conf, "main.cf"),
       mainCf({ dir, host, domain, uid, gid, name, extra: opts.mainCf ?? {} }),
@@ -453,7 +455,7 @@ export async function startPostfix(opts: PostfixOptions = {}): Promise<PostfixIn
     if (r.code !== 0) {
       const log = await readTail(logFile, 4000);
       // Someone took the port between freePort() and master's bind(): try another one.
-      if (attempt < 3 && /address already in use/i.test(log + r.out)) {
+      if (attempt < 3 && opts.port === undefined && /address already in use/i.test(log + r.out)) {
         await fs.writeFile(logFile, "");
         continue;
       }

@@ -20,8 +20,8 @@ import * as path from "node:path";
 import type { Test } from "tap";
 import { MailEngine, MailError, type FlushSummary, type MailOptions, type Outcome } from "../../mail.js";
 import { type Script, type ScriptedServer } from "./scripted-server.js";
-import { type TestCerts } from "./certs.js";
-import { addTlsmgr, startPostfix, type PostfixInstance } from "./postfix.js";
+import { type KeyPair, type TestCerts } from "./certs.js";
+import { addTlsmgr, startPostfix, type PostfixInstance, type PostfixOptions } from "./postfix.js";
 import { run, spawnDaemon } from "./daemon.js";
 import { bounded, newQueueId, setup, type FolderName } from "./engine-rig.js";
 import { queueFile, testMessage } from "./spool-files.js";
@@ -188,13 +188,15 @@ export function groupId(name: string): number {
  * `sasl`, Cyrus SASL from a private sasldb (users in realm test.example), AUTH only over TLS,
  * and mail accepted only from authenticated clients.
  */
-export async function postfixSecurityCf(certs: TestCerts, sasl?: { mechanisms: string[]; users: Record<string, string> }): Promise<PostfixSecurity> {
+export async function postfixSecurityCf(certs: TestCerts | KeyPair, sasl?: { mechanisms: string[]; users: Record<string, string> }): Promise<PostfixSecurity> {
   const dir = await fsp.mkdtemp(path.join(os.tmpdir(), "mudmail-pf-sec-"));
   await fsp.chmod(dir, 0o755);
   const key = path.join(dir, "smtpd.key");
   const cert = path.join(dir, "smtpd.crt");
-  await fsp.writeFile(key, certs.server.key, { mode: 0o600 });
-  await fsp.writeFile(cert, certs.server.cert, { mode: 0o644 });
+  // The test server certificate, or one made for the MX name (with its chain when it has one).
+  const pair = "server" in certs ? certs.server : certs;
+  await fsp.writeFile(key, pair.key, { mode: 0o600 });
+  await fsp.writeFile(cert, pair.chainFile ? await fsp.readFile(pair.chainFile, "utf8") : pair.cert, { mode: 0o644 });
   const mainCf: Record<string, string> = {
     smtpd_tls_security_level: "may",
     smtpd_tls_cert_file: cert,
@@ -244,8 +246,8 @@ export interface PostfixSecurity {
  * $config_directory/sasl/ (and /usr/lib/sasl/) and ignores cyrus_sasl_config_path (seen with
  * strace: it opens <conf>/sasl/smtpd.conf), so the file goes there, before the reload below.
  */
-export async function postfixWith(tt: Test, security: PostfixSecurity | { mainCf: Record<string, string>; dir?: undefined; saslConf?: undefined }): Promise<PostfixInstance> {
-  const pf = await startPostfix({ mainCf: security.mainCf });
+export async function postfixWith(tt: Test, security: PostfixSecurity | { mainCf: Record<string, string>; dir?: undefined; saslConf?: undefined }, at: Omit<PostfixOptions, "mainCf"> = {}): Promise<PostfixInstance> {
+  const pf = await startPostfix({ ...at, mainCf: security.mainCf });
   tt.teardown(async () => {
     await pf.stop();
     if (security.dir) await fsp.rm(security.dir, { recursive: true, force: true });
