@@ -278,7 +278,6 @@ export class SpoolThread {
     if (this.#worker) return this.#worker;
     const data = { role: ROLE, dir: this.dir, fsync: this.#options.fsync !== false, helo: this.#options.helo, dkimKeys: this.#options.dkimKeys ?? [] };
     const worker = new Worker(workerCode(), { eval: true, workerData: data });
-    worker.unref();
     worker.on("message", (replies: Reply[]) => this.#receive(replies));
     const died = (why: string) => {
       if (this.#worker !== worker) return;
@@ -290,6 +289,8 @@ export class SpoolThread {
     };
     worker.on("error", (err) => died(err.message));
     worker.on("exit", (code) => died(`exit code ${code}`));
+    // Idle, the thread keeps no process alive (after the listeners: adding one refs it again).
+    worker.unref();
     this.#worker = worker;
     return worker;
   }
