@@ -259,7 +259,12 @@ const CASES: Case[] = [
   { name: "replies before commands: the greeting comes with two extra lines", script: { greeting: { action: "raw", bytes: "220 scripted.test ESMTP\r\n250 early\r\n250 earlier\r\n" } },
     expect: deferred2, within: QUICK, log: /sent a reply before the command it would answer: 250 early/ },
   { name: "an unsolicited extra reply after the first dot (one connection, the next envelope pipelined behind it)",
-    script: { onData: (_m, session) => (session.messages.length === 0 ? { action: "raw", bytes: "250 2.0.0 Ok: queued\r\n250 2.0.0 surprise\r\n" } : undefined) },
+    script: {
+      // The first 354 waits a moment, so the second message is surely read ahead when the
+      // first dot goes out, and its envelope is pipelined behind it.
+      onCommand: (c, session) => (c === "DATA" && session.messages.length === 0 ? { action: "delay", ms: 300, reply: "354 go ahead" } : undefined),
+      onData: (_m, session) => (session.messages.length === 0 ? { action: "raw", bytes: "250 2.0.0 Ok: queued\r\n250 2.0.0 surprise\r\n" } : undefined),
+    },
     engine: { maxConnections: 1 }, expect: { sent: 1, deferred: 1, bounced: 0 }, within: QUICK,
     log: /status=deferred \(host \S+ (sent a reply before the command it would answer|broke the protocol|sent an unexpected reply)/ },
   { name: "a 250 for the message before its data was sent (354 and 250 in one write)",
