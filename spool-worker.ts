@@ -166,8 +166,13 @@ export class SpoolThread {
   }
 
   /** Claims, reads, checks, measures and (with keys) signs one queued message. */
-  prepare(id: string, from: "outgoing" | "deferred"): Promise<Prepared> {
-    return this.#call("prepare", id, from) as Promise<Prepared>;
+  async prepare(id: string, from: "outgoing" | "deferred"): Promise<Prepared> {
+    const prepared = (await this.#call("prepare", id, from)) as Prepared;
+    if (prepared.kind === "ready") {
+      prepared.prefix = asBuffer(prepared.prefix);
+      if (prepared.wire.bytes) prepared.wire.bytes = asBuffer(prepared.wire.bytes);
+    }
+    return prepared;
   }
 
   /**
@@ -177,11 +182,12 @@ export class SpoolThread {
   async *wireChunks(msg: MessageInfo, prefix: Buffer): AsyncGenerator<Buffer> {
     const handle = (await this.#call("bodyOpen", msg, prefix)) as number;
     try {
-      let next = this.#call("bodyNext", handle) as Promise<Buffer | null>;
+      const ask = () => this.#call("bodyNext", handle).then((chunk) => (chunk === null ? null : asBuffer(chunk as Uint8Array)));
+      let next = ask();
       for (;;) {
         const chunk = await next;
         if (chunk === null) return;
-        next = this.#call("bodyNext", handle) as Promise<Buffer | null>;
+        next = ask();
         yield chunk;
       }
     } finally {
@@ -208,12 +214,12 @@ export class SpoolThread {
 
   /** The message's header block, for a report. */
   headerBlock(msg: MessageInfo): Promise<Buffer> {
-    return this.#call("headerBlock", msg) as Promise<Buffer>;
+    return this.#call("headerBlock", msg).then((bytes) => asBuffer(bytes as Uint8Array));
   }
 
   /** The message's body after its header block and blank line, for RET=FULL. */
   body(msg: MessageInfo, headerLength: number): Promise<Buffer> {
-    return this.#call("body", msg, headerLength) as Promise<Buffer>;
+    return this.#call("body", msg, headerLength).then((bytes) => asBuffer(bytes as Uint8Array));
   }
 
   readState(name: string): Promise<unknown> {
@@ -263,7 +269,7 @@ export class SpoolThread {
     return new Promise((resolve, reject) => {
       if (this.#waiting.size === 0) worker.ref();
       this.#waiting.set(n, { resolve, reject, slice });
-      if (this.#outbox.length === 0) queueMicrotask(() => this.#send());
+      if (this.#outbox.length === 0) setImmediate(() => this.#send());
       this.#outbox.push({ n, op, args });
     });
   }
@@ -304,7 +310,7 @@ export class SpoolThread {
         continue;
       }
       this.#waiting.delete(reply.n);
-      if (reply.ok) waiter.resolve(reviveBuffers(reply.value));
+      if (reply.ok) waiter.resolve(reply.value);
       else waiter.reject(rebuildError(reply.error));
     }
     if (this.#waiting.size === 0) {
@@ -315,14 +321,9 @@ export class SpoolThread {
   }
 }
 
-/** Uint8Arrays come back from the worker as such: the engine wants Buffers (views, no copy). */
-function reviveBuffers(value: unknown): unknown {
-  if (value instanceof Uint8Array && !Buffer.isBuffer(value)) return Buffer.from(value.buffer, value.byteOffset, value.byteLength);
-  if (Array.isArray(value)) return value.map(reviveBuffers);
-  if (value && typeof value === "object" && Object.getPrototypeOf(value) === Object.prototype) {
-    for (const [k, v] of Object.entries(value)) (value as Record<string, unknown>)[k] = reviveBuffers(v);
-  }
-  return value;
+/** Bytes come back from the worker as Uint8Arrays: the engine wants Buffers (a view, no copy). */
+function asBuffer(bytes: Uint8Array): Buffer {
+  return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
 function rebuildError(e: Extract<Reply, { ok: false }>["error"]): Error {
