@@ -43,7 +43,9 @@
  *   mudmail is an ES module: this CommonJS bundle loads it with import(), so the service is
  *   usable a moment after 'startup', not during it. A SIGKILL in the instant between the
  *   queue file landing and the owner being written loses that message's in-game notice
- *   (never the message).
+ *   (never the message). The engine gives a message a new queue id when it moves it onto a
+ *   name already taken (queue.ts's move()), and no event says so: that message's outcome
+ *   then reaches no one, and its record goes, with an "unknown" notice, at the next start.
  */
 'use strict';
 
