@@ -5,6 +5,7 @@
 import t from "tap";
 import { EventEmitter } from "node:events";
 import fs from "node:fs";
+import { createRequire } from "node:module";
 import path from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import ts from "typescript";
@@ -52,6 +53,9 @@ t.test("dist/index.js exports what a host calls, and no command line", async (t)
   const library = await import(pathToFileURL(entry).href);
   t.same(Object.keys(library).sort(), PUBLIC_VALUES, "runtime exports");
   t.same(Object.getOwnPropertyNames(library.MailEngine.prototype).sort(), ENGINE_MEMBERS, "MailEngine's own members");
+  // A CommonJS host (a Ranvier bundle) loads the package with require(): Node 20.19+ takes an ES module.
+  const required = createRequire(path.join(root, "package.json"))("mudmail") as Record<string, unknown>;
+  t.same(Object.keys(required).filter((k) => k !== "__esModule" && k !== "module.exports").sort(), PUBLIC_VALUES, "require(\"mudmail\") gives the same exports");
 });
 
 t.test("the published types list only what a host calls", async (t) => {
