@@ -52,9 +52,10 @@
  *   if it is taken all the same (a program that looked only in outgoing/), the message is
  *   renamed to a fresh id that no folder holds. A message delivered and killed before its
  *   unlink is sent again after recovery: the data-done window every MTA has.
-
- *   The body goes on the wire through wireChunks(): the file is read in CHUNK pieces (a
- *   small message in one read, and that read is all), every bare CR or LF becomes CRLF,
+ *
+ *   A message up to WHOLE (256 KiB) is read in one read of exactly its size, measured, and
+ *   stuffed into memory of exactly its wire size (measureWire); a larger one goes on the wire
+ *   through wireChunks(), read in CHUNK pieces. Either way every bare CR or LF becomes CRLF,
  *   lines starting with "." are stuffed, and the end is CRLF.CRLF exactly once.
  *
  * DIAGNOSTICS
@@ -74,6 +75,8 @@ export type Folder = "outgoing" | "outgoing_active" | "deferred" | "corrupt";
 
 /** One read of the queue file: a small message in one go, a large one in pieces this size. */
 export const CHUNK = 64 * 1024;
+/** A message up to this size is read, measured and handed to a slot whole, in one piece. */
+export const WHOLE = 256 * 1024;
 /** The envelope lines must end within this many bytes of the file's start. */
 const MAX_ENVELOPE = 1024 * 1024;
 /** Queue ids other programs may use: no dot first (those are skipped), nothing a log line could choke on. */
@@ -523,10 +526,11 @@ export class Spool {
     try {
       const stat = fs.fstatSync(fd);
       const fileSize = stat.size;
-      // As much as the message holds, up to CHUNK: no fresh 64 KiB for a 1 KB message.
-      let buf = Buffer.allocUnsafe(Math.max(1, Math.min(fileSize, CHUNK)));
+      // As much as the message holds (a whole one up to WHOLE), else CHUNK: no fresh 64 KiB
+      // for a 1 KB message, one read for a 100 KB one.
+      const whole = fileSize <= WHOLE;
+      let buf = Buffer.allocUnsafe(Math.max(1, whole ? fileSize : CHUNK));
       let length = readFullySync(fd, buf, 0);
-      const whole = fileSize <= CHUNK;
       let envelope = findEnvelope(buf, length, length >= fileSize);
       if (!envelope && !whole) {
         const more = Buffer.allocUnsafe(Math.min(fileSize, MAX_ENVELOPE));
@@ -539,7 +543,7 @@ export class Spool {
       const sender = parseSender(id, envelopeText(id, buf.subarray(0, envelope.senderEnd), "sender"));
       const recipients = parseRecipients(id, envelopeText(id, buf.subarray(envelope.recipientsStart, envelope.recipientsEnd), "recipient"));
       const contentOffset = envelope.contentOffset;
-      const head = buf.subarray(contentOffset, Math.min(length, contentOffset + CHUNK));
+      const head = buf.subarray(contentOffset, whole ? length : Math.min(length, contentOffset + CHUNK));
       return {
         id, sender, recipients, folder,
         arrival: arrivalOf(id, stat),

@@ -3,7 +3,7 @@
 // splitRecipients.
 
 import t from "tap";
-import { CHUNK, CorruptMessageError, Spool, addressProblem, splitRecipients, type QueuedMessage } from "../../queue.js";
+import { CHUNK, WHOLE, CorruptMessageError, Spool, addressProblem, splitRecipients, type QueuedMessage } from "../../queue.js";
 import { latin1, tempSpool, collect, prng } from "../helpers/queue-units.js";
 
 /* ------------------------------------------------------------------------------------ */
@@ -67,7 +67,7 @@ t.test("queue files that parse", async (t) => {
   }
 });
 
-t.test("queue files larger than CHUNK", async (t) => {
+t.test("queue files larger than CHUNK, and than WHOLE", async (t) => {
   const spool = await tempSpool(t, { fsync: false });
   const rnd = prng(3);
   const make = (n: number) => {
@@ -76,11 +76,11 @@ t.test("queue files larger than CHUNK", async (t) => {
     return b;
   };
   const env = latin1("a@b.org\nr@x.org\n");
-  for (const total of [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 5 * CHUNK + 77]) {
+  for (const total of [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, WHOLE - 1, WHOLE, WHOLE + 1, 5 * CHUNK + 77]) {
     const content = make(total - env.length);
     const msg = await parse(spool, Buffer.concat([env, content]));
     t.equal(msg.size, content.length, `file of ${total}: size`);
-    t.equal(msg.whole, total <= CHUNK, `file of ${total}: whole ${total <= CHUNK}`);
+    t.equal(msg.whole, total <= WHOLE, `file of ${total}: whole ${total <= WHOLE}`);
     t.ok(content.subarray(0, msg.head.length).equals(msg.head), `file of ${total}: head is the start of the content`);
     t.ok((await collect(spool.content(msg))).equals(content), `file of ${total}: content() yields the exact bytes`);
   }
