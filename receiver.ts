@@ -1338,8 +1338,9 @@ class Session {
     const transfer = this.transfer;
     this.transfer = null;
     if (transfer) {
-      this.log(`lost connection after DATA (${transfer.decoder.size} octets): message dropped`);
+      // Said once the partial file is gone, so "dropped" is true when it is read.
       await discard(transfer);
+      this.log(`lost connection after DATA (${transfer.decoder.size} octets): message dropped`);
     }
     this.log(`disconnect${this.quit ? "" : ` after ${this.lastCommand}`} (commands=${this.commands} messages=${this.messages} errors=${this.errors})`);
     this.settle();
