@@ -321,6 +321,8 @@ export class BodyHash {
   /** Something other than white space and line ends was seen. */
   private content = false;
   private done = false;
+  /** The last chunk ended with a line end (LF): the next one starts a line. */
+  private atLineStart = true;
 
   /**
    * Canonicalizes in runs: the next line end, tab and double space are found with indexOf,
@@ -333,6 +335,34 @@ export class BodyHash {
     // The next of each at or after i: -2 not looked for yet, -1 none left in this chunk.
     let nextCR = -2, nextLF = -2, nextTab = -2, nextDouble = -2;
     for (let i = 0; i < n;) {
+      if (!this.afterCR && !this.pendingSpace && (i === 0 ? this.atLineStart : chunk[i - 1] === LF)) {
+        // Whole lines already canonical (content, CRLF, no tab, no double or trailing space)
+        // go to the hash as one run; the last one's CRLF waits, as any line end does.
+        let p = i;
+        let lastEnd = -1;
+        for (;;) {
+          if (nextLF !== -1 && nextLF < p) nextLF = chunk.indexOf(LF, p);
+          const lf = nextLF;
+          if (lf < p + 2 || chunk[lf - 1] !== CR) break;
+          const last = chunk[lf - 2];
+          if (last === SP || last === HTAB || last === CR) break;
+          if (nextCR !== -1 && nextCR < p) nextCR = chunk.indexOf(CR, p);
+          if (nextCR !== lf - 1) break;
+          if (nextTab !== -1 && nextTab < p) nextTab = chunk.indexOf(HTAB, p);
+          if (nextTab !== -1 && nextTab < lf) break;
+          if (nextDouble !== -1 && nextDouble < p) nextDouble = chunk.indexOf(DOUBLE_SPACE, p);
+          if (nextDouble !== -1 && nextDouble < lf) break;
+          lastEnd = lf - 1;
+          p = lf + 1;
+        }
+        if (lastEnd >= 0) {
+          this.emit(chunk, i, lastEnd);
+          this.pendingLines = 1;
+          i = p;
+          this.atLineStart = true;
+          continue;
+        }
+      }
       const b = chunk[i];
       if (this.afterCR) {
         this.afterCR = false;
@@ -370,6 +400,7 @@ export class BodyHash {
       if (last < end) this.pendingSpace = true;
       i = end;
     }
+    if (n > 0) this.atLineStart = chunk[n - 1] === LF;
   }
 
   /** Content bytes [from, to): the line ends and the one space owed before them first. */

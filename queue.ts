@@ -964,6 +964,24 @@ export class Stuffer {
     let nextCR = -2;
     let nextLF = -2;
     for (let i = 0; i < n;) {
+      if (atLineStart && !afterCR) {
+        // Whole lines that need nothing (CRLF, no dot first, not too long) are copied as one run.
+        let p = i;
+        for (;;) {
+          if (nextLF !== -1 && nextLF < p) nextLF = chunk.indexOf(LF, p);
+          const lf = nextLF;
+          if (lf < 1 || lf <= p || chunk[lf - 1] !== CR || lf - 1 - p > MAX_LINE || (dots && chunk[p] === DOT)) break;
+          if (nextCR !== -1 && nextCR < p) nextCR = chunk.indexOf(CR, p);
+          if (nextCR !== lf - 1) break;
+          p = lf + 1;
+        }
+        if (p > i) {
+          if (out) chunk.copy(out, j, i, p);
+          j += p - i;
+          i = p;
+          if (i >= n) break;
+        }
+      }
       const b = chunk[i];
       if (afterCR) {
         afterCR = false;
