@@ -6,7 +6,7 @@ import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import t from "tap";
-import { CHUNK, FOLDERS, Spool, splitRecipients, type Folder } from "../../queue.js";
+import { CHUNK, WHOLE, FOLDERS, Spool, splitRecipients, type Folder } from "../../queue.js";
 import { latin1, tempSpool, atTime, fixedNow, list, put, read, exists, collect, prng } from "../helpers/queue-units.js";
 
 /* ------------------------------------------------------------------------------------ */
@@ -261,10 +261,10 @@ t.test("Spool.rewriteRecipients", async (t) => {
   t.ok(nagain.head.equals(rest));
 });
 
-t.test("Spool.rewriteRecipients: a message bigger than CHUNK", async (t) => {
+t.test("Spool.rewriteRecipients: a message too big to be read whole (read in CHUNK pieces)", async (t) => {
   const spool = await tempSpool(t, { fsync: false });
   const rnd = prng(7);
-  const rest = Buffer.alloc(3 * CHUNK + 12345);
+  const rest = Buffer.alloc(WHOLE + 3 * CHUNK + 12345);
   for (let i = 0; i < rest.length; i++) rest[i] = Math.floor(rnd() * 256);
   const head = latin1("<sender@b.org>\n<r1@x.org>,<r2@x.org>\n");
   const id = await spool.create(Buffer.concat([head, rest]));
