@@ -34,6 +34,7 @@ import { vrfy, expn, help } from "./client.js";
 import { loadDkimKeys, generateDkimKey, dnsRecord, spfRecord, dmarcRecord, checkDomain, formatCheck, DkimConfigError, type DkimKey } from "./dkim.js";
 import { Spool, SpoolError, addressProblem } from "./queue.js";
 import { printable } from "./smtp-codes.js";
+import { PolicyError, checkPolicy, type Policy } from "./policy.js";
 
 type FlagKind = "bool" | "int" | "string" | "list";
 interface FlagSpec { kind: FlagKind; key?: keyof MailOptions; help: string; arg?: string }
@@ -109,6 +110,8 @@ const OPTION_FLAGS: Record<string, FlagSpec> = {
   "--dkim-selector": { kind: "string", key: "dkimSelector", arg: "S", help: "DKIM: the selector (S._domainkey.D)" },
   "--dkim-key": { kind: "string", key: "dkimKey", arg: "FILE", help: "DKIM: the private key (PEM; RSA >= 2048 bits or Ed25519)" },
   "--dkim-keys": { kind: "string", key: "dkimKeys", arg: "FILE", help: "DKIM: a JSON table of From domains to selector and key" },
+  "--policy": { kind: "string", arg: "FILE", help: "per-destination and per-provider limits and reply rules (JSON)" },
+  "--syslog-name": { kind: "string", key: "syslogName", arg: "NAME", help: "syslog_name: log lines read NAME/smtp[pid] (mudmail)" },
 };
 
 export function usage(): string {
@@ -165,6 +168,7 @@ export function parseArgs(argv: string[]): Parsed {
     }
     if (arg === "--no-skip-quit-response") { options.skipQuitResponse = false; continue; }
     if (arg === "--no-mta-sts") { options.mtaSts = false; continue; }
+    if (arg === "--policy") { options.policy = readPolicy(String(value)); continue; }
     if (!spec.key) {
       if (spec.kind === "int") value = String(intValue(arg, String(value)));
       modes[arg] = value;
@@ -177,6 +181,28 @@ export function parseArgs(argv: string[]): Parsed {
     } else options[spec.key] = value;
   }
   return { modes, options: options as MailOptions, rest };
+}
+
+/** --policy FILE: the JSON, checked; a bad file is a usage error naming the file and the key. */
+function readPolicy(file: string): Policy {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (err) {
+    throw new UsageError(`--policy ${file}: cannot read: ${(err as Error).message}`);
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (err) {
+    throw new UsageError(`--policy ${file}: not JSON: ${(err as Error).message}`);
+  }
+  try {
+    return checkPolicy(json);
+  } catch (err) {
+    if (err instanceof PolicyError) throw new UsageError(`--policy ${file}: ${err.message}`);
+    throw err;
+  }
 }
 
 function intValue(flag: string, text: string): number {

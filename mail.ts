@@ -38,9 +38,15 @@
  *   session's TLS outcome is counted for TLS-RPT (tls-report.ts), whose daily reports are
  *   queued like the engine's other reports.
  *
+ *   The delivery policy (policy.ts) is applied by the scheduler alone, from the state as it
+ *   is: each destination's group (a provider known by its MX names, a domain, the relay) has
+ *   a connection limit, messages per connection and a pace; an idle slot takes a job only as
+ *   they allow, and a timer wakes the scheduler when a paced message may start.
+ *
  * BUGS
- *   One engine per spool (a lock); a second process asking to flush is refused. No
- *   per-destination rate limits yet.
+ *   One engine per spool (a lock); a second process asking to flush is refused. Mail that
+ *   waits for its destination's pace is read ahead up to READAHEAD_MAX jobs; past that, other
+ *   mail waits behind it.
  */
 
 import { EventEmitter } from "node:events";
@@ -63,12 +69,13 @@ import { TlsPolicies, type DomainTls, type ReportPolicy, type TlsResult } from "
 import { TlsReports } from "./tls-report.js";
 import { Spool, addressProblem, errno, type Bookkeeping, type QueueEntry, type Wire } from "./queue.js";
 import { SpoolThread, type MessageInfo, type Prepared } from "./spool-worker.js";
+import { Shaper, type Group, type Policy } from "./policy.js";
 
 export const VERSION = "0.1.0";
 
 // What a host program uses: the engine, its options, events and errors; the receiver
 // (--serve) and the direct client (scsh's sendmail, VRFY, EXPN, HELP).
-export type { MailOptions, SendMessage, QueueEntry, TlsMode };
+export type { MailOptions, SendMessage, QueueEntry, TlsMode, Policy };
 export { MailError };
 export { UsageError } from "./options.js";
 export { SpoolError } from "./queue.js";
@@ -113,7 +120,7 @@ export interface Outcome {
 }
 
 /** An outcome as the code that finds it out knows it; the engine fills in the rest (and logs the TLS policy that applied). */
-type OutcomeInput = Omit<Outcome, "enhanced" | "reply"> & { reply?: string | null; tlsPolicy?: string | null };
+type OutcomeInput = Omit<Outcome, "enhanced" | "reply"> & { reply?: string | null; tlsPolicy?: string | null; session?: Slot };
 
 export interface FlushSummary {
   sent: number;
@@ -128,6 +135,15 @@ export interface FlushSummary {
 
 /* ------------------------------------------------------------------------------------ */
 /* Stages                                                                                */
+
+/**
+ * How long an idle connection waits for its destination's pace (rate) to let the next message
+ * start; a longer wait closes it (QUIT) and a new one opens this long before the start.
+ */
+const KEEP_IDLE_MS = 10_000;
+/** Jobs read ahead at most, those waiting for their destination's pace included (memory stays bounded). */
+const READAHEAD_MAX = 1000;
+const NO_SLOTS: ReadonlySet<never> = new Set();
 
 /** The seed's stages, in the order a session walks them; only RSET and QUIT come back. */
 enum Stage { Connect = -1, Banner = 0, Helo = 1, Mail = 2, Rcpt = 3, Data = 4, Body = 5, Dot = 6, Rset = 7, Quit = 8 }
@@ -154,6 +170,10 @@ class Delivery {
   settlement: Settlement | null = null;
   /** Resolves once settling ended (done, or stranded for a later tick); null before it began. */
   settled: Promise<void> | null = null;
+  /** Recipients deferred by a reply rule (throttle, suspend): no attempt is counted for them. */
+  readonly noPenalty = new Set<string>();
+  /** Suspensions that held some of its recipients back untried: put back, it waits for their end. */
+  readonly heldBy = new Set<string>();
   constructor(
     readonly msg: MessageInfo,
     readonly wire: Wire,
@@ -231,12 +251,22 @@ class Job {
   constructor(readonly delivery: Delivery, readonly destination: Destination, readonly recipients: string[]) {}
 }
 
+/** A slot waiting for a job, and how to hand it one (or null: QUIT). */
+interface IdleSlot {
+  slot: Slot;
+  give: (job: Job | null) => void;
+}
+
 /** Where jobs go: the relay, or a domain's mail exchangers. What it learns lives for one tick. */
 class Destination {
   /** Its slots, connecting or connected. */
   readonly slots = new Set<Slot>();
-  /** Its slots that wait for a job: each one's callback, called with a job or with null (QUIT). */
-  readonly idle: Array<(job: Job | null) => void> = [];
+  /** Its slots that wait for a job. */
+  readonly idle: IdleSlot[] = [];
+  /** What its limits are counted on (policy.ts): a provider, a domain, or itself; found with the route. */
+  group: Group | null = null;
+  /** The reply of the server that refused its last connection, for the policy's reply rules. */
+  lastReply: string | null = null;
   /** Connections that got no greeting from any address, this tick: at 2 the tick gives up on it. */
   failures = 0;
   /** Set for the rest of the tick once connecting failed twice: its jobs are deferred. */
@@ -265,6 +295,7 @@ class Destination {
     this.failures = 0;
     this.deadReason = null;
     this.lastError = null;
+    this.lastReply = null;
     this.lastTlsPolicy = null;
     this.route = null;
     this.tls = null;
@@ -364,14 +395,14 @@ interface SlotHost {
   readonly stopping: boolean;
   readonly spool: SpoolThread;
   session(hop: Hop, dest: Destination): Session;
-  /* The scheduler: jobs for this slot's destination. */
-  jobFor(dest: Destination, give: (job: Job | null) => void): void;
-  jobNow(dest: Destination): Job | null;
+  /* The scheduler: jobs for this slot's destination, as its policy allows. */
+  jobFor(slot: Slot, give: (job: Job | null) => void): void;
+  jobNow(slot: Slot): Job | null;
   jobReturned(job: Job): void;
   retryNow(job: Job, recipients: string[]): void;
   jobDone(job: Job): void;
   slotReady(slot: Slot): void;
-  slotFailedEarly(slot: Slot, reason: string): void;
+  slotFailedEarly(slot: Slot, reason: string, reply: string | null): void;
   slotClosed(slot: Slot): void;
   /* What the session found out. */
   recordOutcome(job: Job, outcome: OutcomeInput): void;
@@ -395,6 +426,8 @@ class Slot {
   /** host[ip]:port, for log lines; "none" until connected. */
   relay = "none";
   delivered = 0;
+  /** Transactions the scheduler gave it (messagesPerConnection counts them). */
+  jobs = 0;
   /** A server greeted and the session is set up (EHLO, TLS, AUTH): this destination's servers answer. */
   greeted = false;
   #conn: SmtpConnection | null = null;
@@ -410,6 +443,8 @@ class Slot {
   /** The peer is in --debug-peer: every line of the conversation is logged. */
   #debug = false;
   #lastError = "no address to connect to";
+  /** The reply of the last hop that refused to greet, for the policy's reply rules. */
+  #lastReply: string | null = null;
   #authenticated = false;
   #session: Session | null = null;
   /** A large body is being written from its file: the slot writes nothing else meanwhile. */
@@ -422,7 +457,12 @@ class Slot {
     return this.#session?.tlsPolicy ?? null;
   }
 
-  constructor(private readonly host: SlotHost, readonly destination: Destination) {}
+  constructor(private readonly host: SlotHost, readonly destination: Destination, readonly group: Group) {}
+
+  /** QUIT has begun, or the connection is over: it takes no more jobs and will close. */
+  get leaving(): boolean {
+    return this.stage === Stage.Quit || this.#closed;
+  }
 
   /**
    * do_smtp_connect(): connects to each hop of the route in turn until one greets. A refused
@@ -439,7 +479,7 @@ class Slot {
     const hop = this.#hops.shift();
     if (!hop || this.host.stopping) {
       this.#closed = true;
-      this.host.slotFailedEarly(this, this.#lastError);
+      this.host.slotFailedEarly(this, this.#lastError, this.#lastReply);
       return;
     }
     this.#hop = hop;
@@ -517,7 +557,7 @@ class Slot {
   #nextJob(): void {
     this.stage = Stage.Mail;
     this.ready = true;
-    this.host.jobFor(this.destination, (job) => {
+    this.host.jobFor(this, (job) => {
       if (this.#closed) {
         if (job) this.host.jobReturned(job);
         return;
@@ -695,7 +735,7 @@ class Slot {
   /** RFC 2920: with PIPELINING the next envelope goes right behind the dot, in the same packet. */
   #pipelineNext(): void {
     if (!this.#ext?.pipelining) return;
-    const job = this.host.jobNow(this.destination);
+    const job = this.host.jobNow(this);
     if (job) this.#startTxn(job);
   }
 
@@ -743,7 +783,7 @@ class Slot {
   /* Outcomes */
 
   #outcome(job: Job, status: Status, code: number, dsn: string, text: string, reply: string | null = null): Omit<OutcomeInput, "recipient"> {
-    return { queueId: job.delivery.msg.id, status, code, dsn, text, relay: this.relay, reply, tlsPolicy: this.#session?.tlsPolicy };
+    return { queueId: job.delivery.msg.id, status, code, dsn, text, relay: this.relay, reply, tlsPolicy: this.#session?.tlsPolicy, session: this };
   }
 
   #replyOutcome(job: Job, reply: Reply, stage: Stage): Omit<OutcomeInput, "recipient"> {
@@ -798,6 +838,7 @@ class Slot {
     if (err.code === "ETLS" && this.#session?.connection.tls === "may") this.host.tlsFailed(this.#hop);
     if (this.stage <= Stage.Banner && this.#hops.length > 0 && !this.host.stopping) {
       this.#lastError = err.message;
+      this.#lastReply = reply && reply.code < 600 ? printable(replyText(reply)) : null;
       return this.#connectNext();
     }
     if (err.code === "EPROTOCOL" && this.#transcript) this.host.protocolNotice(this.#peer, err.message, this.#transcript);
@@ -811,13 +852,14 @@ class Slot {
     this.#closed = true;
     const code = reply && reply.code < 600 ? reply.code : 0;
     const dsn = reply && reply.code < 600 && classify(reply) === "temporary" ? dsnStatus(reply) : "4.4.2";
+    const words = reply && reply.code < 600 ? printable(replyText(reply)) : null;
     for (const txn of [...this.#txns]) {
       for (const rcpt of txn.job.recipients) {
-        if (!txn.job.delivery.outcomes.has(rcpt)) this.#settleOne(txn, rcpt, this.#outcome(txn.job, "deferred", code, dsn, reason));
+        if (!txn.job.delivery.outcomes.has(rcpt)) this.#settleOne(txn, rcpt, this.#outcome(txn.job, "deferred", code, dsn, reason, words));
       }
       this.#finishTxn(txn);
     }
-    if (failedEarly) this.host.slotFailedEarly(this, reason);
+    if (failedEarly) this.host.slotFailedEarly(this, reason, words);
     else this.host.slotClosed(this);
   }
 
@@ -904,13 +946,13 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       get stopping() { return engine.#stopping; },
       get spool() { return engine.#spool; },
       session: (hop, dest) => this.#session(hop, dest),
-      jobFor: (dest, give) => this.#jobFor(dest, give),
-      jobNow: (dest) => this.#jobNow(dest),
+      jobFor: (slot, give) => this.#jobFor(slot, give),
+      jobNow: (slot) => this.#jobNow(slot),
       jobReturned: (job) => this.#jobReturned(job),
       retryNow: (job, recipients) => this.#retryNow(job, recipients),
       jobDone: (job) => this.#jobDone(job),
       slotReady: (slot) => this.#slotReady(slot),
-      slotFailedEarly: (slot, reason) => this.#slotFailedEarly(slot, reason),
+      slotFailedEarly: (slot, reason, reply) => this.#slotFailedEarly(slot, reason, reply),
       slotClosed: (slot) => this.#slotClosed(slot),
       recordOutcome: (job, outcome) => this.#recordOutcome(job, outcome),
       note: (text) => this.#note(text),
@@ -938,6 +980,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       ownAddresses: ownAddresses(o.inetInterfaces),
       ignoreMxLookupError: o.ignoreMxLookupError,
     });
+    this.#shaper = new Shaper(o.policy, { connections: o.destinationConcurrencyLimit });
     this.#log = new MailLog(this.#options.log);
     this.#log.redact(secretForms(this.#credentials()));
     // TLS policies and reports are the MX hosts' business: none through a relay.
@@ -956,6 +999,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   }
 
   readonly #dkimKeys: DkimKey[];
+  /** The delivery policy (policy.ts): each destination's limits and pace, reply rules, suspensions. */
+  readonly #shaper: Shaper;
   readonly #policies: TlsPolicies | null;
   readonly #tlsReports: TlsReports | null;
 
@@ -1007,6 +1052,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#stopping = true;
     if (this.#timer) clearInterval(this.#timer);
     this.#timer = null;
+    this.#wake(Infinity);
     this.#watcher?.close();
     this.#watcher = null;
     // An init still running would take the lock after we let it go: let it finish first.
@@ -1191,7 +1237,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
 
   /** Keeps a few jobs ready ahead of the slots, so a slot never waits on the disk between messages. */
   #pump(): void {
-    while (!this.#stopping && !this.#authFailure && this.#backlogHead < this.#backlog.length && this.#preparing + this.#jobs.size < this.#readahead) {
+    while (!this.#stopping && !this.#authFailure && this.#backlogHead < this.#backlog.length && this.#roomAhead()) {
       const id = this.#backlog[this.#backlogHead++];
       if (this.#backlogHead > 4096 && this.#backlogHead * 2 > this.#backlog.length) {
         this.#backlog = this.#backlog.slice(this.#backlogHead);
@@ -1208,6 +1254,21 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
         });
     }
     if (this.#backlogHead >= this.#backlog.length && this.#preparing === 0 && !this.#scanning) this.#schedule();
+  }
+
+  /**
+   * Room for one more message to be read ahead: fewer than #readahead jobs wait or are being
+   * prepared, not counting those that wait for their group's pace (a rate-limited destination
+   * must not hold up the reading of other mail), up to READAHEAD_MAX jobs in all.
+   */
+  #roomAhead(): boolean {
+    const ahead = this.#preparing + this.#jobs.size;
+    if (ahead < this.#readahead) return true;
+    if (this.#jobs.size >= READAHEAD_MAX) return false;
+    const now = Date.now();
+    let paced = 0;
+    for (const dest of this.#destinations.values()) if (dest.group && dest.group.nextStart > now) paced += this.#jobs.count(dest);
+    return ahead - paced < this.#readahead;
   }
 
   async #prepare(queued: string): Promise<void> {
@@ -1273,13 +1334,12 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     if (this.#stopping || this.#authFailure) return this.#jobDone(job);
     if (dest.deadReason) return this.#deferUnsent(job, `delivery temporarily suspended: ${dest.deadReason}`);
     if (dest.route && dest.route !== "pending" && !dest.route.ok) return this.#routeFailed(job, dest.route);
-    const idle = dest.idle.shift();
-    if (idle) return idle(job);
     this.#jobs.add(job);
     if (dest.route === null) this.#lookUpRoute(dest);
+    else if (dest.idle.length > 0) this.#schedule();
   }
 
-  /** Once per tick and destination: where its mail goes. Its jobs wait in its queue meanwhile. */
+  /** Once per tick and destination: where its mail goes, and so the group its limits count on. */
   #lookUpRoute(dest: Destination): void {
     dest.route = "pending";
     const mx = !dest.key.startsWith("relay:");
@@ -1287,12 +1347,22 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       (this.#policies && mx && found.ok ? this.#policies.secure(dest.key, found) : { route: found, tls: null })).then(({ route, tls }) => {
       dest.route = route;
       dest.tls = tls;
+      this.#placeInGroup(dest);
       if (!route.ok) for (const job of this.#jobs.drain(dest)) this.#routeFailed(job, route);
       this.#schedule();
     }, (err) => {
       dest.route = { ok: false, permanent: false, dsn: "4.4.3", reason: `cannot look up ${dest.key}: ${(err as Error).message}` };
+      this.#placeInGroup(dest);
       this.#schedule();
     });
+  }
+
+  /** A provider is known by its MX hosts' names; through the relay, the relay's name is the destination's. */
+  #placeInGroup(dest: Destination): void {
+    const mx = !dest.key.startsWith("relay:");
+    const hosts = dest.hops.filter((h) => !h.via).map((h) => h.host);
+    const name = mx ? dest.key : parseHostPort(this.#options.relay!, "--relay", 25).host.toLowerCase();
+    dest.group = this.#shaper.groupFor(name, mx ? hosts : [name]);
   }
 
   /** A destination DNS says does not exist bounces its jobs; one it cannot tell about now defers them. */
@@ -1307,20 +1377,28 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#jobDone(job);
   }
 
-  /** The next job for a slot of this destination: now, or when the scheduler has one (null: QUIT). */
-  #jobFor(dest: Destination, give: (job: Job | null) => void): void {
-    const job = this.#jobNow(dest);
+  /** The next job for a slot: now, or when the scheduler has one for it (null: QUIT). */
+  #jobFor(slot: Slot, give: (job: Job | null) => void): void {
+    const job = this.#jobNow(slot);
     if (job) return give(job);
-    dest.idle.push(give);
+    slot.destination.idle.push({ slot, give });
     this.#pump();
     this.#schedule();
   }
 
-  /** A job for this destination if one is ready now (the next envelope behind a pipelined dot). */
-  #jobNow(dest: Destination): Job | null {
-    const job = this.#jobs.take(dest);
-    if (job) this.#pump();
+  /** A job for this slot if one is ready and its policy lets it start now (the next envelope behind a pipelined dot). */
+  #jobNow(slot: Slot): Job | null {
+    if (this.#jobs.count(slot.destination) === 0 || this.#mayTake(slot, Date.now()) !== "take") return null;
+    const job = this.#jobs.take(slot.destination)!;
+    this.#started(slot, job);
+    this.#pump();
     return job;
+  }
+
+  /** A slot begins a job: it counts for messagesPerConnection, and for its group's pace. */
+  #started(slot: Slot, _job: Job): void {
+    slot.jobs++;
+    this.#shaper.started(slot.group, Date.now());
   }
 
   /** Recipients a server had no room for in this transaction: a new job, first in line. */
@@ -1340,11 +1418,14 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   /**
    * check_misc_connects(), and every other decision about slots, made here from the state as
    * it is now, never from counts kept aside: idle slots take their destination's waiting
-   * jobs; connections open where jobs wait beyond the slots serving them (one at a time
-   * until a server greets, as the C code's one blocking connect did, and after two failed
+   * jobs as far as its policy lets them (its group's connection limit, messages per
+   * connection, the rate); connections open where jobs wait beyond the slots serving them (one
+   * at a time until a server greets, as the C code's one blocking connect did, never beyond
+   * the group's limit, and not long before the rate lets a message start; after two failed
    * connects the tick gives up on the destination and defers its mail); a slot with nothing
    * to do gives way (QUIT) when another destination's mail has no slot and none is free, and
-   * quits when no more mail can come in this pass.
+   * quits when no more mail can come in this pass. A timer wakes it when a paced message
+   * may start.
    */
   #schedule(): void {
     if (this.#scheduling) {
@@ -1365,10 +1446,28 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
 
   #scheduleOnce(): void {
     const giveUp = this.#stopping || this.#authFailure !== null;
+    const now = Date.now();
     let unserved = 0;
+    let wake = Infinity;
     for (const dest of giveUp ? [] : this.#destinations.values()) {
       if (dest.route === null || dest.route === "pending") continue;
-      while (this.#jobs.count(dest) > 0 && dest.idle.length > 0) dest.idle.shift()!(this.#jobs.take(dest));
+      const group = dest.group!;
+      for (const idle of [...dest.idle]) {
+        const may = this.#mayTake(idle.slot, now);
+        if (may === "take" && this.#jobs.count(dest) === 0) continue;
+        if (typeof may === "number") {
+          if (this.#jobs.count(dest) > 0) wake = Math.min(wake, may);
+          continue;
+        }
+        dest.idle.splice(dest.idle.indexOf(idle), 1);
+        if (may === "quit") {
+          idle.give(null);
+          continue;
+        }
+        const job = this.#jobs.take(dest)!;
+        this.#started(idle.slot, job);
+        idle.give(job);
+      }
       const waiting = this.#jobs.count(dest);
       if (dest.failures >= 2) {
         if (dest.slots.size === 0 && waiting > 0) {
@@ -1378,24 +1477,86 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
         }
         continue;
       }
-      const mayGrow = () => dest.slots.size < this.#options.destinationConcurrencyLimit && (dest.greeted || dest.slots.size === 0);
-      while (waiting > dest.slots.size && this.#slots.size < this.#options.maxConnections && mayGrow()) this.#openSlot(dest);
-      if (waiting > dest.slots.size && mayGrow()) unserved += waiting - dest.slots.size;
+      // A new connection opens when a message may start by the time it is ready.
+      const startsAt = group.nextStart - KEEP_IDLE_MS;
+      if (waiting > 0 && startsAt > now) wake = Math.min(wake, startsAt);
+      const serving = this.#live(dest.slots);
+      const mayGrow = () => startsAt <= now && this.#live(this.#groupSlots(group)) < this.#shaper.connections(group) &&
+        (dest.greeted || dest.slots.size === 0);
+      let opened = 0;
+      while (waiting > serving + opened && this.#slots.size < this.#options.maxConnections && mayGrow()) {
+        this.#openSlot(dest);
+        opened++;
+      }
+      if (waiting > serving + opened && mayGrow()) unserved += waiting - serving - opened;
     }
     const slotsFull = this.#slots.size >= this.#options.maxConnections;
     const moreMayCome = !giveUp && this.#moreMayCome();
     for (const dest of this.#destinations.values()) {
-      while (dest.idle.length > 0 && (!moreMayCome || (slotsFull && unserved > 0))) {
-        dest.idle.shift()!(null);
+      const mailWaits = !giveUp && this.#jobs.count(dest) > 0;
+      while (dest.idle.length > 0 && ((!moreMayCome && !mailWaits) || (slotsFull && unserved > 0))) {
+        dest.idle.shift()!.give(null);
         unserved--;
       }
     }
+    this.#wake(giveUp ? Infinity : wake);
   }
 
+  /**
+   * What the policy says to a slot that would take its next job now: take it; wait (the epoch
+   * ms its group's pace lets a message start, when that is soon); or quit (messagesPerConnection
+   * reached, more connections open than the group's limit, or a long wait for the pace).
+   */
+  #mayTake(slot: Slot, now: number): "take" | "quit" | number {
+    const group = slot.group;
+    if (this.#live(this.#groupSlots(group)) > this.#shaper.connections(group)) return "quit";
+    const perConnection = group.limits.messagesPerConnection;
+    if (perConnection !== null && slot.jobs >= perConnection) return "quit";
+    if (group.nextStart > now) return group.nextStart - now <= KEEP_IDLE_MS ? group.nextStart : "quit";
+    return "take";
+  }
+
+  /** Slots that are not leaving: connecting, working, or idle. */
+  #live(slots: Iterable<Slot>): number {
+    let n = 0;
+    for (const slot of slots) if (!slot.leaving) n++;
+    return n;
+  }
+
+  /** Slots by the group their destination's limits count on (set when each opens). */
+  readonly #slotsByGroup = new Map<Group, Set<Slot>>();
+
+  #groupSlots(group: Group): ReadonlySet<Slot> {
+    return this.#slotsByGroup.get(group) ?? NO_SLOTS;
+  }
+
+  /** The scheduler runs again at `at` (epoch ms); the timer keeps the process alive only while mail waits for it. */
+  #wake(at: number): void {
+    if (at !== this.#wakeAt) {
+      if (this.#wakeTimer) clearTimeout(this.#wakeTimer);
+      this.#wakeTimer = null;
+      this.#wakeAt = at;
+      if (at === Infinity) return;
+      this.#wakeTimer = setTimeout(() => {
+        this.#wakeTimer = null;
+        this.#wakeAt = Infinity;
+        this.#schedule();
+      }, Math.max(0, at - Date.now()));
+    }
+    if (this.#wakeTimer && this.#jobs.size > 0) this.#wakeTimer.ref();
+    else this.#wakeTimer?.unref();
+  }
+
+  #wakeTimer: NodeJS.Timeout | null = null;
+  #wakeAt = Infinity;
+
   #openSlot(dest: Destination): void {
-    const slot = new Slot(this.#host, dest);
+    const slot = new Slot(this.#host, dest, dest.group!);
     this.#slots.add(slot);
     dest.slots.add(slot);
+    let same = this.#slotsByGroup.get(slot.group);
+    if (!same) this.#slotsByGroup.set(slot.group, (same = new Set()));
+    same.add(slot);
     slot.open();
   }
 
@@ -1417,9 +1578,10 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#schedule();
   }
 
-  #slotFailedEarly(slot: Slot, reason: string): void {
+  #slotFailedEarly(slot: Slot, reason: string, reply: string | null): void {
     slot.destination.failures++;
     slot.destination.lastError = reason;
+    slot.destination.lastReply = reply;
     slot.destination.lastTlsPolicy = slot.tlsPolicy;
     this.#slotClosed(slot);
   }
@@ -1427,6 +1589,9 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   #slotClosed(slot: Slot): void {
     if (!this.#slots.delete(slot)) return;
     slot.destination.slots.delete(slot);
+    const same = this.#slotsByGroup.get(slot.group);
+    same?.delete(slot);
+    if (same?.size === 0) this.#slotsByGroup.delete(slot.group);
     this.#schedule();
   }
 
@@ -1436,14 +1601,15 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       if (reason) this.#deferUnsent(job, reason);
       else this.#jobDone(job);
     }
-    for (const idle of dest.idle.splice(0)) idle(null);
+    for (const idle of dest.idle.splice(0)) idle.give(null);
   }
 
   #deferUnsent(job: Job, reason: string): void {
     job.startedAt = Date.now();
+    const dest = job.destination;
     for (const rcpt of job.recipients) {
       if (!job.delivery.outcomes.has(rcpt)) {
-        this.#recordOutcome(job, { queueId: job.delivery.msg.id, recipient: rcpt, status: "deferred", code: 0, dsn: "4.4.1", text: reason, relay: "none", tlsPolicy: job.destination.lastTlsPolicy });
+        this.#recordOutcome(job, { queueId: job.delivery.msg.id, recipient: rcpt, status: "deferred", code: 0, dsn: "4.4.1", text: reason, relay: "none", tlsPolicy: dest.lastTlsPolicy });
       }
     }
     this.#jobDone(job);
@@ -1630,7 +1796,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   /* Outcomes: log line, event, and the queue file's fate */
 
   #recordOutcome(job: Job, input: OutcomeInput): void {
-    const { tlsPolicy, ...fields } = input;
+    const { tlsPolicy, session: _session, ...fields } = input;
     const outcome: Outcome = { ...fields, enhanced: input.dsn, reply: input.reply ?? null };
     const delivery = job.delivery;
     delivery.outcomes.set(outcome.recipient, outcome);

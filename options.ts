@@ -23,6 +23,7 @@ import * as os from "node:os";
 import { MailError, STAGE_TIMEOUTS } from "./smtp-codes.js";
 import { addressProblem } from "./queue.js";
 import type { Credentials, TlsMode } from "./smtp-connection.js";
+import { PolicyError, checkPolicy, type Policy } from "./policy.js";
 
 /** Every flag of SPEC section 3 in camelCase; later issues give the rest their behaviour. */
 export interface MailOptions {
@@ -73,8 +74,12 @@ export interface MailOptions {
   delayWarning?: number | null;
   /** Recipients per transaction (smtp_destination_recipient_limit). */
   recipientLimit?: number;
-  /** Connections per destination (default_destination_concurrency_limit). */
+  /** Connections per destination (default_destination_concurrency_limit): the policy's default for "connections". */
   destinationConcurrencyLimit?: number;
+  /** Per-destination and per-provider limits and reply rules (--policy FILE: the same JSON). */
+  policy?: Policy | null;
+  /** The name log lines go under, "<name>/smtp[pid]" (Postfix's syslog_name). */
+  syslogName?: string;
   /** Seconds between ticks when the engine keeps its own timer. */
   tickInterval?: number;
   /** fsync queue files when they are written (default true). */
@@ -101,7 +106,7 @@ export const DEFAULTS: Resolved = {
   disableDnsLookups: false, skipQuitResponse: true, notifyClasses: ["resource", "software"],
   postmaster: null, debugPeer: [], delayWarning: null,
   recipientLimit: 50, destinationConcurrencyLimit: 20, tickInterval: 60, fsync: true, dnsTimeout: 5,
-  dkimDomain: null, dkimSelector: null, dkimKey: null, dkimKeys: null,
+  dkimDomain: null, dkimSelector: null, dkimKey: null, dkimKeys: null, policy: null, syslogName: "mudmail",
 };
 
 /** A bad option or argument: names the flag; exits 2 from the command line. */
@@ -163,6 +168,17 @@ export function checkOptions(input: MailOptions): Resolved {
     } catch (err) {
       throw new UsageError(`--tls-ca: cannot read ${o.tlsCa}: ${(err as Error).message}`);
     }
+  }
+  if (o.policy != null) {
+    try {
+      checkPolicy(o.policy);
+    } catch (err) {
+      if (err instanceof PolicyError) throw new UsageError(`--policy: ${err.message}`);
+      throw err;
+    }
+  }
+  if (typeof o.syslogName !== "string" || !/^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$/.test(o.syslogName)) {
+    throw new UsageError(`--syslog-name: expected a name of letters, digits, ".", "_", "-" or "/", got ${JSON.stringify(o.syslogName)}`);
   }
   if (o.disableDnsLookups && !o.relay) throw new UsageError("--disable-dns-lookups needs --relay: without DNS, mail can only go to a relay");
   return o;

@@ -42,7 +42,7 @@ t.test("no module imports one that imports it back", async (t) => {
 
 const PUBLIC_VALUES = ["MailEngine", "MailError", "SmtpSession", "SpoolError", "UsageError", "VERSION", "expn", "help", "sendmail", "smtpTransactions", "startServer", "vrfy"];
 const PUBLIC_TYPES = [
-  "Answer", "ClientOptions", "FlushSummary", "Loser", "MailEngineEvents", "MailErrorDetails", "MailOptions", "Outcome", "QueueEntry",
+  "Answer", "ClientOptions", "FlushSummary", "Loser", "MailEngineEvents", "MailErrorDetails", "MailOptions", "Outcome", "Policy", "QueueEntry",
   "SendMessage", "SendmailOptions", "SendmailResult", "ServerHandle", "ServerOptions", "Status", "StoredMessage", "TlsMode",
 ];
 const ENGINE_MEMBERS = ["constructor", "flush", "progress", "queue", "send", "start", "stop", "tick"];
