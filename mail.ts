@@ -61,7 +61,7 @@ import {
 import { Router, type Hop, type Route } from "./route.js";
 import { SmtpConnection, STEPS, type ConnectionOptions, type Credentials, type Hello, type Step, type TlsMode } from "./smtp-connection.js";
 import { composeBounce, composeNotice } from "./bounce.js";
-import { checkDsn, composeMessage, formatAge, type SendMessage } from "./compose.js";
+import { checkDsn, composeMessage, formatAge, syslogDate, type SendMessage } from "./compose.js";
 import { MailLog, seconds, secretForms } from "./log.js";
 import { checkOptions, credentialsOf, parseHostPort, type MailOptions, type Resolved } from "./options.js";
 import { loadDkimKeys, type DkimKey } from "./dkim.js";
@@ -69,7 +69,7 @@ import { TlsPolicies, type DomainTls, type ReportPolicy, type TlsResult } from "
 import { TlsReports } from "./tls-report.js";
 import { Spool, addressProblem, errno, type Bookkeeping, type QueueEntry, type Wire } from "./queue.js";
 import { SpoolThread, type MessageInfo, type Prepared } from "./spool-worker.js";
-import { Shaper, type Group, type Policy } from "./policy.js";
+import { Shaper, type Group, type Policy, type ReplyRule } from "./policy.js";
 
 export const VERSION = "0.1.0";
 
@@ -1105,6 +1105,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       }
     }
     this.#forgetTried();
+    this.#expireSuspensions();
     await this.#retryStranded();
     await this.#tlsReportsDue();
     this.#takeDue(force ? Infinity : Date.now());
@@ -1148,6 +1149,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       for (const id of recovered) this.#log.write("qmgr", `${id}: requeued from outgoing_active/ after an unclean stop`);
       await this.#loadDeferred();
       await this.#loadTlsFallback();
+      this.#shaper.load(await this.#spool.readState("suspended"));
+      this.#expireSuspensions();
       await this.#tlsReports?.load();
     }
   }
@@ -1186,7 +1189,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   }
 
   #enqueue(id: string): void {
-    if (this.#known.has(id) || this.#tried.has(id)) return;
+    if (this.#known.has(id) || this.#tried.has(id) || this.#parked.has(id)) return;
     this.#known.add(id);
     this.#backlog.push(id);
   }
@@ -1208,7 +1211,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   #watch(): void {
     try {
       this.#watcher = fs.watch(path.join(this.#options.maildir, "outgoing"), (_event, name) => {
-        if (!name || name.startsWith(".") || this.#known.has(String(name)) || this.#tried.has(String(name))) return;
+        if (!name || name.startsWith(".") || this.#known.has(String(name)) || this.#tried.has(String(name)) || this.#parked.has(String(name))) return;
         this.#rescanSoon();
       });
       this.#watcher.on("error", () => { this.#watcher?.close(); this.#watcher = null; });
@@ -1301,11 +1304,20 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     const jobs = this.#splitJobs(delivery);
     delivery.openJobs = jobs.length;
     for (const job of jobs) this.#queueJob(job);
+    // Every recipient is behind a suspension: back it goes, untried, to wait for its end.
+    if (jobs.length === 0) this.#deliveryDone(delivery);
   }
 
   #splitJobs(delivery: Delivery): Job[] {
     const byDestination = new Map<Destination, string[]>();
+    const now = Date.now();
     for (const rcpt of delivery.msg.recipients) {
+      // A domain suspended by name (--suspend) is held back here, whatever route it has.
+      const domain = rcpt.slice(rcpt.lastIndexOf("@") + 1).toLowerCase();
+      if (this.#shaper.suspension(domain, now)) {
+        delivery.heldBy.add(domain);
+        continue;
+      }
       const dest = this.#destinationOf(rcpt);
       const list = byDestination.get(dest);
       if (list) list.push(rcpt);
@@ -1452,6 +1464,11 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     for (const dest of giveUp ? [] : this.#destinations.values()) {
       if (dest.route === null || dest.route === "pending") continue;
       const group = dest.group!;
+      const held = this.#suspensionOf(dest, now);
+      if (held) {
+        this.#holdBack(dest, held);
+        continue;
+      }
       for (const idle of [...dest.idle]) {
         const may = this.#mayTake(idle.slot, now);
         if (may === "take" && this.#jobs.count(dest) === 0) continue;
@@ -1499,7 +1516,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
         unserved--;
       }
     }
-    this.#wake(giveUp ? Infinity : wake);
+    this.#wake(giveUp ? Infinity : Math.min(wake, this.#shaper.nextEnd()));
   }
 
   /**
@@ -1509,6 +1526,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
    */
   #mayTake(slot: Slot, now: number): "take" | "quit" | number {
     const group = slot.group;
+    if (this.#suspensionOf(slot.destination, now)) return "quit";
     if (this.#live(this.#groupSlots(group)) > this.#shaper.connections(group)) return "quit";
     const perConnection = group.limits.messagesPerConnection;
     if (perConnection !== null && slot.jobs >= perConnection) return "quit";
@@ -1540,6 +1558,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       this.#wakeTimer = setTimeout(() => {
         this.#wakeTimer = null;
         this.#wakeAt = Infinity;
+        this.#expireSuspensions();
         this.#schedule();
       }, Math.max(0, at - Date.now()));
     }
@@ -1579,6 +1598,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   }
 
   #slotFailedEarly(slot: Slot, reason: string, reply: string | null): void {
+    const rule = reply ? this.#shaper.ruleFor(reply) : null;
+    if (rule) this.#applyRule(rule, slot, reason);
     slot.destination.failures++;
     slot.destination.lastError = reason;
     slot.destination.lastReply = reply;
@@ -1593,6 +1614,98 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     same?.delete(slot);
     if (same?.size === 0) this.#slotsByGroup.delete(slot.group);
     this.#schedule();
+  }
+
+  /* Reply rules and suspensions */
+
+  /** The suspension a destination is under now: its group's (a provider, a domain) or its own domain's. */
+  #suspensionOf(dest: Destination, now: number): string | null {
+    if (dest.group && this.#shaper.suspension(dest.group.key, now)) return dest.group.key;
+    if (!dest.key.startsWith("relay:") && this.#shaper.suspension(dest.key, now)) return dest.key;
+    return null;
+  }
+
+  /** A suspended destination: its jobs go back untried (they wait for the end), its idle slots quit. */
+  #holdBack(dest: Destination, key: string): void {
+    if (!dest.key.startsWith("relay:") && this.#shaper.noteDomain(key, dest.key)) this.#saveSuspensions();
+    for (const job of this.#jobs.drain(dest)) {
+      job.delivery.heldBy.add(key);
+      this.#jobDone(job);
+    }
+    for (const idle of dest.idle.splice(0)) idle.give(null);
+  }
+
+  /**
+   * A deferral whose reply a rule matches costs the message no attempt; the rule's action
+   * (throttle, suspend) is taken once per session, by the outcome that carries the session.
+   * Jobs deferred after the connection failed match by the reply that refused it.
+   */
+  #replyRule(job: Job, session: Slot | null, outcome: Outcome): void {
+    const words = outcome.reply ?? (outcome.relay === "none" ? job.destination.lastReply : null) ?? outcome.text;
+    const rule = this.#shaper.ruleFor(words);
+    if (!rule) return;
+    job.delivery.noPenalty.add(outcome.recipient);
+    const group = session?.group ?? job.destination.group;
+    if (rule.action === "suspend" && group) job.delivery.heldBy.add(group.key);
+    if (session) this.#applyRule(rule, session, outcome.text);
+  }
+
+  /** Sessions whose reply already moved the policy: one session, one throttle (or suspension). */
+  readonly #ruled = new WeakSet<Slot>();
+
+  #applyRule(rule: ReplyRule, slot: Slot, reason: string): void {
+    if (this.#ruled.has(slot)) return;
+    this.#ruled.add(slot);
+    const group = slot.group;
+    if (rule.action === "throttle") {
+      // The slot that heard it is still counted: it was open when the server asked for fewer.
+      const limit = this.#shaper.throttle(group, this.#groupSlots(group).size);
+      this.#log.write("qmgr", `${group.key}: throttled to ${limit} connection${limit === 1 ? "" : "s"}: ${printable(reason, 1000)}`);
+    } else {
+      const domains = slot.destination.key.startsWith("relay:") ? [] : [slot.destination.key];
+      this.#suspend(group.key, rule.seconds, reason, domains);
+    }
+    this.#schedule();
+  }
+
+  /** Begins a suspension (logged once, when it begins; a second reply only lengthens it). */
+  #suspend(key: string, seconds: number, reason: string, domains: string[] = []): void {
+    const now = Date.now();
+    const already = this.#shaper.suspension(key, now) !== null;
+    const s = this.#shaper.suspend(key, seconds, reason, now, domains);
+    if (!already) this.#log.write("qmgr", `${key}: delivery suspended for ${seconds} s, until ${syslogDate(new Date(s.until))}: ${printable(reason, 1000)}`);
+    this.#saveSuspensions();
+    this.#schedule();
+  }
+
+  /** Suspensions whose time is over: logged once, their mail taken again. */
+  #expireSuspensions(): void {
+    const ended = this.#shaper.ended(Date.now());
+    for (const [key] of ended) {
+      this.#log.write("qmgr", `${key}: delivery resumed: the suspension ended`);
+      this.#unpark(key);
+    }
+    if (ended.length > 0) this.#saveSuspensions();
+  }
+
+  /** Messages held back by a suspension, by queue id: where they wait and which suspensions hold them. */
+  readonly #parked = new Map<string, { from: "outgoing" | "deferred"; keys: string[] }>();
+
+  /** A suspension is over: what it held back is read again (what another one holds is parked again). */
+  #unpark(key: string): void {
+    for (const [id, parked] of this.#parked) {
+      if (!parked.keys.includes(key)) continue;
+      this.#parked.delete(id);
+      this.#tried.delete(id);
+      if (parked.from === "deferred") this.#fromDeferred.add(id);
+      this.#enqueue(id);
+    }
+    if (this.#active && !this.#stopping) this.#scheduleTick();
+  }
+
+  #saveSuspensions(): void {
+    this.#spool.writeState("suspended", this.#shaper.state())
+      .catch((err) => this.#log.write("qmgr", `warning: cannot save the suspensions: ${printable((err as Error).message)}`));
   }
 
   /** Jobs queued for a destination no slot will serve now are deferred (or, on stop, put back untried). */
@@ -1796,7 +1909,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   /* Outcomes: log line, event, and the queue file's fate */
 
   #recordOutcome(job: Job, input: OutcomeInput): void {
-    const { tlsPolicy, session: _session, ...fields } = input;
+    const { tlsPolicy, session, ...fields } = input;
     const outcome: Outcome = { ...fields, enhanced: input.dsn, reply: input.reply ?? null };
     const delivery = job.delivery;
     delivery.outcomes.set(outcome.recipient, outcome);
@@ -1810,12 +1923,20 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#log.write("smtp",
       `${outcome.queueId}: to=<${outcome.recipient}>, relay=${outcome.relay}, delay=${seconds(now - delivery.msg.arrival)}, ` +
       `delays=${seconds(a)}/${seconds(b)}/${seconds(c)}/${seconds(d)}, dsn=${outcome.dsn}, status=${outcome.status} (${outcome.text})${tlsPolicy ? `, ${tlsPolicy}` : ""}`);
+    const group = session?.group ?? job.destination.group;
+    if (outcome.status === "sent" && group) this.#shaper.delivered(group);
+    if (outcome.status === "deferred") this.#replyRule(job, session ?? null, outcome);
     this.#emit(outcome.status, outcome);
   }
 
   #jobDone(job: Job): void {
     const delivery = job.delivery;
     if (--delivery.openJobs > 0 || delivery.settling) return this.#pump();
+    this.#deliveryDone(delivery);
+  }
+
+  /** Every job of a delivery is done (or it had none to do): it settles. */
+  #deliveryDone(delivery: Delivery): void {
     delivery.settling = true;
     // The unlink after a 250 goes first: every moment before it is a window for a duplicate.
     const settled = this.#settle(delivery);
@@ -1898,7 +2019,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     const { msg } = delivery;
     const outcomes = [...delivery.outcomes.values()];
     const pending = msg.recipients.filter((r) => delivery.outcomes.get(r)?.status === "deferred" || !delivery.outcomes.has(r));
-    const lastDeferral = outcomes.filter((o) => o.status === "deferred").pop();
+    // A deferral a reply rule asked for (throttle, suspend) costs the message no attempt.
+    const lastDeferral = outcomes.filter((o) => o.status === "deferred" && !delivery.noPenalty.has(o.recipient)).pop();
     const age = Date.now() - msg.arrival;
     // Nothing went wrong in this attempt, but some recipients were never tried (the engine
     // is stopping, or the relay refused our credentials): no attempt is counted for them.
@@ -1943,8 +2065,12 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   async #putBack(delivery: Delivery): Promise<string> {
     const to = this.#stopping ? "outgoing" : delivery.from;
     const id = await this.#spool.release(delivery.msg.id, to);
-    if (this.#authFailure) this.#counts.deferred++;
-    if (to === "deferred") this.#due.push(id, delivery.book?.nextAttempt ?? 0);
+    if (this.#authFailure || delivery.noPenalty.size > 0 || delivery.heldBy.size > 0) this.#counts.deferred++;
+    // Held back by a suspension: it waits, unread, until the suspension ends or is lifted.
+    const now = Date.now();
+    const keys = [...delivery.heldBy].filter((key) => this.#shaper.suspension(key, now));
+    if (keys.length > 0 && !this.#stopping) this.#parked.set(id, { from: to, keys });
+    else if (to === "deferred") this.#due.push(id, delivery.book?.nextAttempt ?? 0);
     return id;
   }
 
