@@ -8,6 +8,8 @@
  *   node dist/mail.js --queue [--json]     the queue, like mailq
  *   node dist/mail.js --send -f FROM RCPT...; --serve; --demo; --vrfy/--expn/--help-server;
  *   --dkim-keygen/--dkim-print-dns/--check-domain
+ *   node dist/mail.js --delete|--hold|--release|--requeue ID|ALL   postsuper -d/-h/-H/-r
+ *   node dist/mail.js --suspend DOMAIN [--seconds N]; --resume DOMAIN
  *
  * DESCRIPTION
  *   SPEC section 3 on top of the library: flags parsed into MailOptions (checked by
@@ -15,6 +17,16 @@
  *   then one mode run with a MailEngine, the receiver, the direct client or dkim.ts.
  *   build.mjs bundles this file as dist/mail.js; the library entry (dist/index.js) is
  *   mail.ts, which never runs a command line.
+ *
+ *   Queue control (--delete, --hold, --release, --requeue, --suspend, --resume) and --flush
+ *   are safe while another process sends from the spool: when the spool's lock is held by a
+ *   live process, the request is handed to it as a file in the spool's .requests/ (queue.ts),
+ *   which the engine watches and answers; otherwise this process takes the lock and does it.
+ *   A request file rather than a signal to the pid in the lock: a signal cannot say what is
+ *   asked (an id, --force) nor bring an answer back, SIGUSR1's default action kills a process
+ *   that has no handler (a talker that embeds the engine, or another program that was given a
+ *   dead holder's pid), and a file reaches only whoever owns the spool, with our permissions.
+ *   One unlink decides whether the engine took a request or its asker withdrew it.
  *
  * DIAGNOSTICS
  *   Exit status 0 when the pass or run worked (deferred and bounced mail are normal
@@ -26,15 +38,16 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
-import { MailEngine, VERSION } from "./mail.js";
+import { MailEngine, VERSION, type FlushSummary } from "./mail.js";
 import { DEFAULTS, UsageError, parseHostPort, type MailOptions } from "./options.js";
-import { checkDsn, formatAge } from "./compose.js";
+import { checkDsn, formatAge, syslogDate } from "./compose.js";
 import { startServer, checkServerOptions, type ServerOptions } from "./receiver.js";
 import { vrfy, expn, help } from "./client.js";
 import { loadDkimKeys, generateDkimKey, dnsRecord, spfRecord, dmarcRecord, checkDomain, formatCheck, DkimConfigError, type DkimKey } from "./dkim.js";
-import { Spool, SpoolError, addressProblem } from "./queue.js";
+import { Spool, SpoolError, addressProblem, type ControlResult, type ControlVerb } from "./queue.js";
 import { printable } from "./smtp-codes.js";
-import { PolicyError, checkPolicy, type Policy } from "./policy.js";
+import { PolicyError, Shaper, checkPolicy, type Policy, type Suspension } from "./policy.js";
+import { CONTROL_DONE, MailLog, resumedLine, suspendedLine } from "./log.js";
 
 type FlagKind = "bool" | "int" | "string" | "list";
 interface FlagSpec { kind: FlagKind; key?: keyof MailOptions; help: string; arg?: string }
@@ -67,6 +80,13 @@ const MODE_FLAGS: Record<string, FlagSpec> = {
   "--vrfy": { kind: "string", arg: "ADDRESS", help: "ask --relay to verify an address" },
   "--expn": { kind: "string", arg: "NAME", help: "ask --relay to expand a list" },
   "--help-server": { kind: "string", arg: "[TOPIC]", help: "ask --relay for HELP" },
+  "--delete": { kind: "string", arg: "ID|ALL", help: "postsuper -d: delete a waiting message, or every one" },
+  "--hold": { kind: "string", arg: "ID|ALL", help: "postsuper -h: put on hold (hold/): never sent until released" },
+  "--release": { kind: "string", arg: "ID|ALL", help: "postsuper -H: release from hold: back to outgoing/, due now" },
+  "--requeue": { kind: "string", arg: "ID|ALL", help: "postsuper -r: deferred mail due now" },
+  "--suspend": { kind: "string", arg: "DOMAIN", help: "no connections to a domain (or a provider of the policy) for --seconds" },
+  "--seconds": { kind: "int", arg: "N", help: "with --suspend: how long (3600)" },
+  "--resume": { kind: "string", arg: "DOMAIN", help: "lift a suspension now" },
 };
 
 const OPTION_FLAGS: Record<string, FlagSpec> = {
@@ -232,11 +252,12 @@ export async function main(argv: string[]): Promise<number> {
       const n = Number(modes["--max-recipients"]);
       if (n < 100 || n > 1000) throw new UsageError(`--max-recipients: expected 100..1000, got ${n}`);
     }
-    for (const flag of ["--force", "--json", "--notify", "--ret", "-f", "-s"]) {
-      const needs = flag === "--force" ? "--flush" : flag === "--json" ? "--queue" : "--send";
+    for (const flag of ["--force", "--json", "--notify", "--ret", "-f", "-s", "--seconds"]) {
+      const needs = flag === "--force" ? "--flush" : flag === "--json" ? "--queue" : flag === "--seconds" ? "--suspend" : "--send";
       if (modes[flag] && !modes[needs]) throw new UsageError(`${flag} goes with ${needs}`);
     }
-    const chosen = ["--flush", "--queue", "--send", "--serve", "--demo", "--dkim-keygen", "--dkim-print-dns", "--check-domain", "--vrfy", "--expn", "--help-server"]
+    const chosen = ["--flush", "--queue", "--send", "--serve", "--demo", "--dkim-keygen", "--dkim-print-dns", "--check-domain", "--vrfy", "--expn", "--help-server",
+      ...Object.keys(CONTROL_MODES), "--suspend", "--resume"]
       .filter((m) => modes[m] !== undefined);
     if (chosen.length > 1) throw new UsageError(`choose one mode, not ${chosen.join(" and ")}`);
     if (!modes["--send"] && parsed.rest.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(parsed.rest[0])}`);
@@ -249,6 +270,8 @@ export async function main(argv: string[]): Promise<number> {
     if (mode === "--serve") return await serve(serverOptions(modes, options));
     engine = new MailEngine(options);
     if (mode === "--demo") return await demo(modes, options);
+    if (mode in CONTROL_MODES) return await queueControl(CONTROL_MODES[mode as keyof typeof CONTROL_MODES], String(modes[mode]), options);
+    if (mode === "--suspend" || mode === "--resume") return await suspension(mode, String(modes[mode]), modes, options);
     if (mode === "--send") {
       if (typeof modes["-f"] !== "string") throw new UsageError("--send needs -f FROM");
       if (parsed.rest.length === 0) throw new UsageError("--send needs at least one recipient");
@@ -276,8 +299,17 @@ export async function main(argv: string[]): Promise<number> {
     throw err;
   }
   const { modes, options } = parsed;
-  if (modes["--queue"]) return listQueue(engine, Boolean(modes["--json"]));
-  if (modes["--flush"]) return flushOnce(engine, Boolean(modes["--force"]));
+  if (modes["--queue"]) return listQueue(engine, options, Boolean(modes["--json"]));
+  if (modes["--flush"]) {
+    // postqueue -f: an engine that holds the lock flushes when asked; else this process does.
+    const holder = new Spool(options.maildir ?? DEFAULTS.maildir).holder();
+    if (holder !== null) {
+      const { by } = await byLockHolder(options, { op: "flush", force: Boolean(modes["--force"]) }, async () => null);
+      process.stdout.write(`mudmail: flush: asked the running mudmail (pid ${by}) to flush the queue now${modes["--force"] ? ", deferred mail too" : ""}; it is flushing (postqueue -f)\n`);
+      return 0;
+    }
+    return flushOnce(engine, Boolean(modes["--force"]));
+  }
   await new Spool(options.maildir ?? DEFAULTS.maildir).init(); // an unusable spool stops the daemon now, not at its first tick
   return runDaemon(engine);
 }
@@ -347,7 +379,7 @@ async function demo(modes: Record<string, string | boolean>, options: MailOption
     const summary = await engine.flush();
     await engine.stop();
     for (const l of lines) say(l);
-    say(`\nmudmail: flush: ${summary.sent} sent, ${summary.deferred} deferred, ${summary.bounced} bounced, ${summary.corrupt} corrupt`);
+    say(`\nmudmail: flush: ${summaryText(summary)}`);
     const [mailbox] = await Promise.race([stored, new Promise<string[]>((_, reject) => setTimeout(() => reject(new Error("the receiver stored nothing")), 10_000))]);
     say(`\nThe receiver's journal:`);
     for (const l of journal) say(`  ${l}`);
@@ -431,6 +463,140 @@ async function ask(mode: string, what: string, options: MailOptions): Promise<nu
   }
 }
 
+/* ------------------------------------------------------------------------------------ */
+/* Queue control: postsuper's -d, -h, -H, -r; suspensions                                */
+
+const CONTROL_MODES = { "--delete": "delete", "--hold": "hold", "--release": "release", "--requeue": "requeue" } as const;
+/** How long an engine that holds the lock has to take a request (it watches .requests/; a host that only ticks takes it at its tick). */
+const REQUEST_WAIT_MS = 10_000;
+
+interface Answer { ok: boolean; result?: unknown; error?: string }
+
+/**
+ * A change to the spool, made by whoever may make it: asked of the live process that holds
+ * the lock, or done here under the lock when none does (also when the holder went away
+ * before it took the request). `by` is the holder's pid, or null when it was done here.
+ */
+async function byLockHolder<T>(options: MailOptions, request: Record<string, unknown>, direct: (spool: Spool, log: MailLog) => Promise<T>): Promise<{ value: T; by: number | null }> {
+  const spool = new Spool(options.maildir ?? DEFAULTS.maildir);
+  await spool.init();
+  let holder = spool.holder();
+  for (let attempt = 0; attempt < 3; attempt++) {
+    if (holder === null) {
+      try {
+        spool.lock();
+      } catch (err) {
+        if (err instanceof SpoolError && err.code === "ELOCKED") {
+          holder = spool.holder();
+          continue;
+        }
+        throw err;
+      }
+      const log = new MailLog(options.log ?? null, options.syslogName ?? DEFAULTS.syslogName);
+      try {
+        return { value: await direct(spool, log), by: null };
+      } finally {
+        spool.unlock();
+        await log.flush();
+      }
+    }
+    const name = await spool.putRequest(request);
+    let answer = await waitForAnswer(spool, name);
+    if (!answer && !(await spool.withdrawRequest(name))) {
+      // Taken, not answered yet: the engine is at it.
+      answer = await waitForAnswer(spool, name);
+      if (!answer) throw new Error(`the running mudmail (pid ${holder}) took the request but did not answer within ${REQUEST_WAIT_MS / 1000} s`);
+    }
+    if (answer) {
+      if (!answer.ok) throw new Error(`the running mudmail (pid ${holder}): ${answer.error}`);
+      return { value: answer.result as T, by: holder };
+    }
+    const before = holder;
+    holder = spool.holder();
+    if (holder === before) {
+      throw new Error(`the running mudmail (pid ${holder}) did not take the request within ${REQUEST_WAIT_MS / 1000} s (it reads requests as it runs, and at each tick); nothing was done`);
+    }
+  }
+  throw new Error(`the spool ${spool.dir} changed hands too often; nothing was done`);
+}
+
+async function waitForAnswer(spool: Spool, name: string): Promise<Answer | null> {
+  const deadline = Date.now() + REQUEST_WAIT_MS;
+  for (let delay = 10; Date.now() < deadline; delay = Math.min(100, delay * 2)) {
+    const answer = (await spool.takeAnswer(name)) as Answer | null;
+    if (answer) return answer;
+    await new Promise((resolve) => setTimeout(resolve, delay));
+  }
+  return null;
+}
+
+/** --delete, --hold, --release, --requeue ID|ALL: one line of what was done, one per message left alone; exit 1 when a named id is not in the queue. */
+async function queueControl(verb: ControlVerb, target: string, options: MailOptions): Promise<number> {
+  if (target !== "ALL" && !/^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/.test(target)) throw new UsageError(`--${verb}: expected a queue id or ALL, got ${JSON.stringify(target)}`);
+  const { value: result, by } = await byLockHolder<ControlResult>(options, { op: verb, target }, async (spool, log) => {
+    const done = await spool.control(verb, target);
+    for (const id of done.done) log.write("postsuper", `${id}: ${CONTROL_DONE[verb]}`);
+    return done;
+  });
+  const n = result.done.length;
+  const out = [`mudmail: --${verb}: ${n} message${n === 1 ? "" : "s"} ${CONTROL_DONE[verb]}${by ? ` by the running mudmail (pid ${by})` : ""}`];
+  let missing = false;
+  for (const { id, folder } of result.skipped) {
+    if (folder === null) missing = true;
+    const why = folder === null ? "no such message in the queue"
+      : folder === "outgoing_active" ? "being delivered now; try again when it is done"
+        : verb === "hold" && folder === "hold" ? "already on hold"
+          : verb === "release" ? `not on hold (it is in ${folder}/)`
+            : verb === "requeue" ? `not deferred (it is in ${folder}/)` : `left alone (it is in ${folder}/)`;
+    out.push(`mudmail: --${verb}: ${id}: ${why}`);
+  }
+  process.stdout.write(out.join("\n") + "\n");
+  return missing ? 1 : 0;
+}
+
+/** --suspend DOMAIN [--seconds N], --resume DOMAIN: a domain, or a provider of the policy (built-in or --policy's). */
+async function suspension(mode: "--suspend" | "--resume", target: string, modes: Record<string, string | boolean>, options: MailOptions): Promise<number> {
+  const key = target.toLowerCase().replace(/\.$/, "");
+  const shaper = new Shaper(options.policy, { connections: options.destinationConcurrencyLimit ?? DEFAULTS.destinationConcurrencyLimit });
+  if (!shaper.providerNames.includes(key) && !/^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)+$/.test(key)) {
+    throw new UsageError(`${mode}: expected a domain or a provider (${shaper.providerNames.join(", ")}), got ${JSON.stringify(target)}`);
+  }
+  if (mode === "--resume") {
+    const { value: lifted, by } = await byLockHolder<unknown>(options, { op: "resume", key }, async (spool, log) => {
+      shaper.load(await spool.readState("suspended"));
+      const s = shaper.resume(key);
+      if (!s) return null;
+      await spool.writeState("suspended", shaper.state());
+      log.write("qmgr", resumedLine(key, true));
+      return s;
+    });
+    process.stdout.write(lifted ? `mudmail: --resume: ${key}: delivery resumed${by ? ` by the running mudmail (pid ${by})` : ""}\n` : `mudmail: --resume: ${key} was not suspended\n`);
+    return 0;
+  }
+  const seconds = modes["--seconds"] === undefined ? 3600 : Number(modes["--seconds"]);
+  if (!(seconds > 0)) throw new UsageError(`--seconds: expected a number of seconds above 0, got ${modes["--seconds"]}`);
+  const reason = "by the operator (--suspend)";
+  const { value: s, by } = await byLockHolder<Suspension>(options, { op: "suspend", key, seconds }, async (spool, log) => {
+    const now = Date.now();
+    shaper.load(await spool.readState("suspended"));
+    const already = shaper.suspension(key, now) !== null;
+    const begun = shaper.suspend(key, seconds, reason, now);
+    await spool.writeState("suspended", shaper.state());
+    if (!already) log.write("qmgr", suspendedLine(key, seconds, begun.until, reason));
+    return begun;
+  });
+  process.stdout.write(`mudmail: --suspend: ${key}: no delivery until ${syslogDate(new Date(s.until))}${by ? ` (told the running mudmail, pid ${by})` : ""}\n`);
+  return 0;
+}
+
+/** The flush summary, each count with its unit: "3 messages: 2 sent, ...; 4 recipients: 3 sent, ... (0.52 s)". */
+export function summaryText(s: FlushSummary): string {
+  const r = s.byRecipient;
+  const plural = (n: number, word: string) => `${n} ${word}${n === 1 ? "" : "s"}`;
+  return `${plural(s.messages + s.corrupt, "message")}: ${s.sent} sent, ${s.deferred} deferred, ${s.bounced} bounced, ${s.corrupt} corrupt; ` +
+    `${plural(s.recipients, "recipient")}: ${r.sent} sent, ${r.deferred} deferred, ${r.bounced} bounced (${s.seconds.toFixed(2)} s)`;
+}
+
 async function flushOnce(engine: MailEngine, force: boolean): Promise<number> {
   const live = process.stderr.isTTY ? setInterval(() => {
     const p = engine.progress;
@@ -443,8 +609,7 @@ async function flushOnce(engine: MailEngine, force: boolean): Promise<number> {
     const s = await engine.flush({ force });
     if (live) { clearInterval(live); process.stderr.write("\r\x1b[K"); }
     await engine.stop(); // the last log lines go out before the summary
-    process.stdout.write(`mudmail: flush: ${s.sent} sent, ${s.deferred} deferred, ${s.bounced} bounced, ${s.corrupt} corrupt ` +
-      `(${s.messages} messages, ${s.recipients} recipients, ${s.seconds.toFixed(2)} s)\n`);
+    process.stdout.write(`mudmail: flush: ${summaryText(s)}\n`);
     return 0;
   } finally {
     if (live) clearInterval(live);
@@ -471,21 +636,27 @@ async function runDaemon(engine: MailEngine): Promise<number> {
   return 0;
 }
 
-async function listQueue(engine: MailEngine, json: boolean): Promise<number> {
+async function listQueue(engine: MailEngine, options: MailOptions, json: boolean): Promise<number> {
   const entries = await engine.queue();
   if (json) {
     process.stdout.write(JSON.stringify(entries, null, 2) + "\n");
     return 0;
   }
+  // Suspended destinations first, from the spool's state: what holds mail back, until when.
+  const now = Date.now();
+  const shaper = new Shaper(options.policy, { connections: 1 });
+  shaper.load(await new Spool(options.maildir ?? DEFAULTS.maildir).readState("suspended"));
+  const suspended = Object.entries(shaper.state()).filter(([, s]) => s.until > now);
+  let out = suspended.length === 0 ? "" : "-Suspended Destination-  -----Until-----  -Reason-------\n" + suspended.map(([key, s]) =>
+    `${key.padEnd(24)} ${syslogDate(new Date(s.until))}  ${printable(s.reason, 200)}${s.domains.length > 0 ? ` (${s.domains.join(", ")})` : ""}\n`).join("") + "\n";
   if (entries.length === 0) {
-    process.stdout.write("Mail queue is empty\n");
+    process.stdout.write(out + "Mail queue is empty\n");
     return 0;
   }
-  // mailq's marks: * active, ! held (here: corrupt, kept for a human).
-  const mark = { queued: " ", active: "*", deferred: " ", corrupt: "!" } as const;
-  let out = "-Queue ID-        --Size-- ---Arrival Time--- -Sender/Recipient-------\n";
+  // mailq's marks: * active, ! on hold; here also # corrupt (kept for a human, never retried).
+  const mark = { queued: " ", active: "*", deferred: " ", hold: "!", corrupt: "#" } as const;
+  out += "-Queue ID-        --Size-- ---Arrival Time--- -Sender/Recipient-------\n";
   let bytes = 0;
-  const now = Date.now();
   for (const e of entries) {
     bytes += e.size;
     const d = new Date(e.queuedAt);
@@ -497,7 +668,8 @@ async function listQueue(engine: MailEngine, json: boolean): Promise<number> {
       e.state,
       `age ${formatAge(now - d.getTime())}`,
       ...(e.attempts ? [`attempts ${e.attempts}`] : []),
-      ...(next !== null ? [next > 0 ? `next in ${formatAge(next)}` : "due now"] : []),
+      ...(next !== null && e.state !== "hold" ? [next > 0 ? `next in ${formatAge(next)}` : "due now"] : []),
+      ...(e.suspendedUntil ? [`suspended until ${syslogDate(new Date(e.suspendedUntil))}`] : []),
     ];
     out += `${" ".repeat(18)}(${facts.join(", ")}${e.lastError ? `: ${printable(e.lastError, 200)}` : ""})\n`;
     for (const r of e.recipients) out += `${" ".repeat(46)}${r}\n`;

@@ -3,14 +3,15 @@
  *   log.ts - the log: Postfix-shaped lines, batched, with every secret scrubbed
  *
  * SYNOPSIS
- *   const log = new MailLog(options.log);   // a file, a function, or standard error
+ *   const log = new MailLog(options.log, options.syslogName);   // a file, a function, or standard error
  *   log.redact(secretForms(credentials));
  *   log.write("smtp", `${id}: to=<${rcpt}>, relay=..., delay=${seconds(ms)}, ...`);
  *   await log.flush();
  *
  * DESCRIPTION
  *   "<Mmm dd hh:mm:ss> <host> mudmail/<proc>[<pid>]: <text>", SPEC section 4, so Postfix's log
- *   tools read it. Lines written in one turn of the event loop leave in one write. A password
+ *   tools read it; "mudmail" is --syslog-name (Postfix's syslog_name), and <proc> is the Postfix
+ *   program whose line it is: smtp, qmgr, pickup, cleanup, postsuper. Lines written in one turn of the event loop leave in one write. A password
  *   or token, in any form AUTH puts it on the wire, never reaches a line.
  */
 
@@ -19,6 +20,10 @@ import * as os from "node:os";
 import { syslogDate } from "./compose.js";
 import type { MailOptions } from "./options.js";
 import type { Credentials } from "./smtp-connection.js";
+import { printable } from "./smtp-codes.js";
+
+/** The Postfix programs whose lines mudmail writes. */
+export type LogProc = "smtp" | "qmgr" | "pickup" | "cleanup" | "postsuper";
 
 /** Postfix-shaped log lines: "<Mmm dd hh:mm:ss> <host> mudmail/<proc>[<pid>]: <text>". */
 export class MailLog {
@@ -28,7 +33,7 @@ export class MailLog {
   private stampSecond = -1;
   private stamp = "";
 
-  constructor(target: MailOptions["log"]) {
+  constructor(target: MailOptions["log"], private readonly name = "mudmail") {
     if (typeof target === "function") {
       this.sink = target;
     } else if (typeof target === "string") {
@@ -64,7 +69,7 @@ export class MailLog {
     this.secrets = secrets.filter((x) => x.length >= 3);
   }
 
-  write(proc: "smtp" | "qmgr", line: string): void {
+  write(proc: LogProc, line: string): void {
     let text = line;
     for (const secret of this.secrets) if (text.includes(secret)) text = text.split(secret).join("<redacted>");
     const now = Date.now();
@@ -73,7 +78,7 @@ export class MailLog {
       this.stamp = syslogDate(new Date(now));
       this.stampSecond = second;
     }
-    this.sink(`${this.stamp} ${this.host} mudmail/${proc}[${process.pid}]: ${text}`);
+    this.sink(`${this.stamp} ${this.host} ${this.name}/${proc}[${process.pid}]: ${text}`);
   }
 
   /** Lines still batched for this turn go out; the file stays open for a later start(). */
@@ -101,3 +106,16 @@ export function secretForms(c: Credentials | null): string[] {
   if (c.token) forms.push(c.token, b64(`user=${c.user}\x01auth=Bearer ${c.token}\x01\x01`));
   return forms;
 }
+
+/** The log line of a suspension that begins (policy.ts): once, when it begins. */
+export function suspendedLine(key: string, seconds: number, until: number, reason: string): string {
+  return `${key}: delivery suspended for ${seconds} s, until ${syslogDate(new Date(until))}: ${printable(reason, 1000)}`;
+}
+
+/** The log line of a suspension that ends, or that an operator lifts. */
+export function resumedLine(key: string, lifted: boolean): string {
+  return `${key}: delivery resumed: ${lifted ? "the suspension was lifted (--resume)" : "the suspension ended"}`;
+}
+
+/** Postfix's postsuper lines: what queue control did to one message. */
+export const CONTROL_DONE = { delete: "removed", hold: "placed on hold", release: "released from hold", requeue: "requeued" } as const;

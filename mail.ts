@@ -61,13 +61,13 @@ import {
 import { Router, type Hop, type Route } from "./route.js";
 import { SmtpConnection, STEPS, type ConnectionOptions, type Credentials, type Hello, type Step, type TlsMode } from "./smtp-connection.js";
 import { composeBounce, composeNotice } from "./bounce.js";
-import { checkDsn, composeMessage, formatAge, syslogDate, type SendMessage } from "./compose.js";
-import { MailLog, seconds, secretForms } from "./log.js";
+import { checkDsn, composeMessage, formatAge, type SendMessage } from "./compose.js";
+import { CONTROL_DONE, MailLog, resumedLine, seconds, secretForms, suspendedLine } from "./log.js";
 import { checkOptions, credentialsOf, parseHostPort, type MailOptions, type Resolved } from "./options.js";
 import { loadDkimKeys, type DkimKey } from "./dkim.js";
 import { TlsPolicies, type DomainTls, type ReportPolicy, type TlsResult } from "./tls-policy.js";
 import { TlsReports } from "./tls-report.js";
-import { Spool, addressProblem, errno, type Bookkeeping, type QueueEntry, type Wire } from "./queue.js";
+import { Spool, addressProblem, errno, type Bookkeeping, type ControlResult, type QueueEntry, type Wire } from "./queue.js";
 import { SpoolThread, type MessageInfo, type Prepared } from "./spool-worker.js";
 import { Shaper, type Group, type Policy, type ReplyRule } from "./policy.js";
 
@@ -122,6 +122,7 @@ export interface Outcome {
 /** An outcome as the code that finds it out knows it; the engine fills in the rest (and logs the TLS policy that applied). */
 type OutcomeInput = Omit<Outcome, "enhanced" | "reply"> & { reply?: string | null; tlsPolicy?: string | null; session?: Slot };
 
+/** What a pass did. sent, deferred, bounced and corrupt count messages (a message of which one recipient bounced and the others were delivered is "bounced"); byRecipient counts recipients. */
 export interface FlushSummary {
   sent: number;
   deferred: number;
@@ -130,6 +131,8 @@ export interface FlushSummary {
   /** Messages and recipients handled in the pass. */
   messages: number;
   recipients: number;
+  /** What became of the recipients: delivered, still to deliver, failed for good. */
+  byRecipient: { sent: number; deferred: number; bounced: number };
   seconds: number;
 }
 
@@ -200,6 +203,9 @@ interface Settlement {
   bounced: boolean;
   /** Failed tries so far, for the log. */
   tries: number;
+  /** Its recipients delivered and failed for good in this attempt (the rest are `pending`). */
+  sent: number;
+  failed: number;
 }
 
 /** Deferred messages by the time they are due: a binary min-heap, so a tick takes only what is due. */
@@ -981,7 +987,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       ignoreMxLookupError: o.ignoreMxLookupError,
     });
     this.#shaper = new Shaper(o.policy, { connections: o.destinationConcurrencyLimit });
-    this.#log = new MailLog(this.#options.log);
+    this.#log = new MailLog(this.#options.log, this.#options.syslogName);
     this.#log.redact(secretForms(this.#credentials()));
     // TLS policies and reports are the MX hosts' business: none through a relay.
     this.#tlsReports = o.relay ? null : new TlsReports({
@@ -1042,7 +1048,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#active = true;
     await this.#runTick(options.force ?? false);
     await this.#idle();
-    const summary = { ...this.#counts, seconds: (Date.now() - started) / 1000 };
+    const summary = { ...this.#counts, byRecipient: { ...this.#counts.byRecipient }, seconds: (Date.now() - started) / 1000 };
     if (!this.#timer) this.#active = false;
     return summary;
   }
@@ -1055,6 +1061,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#wake(Infinity);
     this.#watcher?.close();
     this.#watcher = null;
+
     // An init still running would take the lock after we let it go: let it finish first.
     await this.#initialized?.catch(() => undefined);
     for (const slot of [...this.#slots]) slot.abort();
@@ -1106,6 +1113,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     }
     this.#forgetTried();
     this.#expireSuspensions();
+    this.#takeRequests();
     await this.#retryStranded();
     await this.#tlsReportsDue();
     this.#takeDue(force ? Infinity : Date.now());
@@ -1116,10 +1124,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
 
   /** Deferred messages whose time has come join the backlog (all of them with --force). */
   #takeDue(now: number): void {
-    for (let id = this.#due.popDue(now); id !== null; id = this.#due.popDue(now)) {
-      this.#fromDeferred.add(id);
-      this.#enqueue(id);
-    }
+    for (let id = this.#due.popDue(now); id !== null; id = this.#due.popDue(now)) this.#enqueue(id, "deferred");
   }
 
   /** At start: the schedule of deferred/, from each message's bookkeeping (due now when it has none). */
@@ -1151,6 +1156,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       await this.#loadTlsFallback();
       this.#shaper.load(await this.#spool.readState("suspended"));
       this.#expireSuspensions();
+      this.#watchRequests();
       await this.#tlsReports?.load();
     }
   }
@@ -1188,9 +1194,11 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     return this.#scanning;
   }
 
-  #enqueue(id: string): void {
+  /** An id joins the backlog, to be claimed from its folder, unless it is known, tried this pass, or held back. */
+  #enqueue(id: string, from: "outgoing" | "deferred" = "outgoing"): void {
     if (this.#known.has(id) || this.#tried.has(id) || this.#parked.has(id)) return;
     this.#known.add(id);
+    if (from === "deferred") this.#fromDeferred.add(id);
     this.#backlog.push(id);
   }
 
@@ -1222,6 +1230,102 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   }
 
   #rescanTimer: NodeJS.Timeout | null = null;
+
+  /* Requests from the command line while this engine holds the lock: queue control, --suspend, --resume, --flush */
+
+  #requestWatcher: fs.FSWatcher | null = null;
+
+  /** .requests/ is watched while the engine holds the lock (a flush as much as a daemon); they are also taken at each tick. */
+  #watchRequests(): void {
+    try {
+      this.#requestWatcher = fs.watch(path.join(this.#options.maildir, ".requests"), (_event, name) => {
+        if (name && !String(name).endsWith(".answer")) this.#takeRequests();
+      });
+      this.#requestWatcher.on("error", () => { this.#requestWatcher?.close(); this.#requestWatcher = null; });
+      this.#requestWatcher.unref?.();
+    } catch {
+      // Taken at each tick.
+    }
+    this.#takeRequests();
+  }
+
+  #requesting = false;
+  #requestAgain = false;
+
+  /** Takes the waiting requests (through the spool's thread) and answers each, one batch at a time. */
+  #takeRequests(): void {
+    if (this.#requesting) {
+      this.#requestAgain = true;
+      return;
+    }
+    this.#requesting = true;
+    (async () => {
+      do {
+        this.#requestAgain = false;
+        for (const { name, body } of await this.#spool.takeRequests()) {
+          let answer: { ok: boolean; result?: unknown; error?: string };
+          try {
+            answer = { ok: true, result: await this.#request(body) };
+          } catch (err) {
+            answer = { ok: false, error: (err as Error).message };
+          }
+          await this.#spool.answerRequest(name, answer);
+        }
+      } while (this.#requestAgain && !this.#stopping);
+    })().catch((err) => this.#log.write("qmgr", `warning: cannot take requests: ${printable((err as Error).message)}`))
+      .finally(() => { this.#requesting = false; });
+  }
+
+  /** One request, as cli.ts writes it; what it did is the answer. */
+  async #request(body: unknown): Promise<unknown> {
+    const r = (typeof body === "object" && body !== null ? body : {}) as { op?: unknown; target?: unknown; key?: unknown; seconds?: unknown; force?: unknown };
+    const key = typeof r.key === "string" ? r.key.toLowerCase() : "";
+    switch (r.op) {
+      case "delete": case "hold": case "release": case "requeue": {
+        const result = await this.#spool.control(r.op, String(r.target));
+        this.#controlled(r.op, result);
+        return result;
+      }
+      case "suspend": {
+        if (!key || typeof r.seconds !== "number" || !(r.seconds > 0)) throw new Error("a suspension needs a destination and seconds");
+        this.#suspend(key, r.seconds, "by the operator (--suspend)");
+        return this.#shaper.state()[key];
+      }
+      case "resume":
+        return this.#resume(key);
+      case "flush":
+        // postqueue -f: a pass now (--force: deferred mail too); what is suspended stays held.
+        this.#active = true;
+        this.#runTick(r.force === true).catch((err) => this.#reportError(err as Error));
+        return { flushing: true };
+      default:
+        throw new Error(`unknown request ${JSON.stringify(r.op)}`);
+    }
+  }
+
+  /** After queue control: its log lines (Postfix's postsuper's); released and requeued mail goes now. */
+  #controlled(verb: keyof typeof CONTROL_DONE, result: ControlResult): void {
+    for (const id of result.done) {
+      this.#log.write("postsuper", `${id}: ${CONTROL_DONE[verb]}`);
+      this.#parked.delete(id);
+      if (verb === "release" || verb === "requeue") {
+        this.#tried.delete(id);
+        if (this.#active && !this.#stopping) this.#enqueue(id);
+      }
+    }
+    if (this.#active && !this.#stopping) this.#scheduleTick();
+  }
+
+  /** --resume: a suspension lifted before its end; what it held back goes now. Returns it (null: there was none). */
+  #resume(key: string): unknown {
+    const lifted = this.#shaper.resume(key);
+    if (!lifted) return null;
+    this.#log.write("qmgr", resumedLine(key, true));
+    this.#unpark(key);
+    this.#saveSuspensions();
+    this.#schedule();
+    return lifted;
+  }
 
   #rescanSoon(): void {
     if (this.#rescanTimer || this.#stopping) return;
@@ -1673,7 +1777,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     const now = Date.now();
     const already = this.#shaper.suspension(key, now) !== null;
     const s = this.#shaper.suspend(key, seconds, reason, now, domains);
-    if (!already) this.#log.write("qmgr", `${key}: delivery suspended for ${seconds} s, until ${syslogDate(new Date(s.until))}: ${printable(reason, 1000)}`);
+    if (!already) this.#log.write("qmgr", suspendedLine(key, seconds, s.until, reason));
     this.#saveSuspensions();
     this.#schedule();
   }
@@ -1682,7 +1786,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   #expireSuspensions(): void {
     const ended = this.#shaper.ended(Date.now());
     for (const [key] of ended) {
-      this.#log.write("qmgr", `${key}: delivery resumed: the suspension ended`);
+      this.#log.write("qmgr", resumedLine(key, false));
       this.#unpark(key);
     }
     if (ended.length > 0) this.#saveSuspensions();
@@ -1697,8 +1801,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       if (!parked.keys.includes(key)) continue;
       this.#parked.delete(id);
       this.#tried.delete(id);
-      if (parked.from === "deferred") this.#fromDeferred.add(id);
-      this.#enqueue(id);
+      this.#enqueue(id, parked.from);
     }
     if (this.#active && !this.#stopping) this.#scheduleTick();
   }
@@ -2004,14 +2107,33 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
       this.#log.write("qmgr", `${msg.id}: removed`);
       if (plan.bounced) this.#counts.bounced++;
       else this.#counts.sent++;
+      this.#countRecipients(plan, false);
       return null;
     }
     if (plan.pending.length < msg.recipients.length) await this.#spool.rewriteRecipients(msg, plan.pending);
-    if (plan.fate === "putBack") return this.#putBack(delivery);
+    if (plan.fate === "putBack") {
+      const id = await this.#putBack(delivery);
+      this.#countRecipients(plan, this.#countsAsDeferred(delivery));
+      return id;
+    }
     const id = await this.#spool.release(msg.id, "deferred", plan.book!);
     this.#due.push(id, plan.book!.nextAttempt ?? 0);
     this.#counts.deferred++;
+    this.#countRecipients(plan, true);
     return id;
+  }
+
+  /** The summary's recipients: delivered, failed for good, and (when the message waits on) still pending. */
+  #countRecipients(plan: Settlement, pending: boolean): void {
+    const r = this.#counts.byRecipient;
+    r.sent += plan.sent;
+    r.bounced += plan.failed;
+    if (pending) r.deferred += plan.pending.length;
+  }
+
+  /** A message put back untried counts as deferred when something stopped it (not when the engine stops). */
+  #countsAsDeferred(delivery: Delivery): boolean {
+    return this.#authFailure !== null || delivery.noPenalty.size > 0 || delivery.heldBy.size > 0;
   }
 
   /** The decision of settle(), made once (it reads the clock): nothing here touches a file. */
@@ -2042,7 +2164,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     if (failed.length > 0) reports.push({ outcomes: failed, action: "failed" });
     const relayed = outcomes.filter((o) => o.status === "sent" && delivery.sentWithoutDsn.has(o.recipient));
     if (relayed.length > 0 && delivery.book?.dsn?.notify?.includes("success")) reports.push({ outcomes: relayed, action: "relayed" });
-    const base = { reports, bounced: failed.length > 0, tries: 0 };
+    const sent = outcomes.filter((o) => o.status === "sent").length;
+    const base = { reports, bounced: failed.length > 0, tries: 0, sent, failed: failed.length };
     if (pending.length === 0 || expired) return { fate: "complete", pending: [], book: null, ...base };
     if (!lastDeferral) return { fate: "putBack", pending, book: null, ...base };
     const attempts = (delivery.book?.attempts ?? 0) + 1;
@@ -2065,7 +2188,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   async #putBack(delivery: Delivery): Promise<string> {
     const to = this.#stopping ? "outgoing" : delivery.from;
     const id = await this.#spool.release(delivery.msg.id, to);
-    if (this.#authFailure || delivery.noPenalty.size > 0 || delivery.heldBy.size > 0) this.#counts.deferred++;
+    if (this.#countsAsDeferred(delivery)) this.#counts.deferred++;
     // Held back by a suspension: it waits, unread, until the suspension ends or is lifted.
     const now = Date.now();
     const keys = [...delivery.heldBy].filter((key) => this.#shaper.suspension(key, now));
@@ -2184,12 +2307,14 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   }
 
   #releaseLock(): void {
+    this.#requestWatcher?.close();
+    this.#requestWatcher = null;
     this.#lock.unlock();
     this.#initialized = null;
   }
 }
 
 function emptySummary(): FlushSummary {
-  return { sent: 0, deferred: 0, bounced: 0, corrupt: 0, messages: 0, recipients: 0, seconds: 0 };
+  return { sent: 0, deferred: 0, bounced: 0, corrupt: 0, messages: 0, recipients: 0, byRecipient: { sent: 0, deferred: 0, bounced: 0 }, seconds: 0 };
 }
 

@@ -14,6 +14,8 @@
  *   for await (const chunk of wireChunks(spool, msg, prefix)) write(chunk);
  *   await spool.complete(id, booked) | release(id, to, book) | quarantine(id, from, why)
  *   await spool.rewriteRecipients(msg, pending); await queueEntries(spool);
+ *   await spool.control("hold" | "release" | "delete" | "requeue", id | "ALL");   // postsuper
+ *   const name = await spool.putRequest(body); await spool.takeRequests(); ...   // to the lock holder
  *
  * DESCRIPTION
  *   The only code that creates, renames or deletes spool files. A message is one file whose
@@ -24,6 +26,7 @@
  *     outgoing_active/<id>  claimed by a slot (rename from outgoing/). A crash leaves it here;
  *                           init({ recover: true }) renames it back to outgoing/.
  *     deferred/<id>         failed for now; waits for its next attempt.
+ *     hold/<id>             put on hold by an operator (postsuper -h); never sent until released.
  *     corrupt/<id>          could not be parsed; kept for a human, never retried.
  *
  *   Beside a message may stand its bookkeeping, .<id> (JSON: attempts, next attempt, last
@@ -46,6 +49,18 @@
  *     defer: write .X, rename X      X in active/ or deferred/      back to outgoing/ or due in deferred/
  *     complete: unlink X, then .X    .X orphaned                    removed (its message is gone)
  *     quarantine: .X, rename X       X in its folder or corrupt/    retried, or kept in corrupt/
+ *     hold: rename X to hold/X, .X   X in its folder or hold/       .X moved beside X
+ *     release: hold/X to outgoing/X  X in hold/ or outgoing/        .X moved beside X
+ *     requeue: .X due now, rename X  X in deferred/ (due now) or     .X moved beside X
+ *                                    outgoing/
+ *     delete: unlink X, then .X      .X orphaned                    removed (its message is gone)
+ *
+ *   Queue control (control()) moves only messages that wait: outgoing/, deferred/, hold/,
+ *   corrupt/. One rename decides a race with a claim: the loser sees the file gone. While an
+ *   engine holds the lock, the command line asks it instead (putRequest(): a JSON file in
+ *   .requests/, written aside and renamed in; the engine takes it by reading and unlinking
+ *   it, and answers in <name>.answer; the asker withdraws it by unlinking it first), so the
+ *   engine that sends is the only one that moves the spool's files.
  *
  *   Every move is one rename, so a crash never leaves a message under two names. An id
  *   lives in one folder at a time (create() checks them all), so the target name is free;
@@ -70,8 +85,26 @@ import { isAscii } from "node:buffer";
 import * as fs from "node:fs";
 import * as path from "node:path";
 
-export const FOLDERS = ["tmp", "outgoing", "outgoing_active", "deferred", "corrupt", "users", "journal"] as const;
-export type Folder = "outgoing" | "outgoing_active" | "deferred" | "corrupt";
+export const FOLDERS = ["tmp", "outgoing", "outgoing_active", "deferred", "hold", "corrupt", "users", "journal"] as const;
+export type Folder = "outgoing" | "outgoing_active" | "deferred" | "hold" | "corrupt";
+
+/** What queue control (postsuper's -d, -h, -H, -r) does: the folders it takes from, where it puts. */
+export type ControlVerb = "delete" | "hold" | "release" | "requeue";
+const CONTROL: Record<ControlVerb, { from: Folder[]; to: Folder | null }> = {
+  delete: { from: ["outgoing", "deferred", "hold", "corrupt"], to: null },
+  hold: { from: ["outgoing", "deferred"], to: "hold" },
+  release: { from: ["hold"], to: "outgoing" },
+  requeue: { from: ["deferred"], to: "outgoing" },
+};
+
+/** What control() did: the ids it moved or deleted (under the id each now has), and the rest with where they were (null: nowhere). */
+export interface ControlResult {
+  done: string[];
+  skipped: Array<{ id: string; folder: Folder | null }>;
+}
+
+/** Requests older than this are not acted on: whoever asked has given up. */
+const REQUEST_MAX_AGE_MS = 60_000;
 
 /** One read of the queue file: a small message in one go, a large one in pieces this size. */
 export const CHUNK = 64 * 1024;
@@ -166,7 +199,7 @@ export class Spool {
    */
   async init(opts: { recover?: boolean } = {}): Promise<{ recovered: string[] }> {
     await fs.promises.mkdir(this.dir, { recursive: true, mode: 0o700 });
-    await Promise.all(FOLDERS.map((f) => fs.promises.mkdir(path.join(this.dir, f), { recursive: true, mode: 0o700 })));
+    await Promise.all([...FOLDERS, REQUESTS].map((f) => fs.promises.mkdir(path.join(this.dir, f), { recursive: true, mode: 0o700 })));
     await this.checkOwnership();
     const recovered: string[] = [];
     if (opts.recover) {
@@ -240,11 +273,11 @@ export class Spool {
   private async freshId(): Promise<string> {
     for (;;) {
       const id = this.nextId();
-      if (!(await this.idTaken(id, ["outgoing", "outgoing_active", "deferred", "corrupt"]))) return id;
+      if (!(await this.idTaken(id, ["outgoing", "outgoing_active", "deferred", "hold", "corrupt"]))) return id;
     }
   }
 
-  private async idTaken(id: string, folders: Folder[] = ["outgoing_active", "deferred", "corrupt"]): Promise<boolean> {
+  private async idTaken(id: string, folders: Folder[] = ["outgoing_active", "deferred", "hold", "corrupt"]): Promise<boolean> {
     const checks = folders.map((f) => exists(this.pathOf(f, id)));
     return (await Promise.all(checks)).some(Boolean);
   }
@@ -428,6 +461,123 @@ export class Spool {
   }
 
   /**
+   * Queue control, Postfix's postsuper: delete (-d), hold (-h), release (-H), requeue (-r: a
+   * deferred message due now), of one message or ALL. Only messages that wait are touched;
+   * one being delivered (outgoing_active/) is skipped, as is one a claim takes meanwhile.
+   */
+  async control(verb: ControlVerb, target: string): Promise<ControlResult> {
+    const { from, to } = CONTROL[verb];
+    const result: ControlResult = { done: [], skipped: [] };
+    if (target === "ALL") {
+      for (const folder of from) {
+        for await (const { ids, badNames } of this.scanSlices(folder)) {
+          for (const id of [...ids, ...(verb === "delete" && folder === "corrupt" ? badNames : [])]) await this.controlOne(verb, id, folder, to, result);
+        }
+      }
+      return result;
+    }
+    const id = target;
+    const all: Folder[] = ["outgoing", "outgoing_active", "deferred", "hold", "corrupt"];
+    const found = QUEUE_ID.test(id) ? (await Promise.all(all.map((f) => exists(this.pathOf(f, id))))).findIndex(Boolean) : -1;
+    const folder = found >= 0 ? all[found] : null;
+    if (folder && from.includes(folder)) await this.controlOne(verb, id, folder, to, result);
+    else result.skipped.push({ id, folder });
+    return result;
+  }
+
+  private async controlOne(verb: ControlVerb, id: string, folder: Folder, to: Folder | null, result: ControlResult): Promise<void> {
+    try {
+      if (to === null) {
+        await fs.promises.unlink(this.pathOf(folder, id));
+        await fs.promises.unlink(this.pathOf(folder, `.${id}`)).catch(() => undefined);
+        result.done.push(id);
+        return;
+      }
+      if (verb === "requeue") {
+        const book = await this.readBookkeeping(id, folder);
+        if (book) await this.writeBookkeeping(id, folder, { ...book, nextAttempt: null });
+      }
+      result.done.push(await this.move(id, folder, to));
+    } catch (err) {
+      if (errno(err) !== "ENOENT") throw err;
+      // Claimed (or moved) meanwhile: where is it now?
+      result.skipped.push({ id, folder: (await exists(this.pathOf("outgoing_active", id))) ? "outgoing_active" : null });
+    }
+  }
+
+  /** A request to the engine that holds the lock, as a file in .requests/; returns its name. */
+  async putRequest(body: unknown): Promise<string> {
+    await fs.promises.mkdir(path.join(this.dir, REQUESTS), { recursive: true, mode: 0o700 });
+    const name = `${Date.now()}.${process.pid}.${this.tmpCounter++}`;
+    await this.writeAside(path.join(this.dir, REQUESTS, name), JSON.stringify(body));
+    return name;
+  }
+
+  /**
+   * The requests waiting, each taken once (read, then unlinked: a request its asker withdrew
+   * first is not taken); those older than a minute are dropped unread, as are stale answers.
+   */
+  async takeRequests(): Promise<Array<{ name: string; body: unknown }>> {
+    const dir = path.join(this.dir, REQUESTS);
+    const names = await fs.promises.readdir(dir).catch(() => [] as string[]);
+    const taken: Array<{ name: string; body: unknown }> = [];
+    for (const name of names.sort()) {
+      const file = path.join(dir, name);
+      const age = Date.now() - Number(name.split(".")[0]);
+      if (name.endsWith(".answer")) {
+        if (age > 3600_000) await fs.promises.unlink(file).catch(() => undefined);
+        continue;
+      }
+      if (!/^\d+\.\d+\.\d+$/.test(name)) continue;
+      const text = await fs.promises.readFile(file, "utf8").catch(() => null);
+      const mine = await fs.promises.unlink(file).then(() => true, () => false);
+      if (!mine || text === null || !(age <= REQUEST_MAX_AGE_MS)) continue;
+      try {
+        taken.push({ name, body: JSON.parse(text) });
+      } catch {
+        // Not ours to understand: dropped.
+      }
+    }
+    return taken;
+  }
+
+  async answerRequest(name: string, answer: unknown): Promise<void> {
+    await this.writeAside(path.join(this.dir, REQUESTS, `${name}.answer`), JSON.stringify(answer));
+  }
+
+  /** The answer to a request, taken (null while there is none). */
+  async takeAnswer(name: string): Promise<unknown> {
+    const file = path.join(this.dir, REQUESTS, `${name}.answer`);
+    const text = await fs.promises.readFile(file, "utf8").catch(() => null);
+    if (text === null) return null;
+    await fs.promises.unlink(file).catch(() => undefined);
+    return JSON.parse(text);
+  }
+
+  /** Takes a request back before the engine took it: true when it was still there. */
+  async withdrawRequest(name: string): Promise<boolean> {
+    return fs.promises.unlink(path.join(this.dir, REQUESTS, name)).then(() => true, () => false);
+  }
+
+  /** A small file written in tmp/ and renamed into place: readers see all of it or nothing. */
+  private async writeAside(file: string, text: string): Promise<void> {
+    const tmpPath = this.tmpPath();
+    try {
+      await writeExclusive(tmpPath, text + "\n", false);
+      await fs.promises.rename(tmpPath, file);
+    } catch (err) {
+      await fs.promises.unlink(tmpPath).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** The live process that holds the spool's lock, other than this one; null when none does. */
+  holder(): number | null {
+    const pid = lockHolder(path.resolve(this.dir, ".mudmail.lock"));
+    return pid && pid !== process.pid && processAlive(pid) ? pid : null;
+  }
+
+  /**
    * The spool's lock, maildir/.mudmail.lock: one engine sends from a spool at a time. It is a
    * symbolic link whose target is the holder's pid: made in one call, exclusive, and, being
    * a name and an inode without data, it can be taken on a full disk, where sending (which
@@ -492,7 +642,7 @@ export class Spool {
 
   /** After a crash: bookkeeping files whose message moved on are put beside it again. */
   private async repairBookkeeping(): Promise<void> {
-    const folders: Folder[] = ["outgoing", "outgoing_active", "deferred", "corrupt"];
+    const folders: Folder[] = ["outgoing", "outgoing_active", "deferred", "hold", "corrupt"];
     const listing = new Map<Folder, Set<string>>();
     for (const f of folders) listing.set(f, new Set(await fs.promises.readdir(path.join(this.dir, f))));
     for (const f of folders) {
@@ -606,7 +756,8 @@ export class Spool {
 /** One message of the queue listing, SPEC section 5. */
 export interface QueueEntry {
   id: string;
-  state: "queued" | "active" | "deferred" | "corrupt";
+  /** hold: put on hold by an operator (--hold), never sent until released. */
+  state: "queued" | "active" | "deferred" | "hold" | "corrupt";
   sender: string | null;
   recipients: string[];
   size: number;
@@ -614,21 +765,29 @@ export interface QueueEntry {
   attempts: number;
   nextAttempt: string | null;
   lastError: string | null;
+  /** The end of the suspension (--suspend, a reply rule) that holds its recipients' destination back; null when none does. */
+  suspendedUntil: string | null;
 }
 
 /** Every message in the spool, oldest first: the data of --queue and --queue --json (SPEC section 5). */
 export async function queueEntries(spool: Spool): Promise<QueueEntry[]> {
   await spool.init();
-  const states = [["outgoing", "queued"], ["outgoing_active", "active"], ["deferred", "deferred"], ["corrupt", "corrupt"]] as const;
+  const states = [["outgoing", "queued"], ["outgoing_active", "active"], ["deferred", "deferred"], ["hold", "hold"], ["corrupt", "corrupt"]] as const;
   const entries: QueueEntry[] = [];
+  const suspended = suspendedDomains(await spool.readState("suspended"));
+  const suspendedUntil = (recipients: string[]): string | null => {
+    const ends = recipients.map((r) => suspended.get(r.slice(r.lastIndexOf("@") + 1).toLowerCase())).filter((u): u is number => u !== undefined);
+    return ends.length > 0 ? new Date(Math.min(...ends)).toISOString() : null;
+  };
   for (const [folder, state] of states) {
     const { ids, badNames } = await spool.scan(folder);
     for (const id of [...ids, ...(folder === "corrupt" ? badNames : [])]) {
       const book = await spool.readBookkeeping(id, folder);
-      const base = { id, state, attempts: book?.attempts ?? 0, nextAttempt: book?.nextAttempt ? new Date(book.nextAttempt).toISOString() : null, lastError: book?.lastError ?? null };
+      const base = { id, state, attempts: book?.attempts ?? 0, nextAttempt: book?.nextAttempt ? new Date(book.nextAttempt).toISOString() : null, lastError: book?.lastError ?? null, suspendedUntil: null };
       try {
         const msg = await spool.open(id, folder);
-        entries.push({ ...base, sender: msg.sender, recipients: msg.recipients, size: msg.size, queuedAt: new Date(msg.arrival).toISOString() });
+        entries.push({ ...base, sender: msg.sender, recipients: msg.recipients, size: msg.size, queuedAt: new Date(msg.arrival).toISOString(),
+          suspendedUntil: folder === "corrupt" ? null : suspendedUntil(msg.recipients) });
       } catch (err) {
         if (errno(err) === "ENOENT") continue; // sent or moved while we listed
         const st = await fs.promises.stat(spool.pathOf(folder, id)).catch(() => null);
@@ -639,6 +798,22 @@ export async function queueEntries(spool: Spool): Promise<QueueEntry[]> {
     }
   }
   return entries.sort((a, b) => a.queuedAt.localeCompare(b.queuedAt) || compareIds(a.id, b.id));
+}
+
+/**
+ * The suspensions in the spool's state (".state-suspended", written by the engine: each key, a
+ * domain or a provider, with its end and the domains known behind it): domain -> end, epoch ms.
+ */
+function suspendedDomains(state: unknown): Map<string, number> {
+  const ends = new Map<string, number>();
+  if (typeof state !== "object" || state === null) return ends;
+  const now = Date.now();
+  for (const [key, s] of Object.entries(state as Record<string, { until?: unknown; domains?: unknown }>)) {
+    if (typeof s?.until !== "number" || s.until <= now) continue;
+    const domains = [key, ...(Array.isArray(s.domains) ? s.domains.filter((d): d is string => typeof d === "string") : [])];
+    for (const d of domains) ends.set(d, Math.min(ends.get(d) ?? Infinity, s.until));
+  }
+  return ends;
 }
 
 function compareIds(a: string, b: string): number {
@@ -1103,6 +1278,8 @@ export async function* wireChunks(spool: Spool, msg: QueuedMessage, prefix: Buff
 
 /** Locks this process holds: removed at exit, whatever the engines did. */
 const LOCKED_HERE = new Set<string>();
+/** Requests to the engine that holds the lock (queue control from the command line). */
+const REQUESTS = ".requests";
 let exitHookSet = false;
 
 function lockTaken(file: string): void {

@@ -43,7 +43,7 @@ import { signByFrom, type DkimKey } from "./dkim.js";
 import { PolicyFiles, type CachedPolicy, type PolicyStore } from "./tls-policy.js";
 import {
   CorruptMessageError, Spool, SpoolError, measureWire, queueEntries, wireChunks,
-  type Bookkeeping, type Folder, type QueuedMessage, type QueueEntry, type Wire,
+  type Bookkeeping, type ControlResult, type ControlVerb, type Folder, type QueuedMessage, type QueueEntry, type Wire,
 } from "./queue.js";
 
 /** A queue file as the engine keeps it: what open() found, without the content. */
@@ -234,6 +234,20 @@ export class SpoolThread {
     return this.#call("queueEntries") as Promise<QueueEntry[]>;
   }
 
+  /** Queue control (postsuper's -d, -h, -H, -r), as the command line asked the engine that holds the lock. */
+  control(verb: ControlVerb, target: string): Promise<ControlResult> {
+    return this.#call("control", verb, target) as Promise<ControlResult>;
+  }
+
+  /** Requests from the command line waiting in .requests/, each taken once. */
+  takeRequests(): Promise<Array<{ name: string; body: unknown }>> {
+    return this.#call("takeRequests") as Promise<Array<{ name: string; body: unknown }>>;
+  }
+
+  answerRequest(name: string, answer: unknown): Promise<void> {
+    return this.#call("answerRequest", name, answer) as Promise<void>;
+  }
+
   /** The MTA-STS policy cache (.mta-sts/ in the spool), read and written by the worker too. */
   policies(): PolicyStore {
     return {
@@ -399,6 +413,9 @@ function serve(data: WorkerData): void {
     readState: (name: string) => spool.readState(name),
     writeState: (name: string, value: unknown) => spool.writeState(name, value),
     queueEntries: () => queueEntries(spool),
+    control: (verb: ControlVerb, target: string) => spool.control(verb, target),
+    takeRequests: () => spool.takeRequests(),
+    answerRequest: (name: string, answer: unknown) => spool.answerRequest(name, answer),
     policyRead: (domain: string) => policies.read(domain),
     policyWrite: (domain: string, policy: CachedPolicy) => policies.write(domain, policy),
   };

@@ -76,8 +76,9 @@ t.test("--send queues a message from standard input and prints its id; --queue l
   t.equal(json.code, 0);
   const entries = JSON.parse(json.stdout);
   t.equal(entries.length, 1);
-  t.same(Object.keys(entries[0]).sort(), ["attempts", "id", "lastError", "nextAttempt", "queuedAt", "recipients", "sender", "size", "state"].sort(), "SPEC section 5 fields");
-  t.match(entries[0], { id, state: "queued", sender: "talker@test.example", recipients: ["bob@test.example", "carol@test.example"], attempts: 0, nextAttempt: null, lastError: null });
+  t.same(Object.keys(entries[0]).sort(), ["attempts", "id", "lastError", "nextAttempt", "queuedAt", "recipients", "sender", "size", "state", "suspendedUntil"].sort(),
+    "SPEC section 5 fields, and the suspension that holds it back (issue 14)");
+  t.match(entries[0], { id, state: "queued", sender: "talker@test.example", recipients: ["bob@test.example", "carol@test.example"], attempts: 0, nextAttempt: null, lastError: null, suspendedUntil: null });
   t.ok(Number.isInteger(entries[0].size) && entries[0].size > 0, "size");
   t.equal(new Date(entries[0].queuedAt).toISOString(), entries[0].queuedAt, "ISO 8601 time");
 
@@ -99,7 +100,7 @@ t.test("--flush sends through --relay, prints a one-line summary, exits 0; a dea
   const logFile = path.join(maildir, "..", "mail.log");
   const r = await runCli(["--flush", "--relay", `${sink.host}:${sink.port}`, "--maildir", maildir, "--log", logFile]);
   t.equal(r.code, 0, r.stderr);
-  t.match(r.stdout, /^mudmail: flush: 20 sent, 0 deferred, 0 bounced, 1 corrupt \(20 messages, 20 recipients, [\d.]+ s\)\n$/);
+  t.match(r.stdout, /^mudmail: flush: 21 messages: 20 sent, 0 deferred, 0 bounced, 1 corrupt; 20 recipients: 20 sent, 0 deferred, 0 bounced \([\d.]+ s\)\n$/);
   const log = await fs.readFile(logFile, "utf8");
   t.equal(log.split("\n").filter((l) => /status=sent/.test(l)).length, 20, "the log file has the delivery lines");
   t.match(log, /1700000001\.0: corrupt queue file moved to corrupt\/1700000001\.0: bad recipient "no-at-sign": not of the form addr@domain/);
@@ -111,7 +112,7 @@ t.test("--flush sends through --relay, prints a one-line summary, exits 0; a dea
   await sink.stop();
   const dead = await runCli(["--flush", "--relay", `${sink.host}:${sink.port}`, "--maildir", maildir, "--log", logFile], { timeoutMs: 20_000 });
   t.equal(dead.code, 0, "deferred mail is a normal outcome");
-  t.match(dead.stdout, /flush: 0 sent, 3 deferred, 0 bounced, 0 corrupt/);
+  t.match(dead.stdout, /flush: 3 messages: 0 sent, 3 deferred, 0 bounced, 0 corrupt; 3 recipients: 0 sent, 3 deferred, 0 bounced/);
   t.equal((await listFolder(maildir, "deferred")).length, 3, "the messages wait in deferred/");
   const json = JSON.parse((await runCli(["--queue", "--json", "--maildir", maildir])).stdout);
   const deferred = json.filter((x: { state: string }) => x.state === "deferred");

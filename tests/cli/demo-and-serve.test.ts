@@ -13,7 +13,7 @@ t.test("--demo shows the whole path: queued, sent through the receiver, and the 
   t.equal(r.code, 0, r.stderr);
   t.match(r.stdout, /mudmail demo: a receiver on 127\.0\.0\.1:\d+ with the user demo@localhost/);
   t.match(r.stdout, /mudmail\/smtp\[\d+\]: \d+\.\d+: to=<demo@localhost>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*dsn=2\.0\.0, status=sent \(250 /);
-  t.match(r.stdout, /mudmail: flush: 1 sent, 0 deferred, 0 bounced, 0 corrupt/);
+  t.match(r.stdout, /mudmail: flush: 1 message: 1 sent, 0 deferred, 0 bounced, 0 corrupt; 1 recipient: 1 sent, 0 deferred, 0 bounced/);
   const landed = /It landed in (\S+\/users\/demo@localhost\/mail):/.exec(r.stdout);
   t.ok(landed, "the mailbox path is printed");
   const mbox = await fs.readFile(landed![1], "utf8");

@@ -75,7 +75,7 @@ t.test("on a full disk, --flush delivers what is queued; new mail is refused wit
   await fill(disk);
   const flush = await runCli(["--flush", "--maildir", maildir, "--relay", `127.0.0.1:${sink.port}`, "--tls", "none"]);
   t.equal(flush.code, 0, `--flush runs on a full disk: ${flush.stderr.slice(-500)}`);
-  t.match(flush.stdout, /flush: 5 sent, 0 deferred/);
+  t.match(flush.stdout, /flush: 5 messages: 5 sent, 0 deferred/);
   t.same(await fs.readdir(path.join(maildir, "outgoing")), [], "every queued message left the queue");
   t.same(await fs.readdir(path.join(maildir, "tmp")), []);
 });
