@@ -1303,8 +1303,20 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     }
   }
 
-  /** After queue control: its log lines (Postfix's postsuper's); released and requeued mail goes now. */
+  /**
+   * After queue control: its log lines (Postfix's postsuper's); released and requeued mail goes
+   * now, to destinations tried afresh (a destination given up on this tick is not held against
+   * mail an operator asked to go now).
+   */
   #controlled(verb: keyof typeof CONTROL_DONE, result: ControlResult): void {
+    if ((verb === "release" || verb === "requeue") && result.done.length > 0) {
+      for (const dest of this.#destinations.values()) {
+        if (dest.deadReason !== null) {
+          dest.deadReason = null;
+          dest.failures = 0;
+        }
+      }
+    }
     for (const id of result.done) {
       this.#log.write("postsuper", `${id}: ${CONTROL_DONE[verb]}`);
       this.#parked.delete(id);

@@ -2,11 +2,12 @@
 // as postqueue -f): done under the spool's lock when nothing else sends from the spool, and
 // asked of the running daemon (through .requests/) when it does. smtp-sink is the relay.
 
-import t from "tap";
+import t, { type Test as Tap } from "tap";
 import fs from "node:fs/promises";
 import path from "node:path";
 import { sleep, spawnDaemon } from "../helpers/daemon.js";
 import { freePort, requireTool, startSmtpSink, SMTP_SINK } from "../helpers/postfix.js";
+import { recordingProxy, type Proxy } from "../helpers/proxy.js";
 import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage } from "../helpers/spool-files.js";
 
 interface Entry { id: string; state: string; attempts: number; nextAttempt: string | null; suspendedUntil: string | null }
@@ -139,6 +140,86 @@ t.test("with a daemon running: it is asked, and does it; --flush asks it to flus
   t.same(await fs.readdir(path.join(maildir, ".requests")), [], "no request or answer is left behind");
   await daemon.kill("SIGTERM", 10_000);
   t.equal((await daemon.done).code, 0);
+});
+
+/** Where each queue id is, across the folders a message can be in; an id in two folders is listed twice. */
+async function whereabouts(maildir: string): Promise<Array<[string, string]>> {
+  const out: Array<[string, string]> = [];
+  for (const folder of ["outgoing", "outgoing_active", "deferred", "hold", "corrupt"]) {
+    for (const id of await listFolder(maildir, folder)) out.push([id, folder]);
+  }
+  return out.sort();
+}
+
+async function startDaemon(t: Tap, maildir: string, log: string, relay: string): Promise<number> {
+  const daemon = spawnDaemon(process.execPath, [MAIL_JS, "--relay", relay, "--maildir", maildir, "--log", log], path.dirname(maildir), "daemon");
+  t.teardown(() => daemon.stop());
+  for (let i = 0; i < 200 && !(await fs.lstat(path.join(maildir, ".mudmail.lock")).catch(() => null)); i++) await sleep(50);
+  return daemon.child.pid!;
+}
+
+t.test("with a daemon running: ALL variants; held mail is never sent until released; --requeue makes deferred mail due now", async (t) => {
+  if (!requireTool(t, SMTP_SINK)) return;
+  const sink = await startSmtpSink();
+  t.teardown(() => sink.stop());
+  const maildir = await tempMaildir();
+  const log = path.join(maildir, "..", "mail.log");
+  // The relay's port refuses connections until a proxy to smtp-sink listens on it.
+  const port = await freePort();
+  const pid = await startDaemon(t, maildir, log, `127.0.0.1:${port}`);
+  let proxy: Proxy | null = null;
+  t.teardown(() => proxy?.close());
+  const sendOne = async (n: number) => {
+    const r = await runCli(["--send", "--maildir", maildir, "-f", "talker@test.example", "-s", `hi ${n}`, `u${n}@test.example`], { input: "hello\n" });
+    t.equal(r.code, 0, r.stderr);
+    return r.stdout.trim();
+  };
+  const ids = [await sendOne(1), await sendOne(2), await sendOne(3)];
+  for (const id of ids) await waitForLog(log, new RegExp(`${id.replace(".", "\\.")}: to=<.*status=deferred`));
+  await sleep(100);
+  t.same(await whereabouts(maildir), ids.map((id) => [id, "deferred"]).sort(), "deferred, each in one folder");
+
+  const held = await runCli(["--hold", "ALL", "--maildir", maildir, "--log", log]);
+  t.equal(held.stdout, `mudmail: --hold: 3 messages placed on hold by the running mudmail (pid ${pid})\n`);
+  t.same(await whereabouts(maildir), ids.map((id) => [id, "hold"]).sort(), "all in hold/, nowhere else");
+
+  // The relay answers now; a forced flush asked of the daemon still sends nothing that is held.
+  proxy = await recordingProxy(sink.port, { port });
+  const flush = await runCli(["--flush", "--force", "--maildir", maildir]);
+  t.equal(flush.code, 0, flush.stderr);
+  await sleep(1500);
+  t.equal(proxy.chunks.length, 0, "no connection: held mail is not sent");
+  t.same(await whereabouts(maildir), ids.map((id) => [id, "hold"]).sort());
+
+  const released = await runCli(["--release", "ALL", "--maildir", maildir, "--log", log]);
+  t.equal(released.stdout, `mudmail: --release: 3 messages released from hold by the running mudmail (pid ${pid})\n`);
+  for (const id of ids) await waitForLog(log, new RegExp(`${id.replace(".", "\\.")}: to=<.*status=sent`));
+  for (let i = 0; i < 100 && (await whereabouts(maildir)).length > 0; i++) await sleep(50);
+  t.same(await whereabouts(maildir), [], "sent and removed");
+
+  // Deferred again (the relay refuses), then --requeue ALL: sent at once, not after the 300 s backoff.
+  await proxy.close();
+  proxy = null;
+  const late = await sendOne(4);
+  await waitForLog(log, new RegExp(`${late.replace(".", "\\.")}: to=<.*status=deferred`));
+  await sleep(100);
+  t.same(await whereabouts(maildir), [[late, "deferred"]]);
+  t.match((await queue(maildir))[0], { state: "deferred", attempts: 1 });
+  proxy = await recordingProxy(sink.port, { port });
+  const requeued = await runCli(["--requeue", "ALL", "--maildir", maildir, "--log", log]);
+  t.equal(requeued.stdout, `mudmail: --requeue: 1 message requeued by the running mudmail (pid ${pid})\n`);
+  await waitForLog(log, new RegExp(`${late.replace(".", "\\.")}: to=<u4@test\\.example>, .*status=sent`), 10_000);
+
+  const unknown = await runCli(["--delete", "1700000000.99", "--maildir", maildir]);
+  t.equal(unknown.code, 1, "an unknown id exits 1, the daemon asked");
+  t.match(unknown.stdout, /1700000000\.99: no such message in the queue/);
+  const bad = await runCli(["--release", "nope/../x", "--maildir", maildir]);
+  t.equal(bad.code, 2, "not a queue id: a usage error");
+  t.match(bad.stderr, /^mudmail: --release: expected a queue id or ALL, got "nope\/\.\.\/x"\n$/);
+  const lines = await fs.readFile(log, "utf8");
+  for (const id of ids) {
+    for (const what of ["placed on hold", "released from hold"]) t.match(lines, new RegExp(`mudmail/postsuper\\[${pid}\\]: ${id.replace(".", "\\.")}: ${what}\n`));
+  }
 });
 
 t.test("a lock holder that does not take the request: withdrawn after 10 s, nothing done, exit 1", async (t) => {

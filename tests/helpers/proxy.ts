@@ -1,7 +1,8 @@
 // Test helper: a recording TCP proxy on loopback, for tests that must see the exact bytes a
 // client wrote: recordingProxy(targetPort) forwards every connection to 127.0.0.1:targetPort
 // (half-closes passed on) and keeps what the client wrote, chunk by chunk as it arrived, per
-// connection; close() ends every connection and stops listening.
+// connection; close() ends every connection and stops listening. `at.port` listens on a port
+// chosen beforehand (a relay address that refused connections until now).
 
 import net from "node:net";
 
@@ -12,7 +13,7 @@ export interface Proxy {
   close(): Promise<void>;
 }
 
-export async function recordingProxy(targetPort: number): Promise<Proxy> {
+export async function recordingProxy(targetPort: number, at: { port?: number } = {}): Promise<Proxy> {
   const chunks: Buffer[][] = [];
   const sockets = new Set<net.Socket>();
   const server = net.createServer({ allowHalfOpen: true }, (client) => {
@@ -32,7 +33,10 @@ export async function recordingProxy(targetPort: number): Promise<Proxy> {
     client.on("close", () => upstream.destroy());
     upstream.on("close", () => client.destroy());
   });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(at.port ?? 0, "127.0.0.1", () => { server.off("error", reject); resolve(); });
+  });
   const port = (server.address() as net.AddressInfo).port;
   return {
     port,
