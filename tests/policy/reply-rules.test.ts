@@ -5,11 +5,13 @@
 
 import t from "tap";
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { MailEngine, type Outcome } from "../../mail.js";
 import { setup, simple, testMails, type Rig } from "../helpers/engine-rig.js";
 import { world, line } from "../helpers/mx-world.js";
-import { listFolder } from "../helpers/spool-files.js";
+import { listFolder, runCli } from "../helpers/spool-files.js";
+import { startScriptedServer } from "../helpers/scripted-server.js";
 
 const TS04 = "421 4.7.0 [TS04] Messages from 127.0.0.1 temporarily deferred due to unexpected volume or user complaints";
 
@@ -43,6 +45,70 @@ t.test("throttle: one connection fewer, the message deferred without an attempt,
   const second = await rig.flush();
   t.match(second, { sent: 1, deferred: 0 }, "the next pass sends it at once");
   t.equal(rig.server.messages.filter((m) => m.from !== "").length, 5);
+});
+
+t.test("throttle: never below one connection; the limit climbs back with deliveries", async (t) => {
+  // Three connections at once, one message each; the first three MAILs hear 421 4.7.0.
+  let refused = 0;
+  const openAtMail: number[] = [];
+  const rig = await setup(t, {
+    script: {
+      mail: (_a, session) => {
+        if (refused < 3) { refused++; return "421 4.7.0 Try again later, closing connection."; }
+        openAtMail.push(rig.server.sessions.filter((s) => !s.closed && s !== session && s.helo !== null).length + 1);
+        return undefined;
+      },
+      // Slow enough that connections overlap when the limit allows it.
+      onData: () => ({ action: "delay", ms: 150, reply: "250 2.0.0 Ok" }),
+    },
+    engine: { maxConnections: 3, policy: { default: { connections: 3, messagesPerConnection: 1 }, replies: [{ match: "^421 4\\.7\\.0", action: "throttle" }] } },
+  });
+  for (let i = 0; i < 12; i++) rig.drop(simple("a@example.org", [`u${i}@example.net`]));
+  const first = await rig.flush(20_000);
+  const throttles = rig.lines.map((l) => / 127\.0\.0\.1: throttled to (\d+) connections?:/.exec(l)?.[1]).filter((x) => x !== undefined).map(Number);
+  t.equal(throttles.length, 3, "each 421 session throttles once");
+  t.ok(throttles.every((n) => n >= 1), `never below 1: ${throttles}`);
+  t.equal(throttles.at(-1), 1, "the third 421 finds the limit at its floor, 1");
+  t.match(first, { sent: 9, deferred: 3 }, "the refused three are deferred");
+  t.equal(openAtMail[0], 1, "the first delivery after the throttles is alone");
+  t.ok(Math.max(...openAtMail) >= 2, `the limit climbs back after deliveries (open at each MAIL: ${openAtMail})`);
+  t.equal(rig.files("deferred").length, 0, "no backoff: the three wait in outgoing/");
+  t.match(await rig.flush(20_000), { sent: 3, deferred: 0 }, "and go at the next pass");
+});
+
+t.test("[TS04] from the command line: --flush --force does not lift it, --resume does", async (t) => {
+  let refuse = true;
+  const server = await startScriptedServer({ mail: () => (refuse ? TS04 : undefined) });
+  t.teardown(() => server.close());
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "mudmail-ts04-"));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const maildir = path.join(dir, "maildir");
+  const log = path.join(dir, "mail.log");
+  const common = ["--maildir", maildir, "--log", log, "--relay", `127.0.0.1:${server.port}`];
+  for (const n of [1, 2]) {
+    const r = await runCli(["--send", ...common, "-f", "a@example.org", "-s", `s${n}`, `u${n}@example.net`], { input: "hi\n" });
+    t.equal(r.code, 0, r.stderr);
+  }
+  const first = await runCli(["--flush", ...common]);
+  t.equal(first.code, 0, first.stderr);
+  t.match(first.stdout, /flush: 2 messages: 0 sent, 2 deferred, 0 bounced/, "deferred, not bounced");
+  t.equal(server.sessions.flatMap(testMails).length, 1, "one MAIL heard [TS04]; no other message was tried");
+  const before = server.connections;
+  const forced = await runCli(["--flush", "--force", ...common]);
+  t.equal(forced.code, 0);
+  t.equal(server.connections, before, "--flush --force opens no connection to a suspended destination");
+  t.equal((await listFolder(maildir, "outgoing")).length, 2, "both wait in outgoing/");
+  const mailq = await runCli(["--queue", "--maildir", maildir]);
+  t.match(mailq.stdout, /^-Suspended Destination-.*\n127\.0\.0\.1\s+.*\[TS04\]/, "the queue listing shows the suspension");
+  refuse = false;
+  const resumed = await runCli(["--resume", "127.0.0.1", ...common]);
+  t.equal(resumed.stdout, "mudmail: --resume: 127.0.0.1: delivery resumed\n");
+  const last = await runCli(["--flush", ...common]);
+  t.match(last.stdout, /flush: 2 messages: 2 sent, 0 deferred, 0 bounced/);
+  const lines = fs.readFileSync(log, "utf8");
+  t.equal(lines.match(/: 127\.0\.0\.1: delivery suspended for 7200 s/g)?.length, 1, "logged once when it began");
+  t.equal(lines.match(/: 127\.0\.0\.1: delivery resumed/g)?.length, 1, "and once when it ended");
+  t.notMatch(lines, /status=bounced/);
 });
 
 t.test("suspend on [TS04]: no new connections, mail stays queued untried, --force does not lift it", async (t) => {
