@@ -10,6 +10,7 @@
  *   --dkim-keygen/--dkim-print-dns/--check-domain
  *   node dist/mail.js --delete|--hold|--release|--requeue ID|ALL   postsuper -d/-h/-H/-r
  *   node dist/mail.js --suspend DOMAIN [--seconds N]; --resume DOMAIN
+ *   node dist/mail.js [--flush] --metrics HOST:PORT   Prometheus text at /metrics while it runs
  *
  * DESCRIPTION
  *   SPEC section 3 on top of the library: flags parsed into MailOptions (checked by
@@ -48,6 +49,7 @@ import { Spool, SpoolError, addressProblem, type ControlResult, type ControlVerb
 import { printable } from "./smtp-codes.js";
 import { PolicyError, Shaper, checkPolicy, type Policy, type Suspension } from "./policy.js";
 import { CONTROL_DONE, MailLog, resumedLine, suspendedLine } from "./log.js";
+import { serveMetrics } from "./metrics.js";
 
 type FlagKind = "bool" | "int" | "string" | "list";
 interface FlagSpec { kind: FlagKind; key?: keyof MailOptions; help: string; arg?: string }
@@ -131,6 +133,7 @@ const OPTION_FLAGS: Record<string, FlagSpec> = {
   "--dkim-key": { kind: "string", key: "dkimKey", arg: "FILE", help: "DKIM: the private key (PEM; RSA >= 2048 bits or Ed25519)" },
   "--dkim-keys": { kind: "string", key: "dkimKeys", arg: "FILE", help: "DKIM: a JSON table of From domains to selector and key" },
   "--policy": { kind: "string", arg: "FILE", help: "per-destination and per-provider limits and reply rules (JSON)" },
+  "--metrics": { kind: "string", arg: "HOST:PORT", help: "run or --flush: serve Prometheus metrics at http://HOST:PORT/metrics" },
   "--syslog-name": { kind: "string", key: "syslogName", arg: "NAME", help: "syslog_name: log lines read NAME/smtp[pid] (mudmail)" },
 };
 
@@ -262,6 +265,11 @@ export async function main(argv: string[]): Promise<number> {
     if (chosen.length > 1) throw new UsageError(`choose one mode, not ${chosen.join(" and ")}`);
     if (!modes["--send"] && parsed.rest.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(parsed.rest[0])}`);
     const mode = chosen[0];
+    if (modes["--metrics"] !== undefined) {
+      if (mode !== undefined && mode !== "--flush") throw new UsageError(`--metrics goes with the run mode or --flush, not ${mode}`);
+      if (!/:\d+$/.test(String(modes["--metrics"]))) throw new UsageError(`--metrics: expected HOST:PORT, got ${JSON.stringify(modes["--metrics"])}`);
+      parseHostPort(String(modes["--metrics"]), "--metrics", 0);
+    }
     // Modes that do not send from the spool come first: --dkim-keygen's --dkim-key is a file still to be made.
     if (mode === "--dkim-keygen") return await dkimKeygen(modes, options);
     if (mode === "--dkim-print-dns") return printDkimDns(options);
@@ -308,10 +316,32 @@ export async function main(argv: string[]): Promise<number> {
       process.stdout.write(`mudmail: flush: asked the running mudmail (pid ${by}) to flush the queue now${modes["--force"] ? ", deferred mail too" : ""}; it is flushing (postqueue -f)\n`);
       return 0;
     }
-    return flushOnce(engine, Boolean(modes["--force"]));
+    const metrics = await metricsServer(modes, engine);
+    try {
+      return await flushOnce(engine, Boolean(modes["--force"]));
+    } finally {
+      metrics?.close();
+    }
   }
   await new Spool(options.maildir ?? DEFAULTS.maildir).init(); // an unusable spool stops the daemon now, not at its first tick
-  return runDaemon(engine);
+  const metrics = await metricsServer(modes, engine);
+  try {
+    return await runDaemon(engine);
+  } finally {
+    metrics?.close();
+  }
+}
+
+/** --metrics HOST:PORT: GET /metrics answers with engine.metrics() (metrics.ts); an address that cannot be had exits 2. */
+async function metricsServer(modes: Record<string, string | boolean>, engine: MailEngine): Promise<{ close(): void } | null> {
+  if (modes["--metrics"] === undefined) return null;
+  const at = parseHostPort(String(modes["--metrics"]), "--metrics", 0);
+  void engine.metrics().catch(() => undefined); // the loop's delay is measured from now on
+  try {
+    return await serveMetrics(at, () => engine.metrics());
+  } catch (err) {
+    throw new UsageError(`--metrics: cannot listen on ${modes["--metrics"]}: ${(err as Error).message}`);
+  }
 }
 
 /** The receiver's options from the command line; checked, so a bad one exits 2 naming its flag. */

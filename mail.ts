@@ -8,6 +8,7 @@
  *   mail.tick();           // check_smtp(): from the host's own one-minute loop, or
  *   mail.start();          // the engine's own timer; await mail.flush(); await mail.stop();
  *   mail.on("sent" | "deferred" | "bounced" | "error", handler); await mail.queue();
+ *   await mail.metrics();  // what --metrics serves (metrics.ts), as an object
  *
  * DESCRIPTION
  *   The talker's mail subsystem in one event loop. A tick (every 60 s, and at once when
@@ -43,8 +44,12 @@
  *   a connection limit, messages per connection and a pace; an idle slot takes a job only as
  *   they allow, and a timer wakes the scheduler when a paced message may start.
  *
+ *   metrics() answers from what the engine counts itself (outcomes, the delivery delay, the
+ *   slots open, the suspensions) and from the spool's thread (messages per folder): asking
+ *   does no file work on the host's loop.
+ *
  * BUGS
- *   One engine per spool (a lock); a second process asking to flush is refused. Mail that
+ *   One engine per spool (a lock); a process that wants to flush it asks the holder (cli.ts). Mail that
  *   waits for its destination's pace is read ahead up to READAHEAD_MAX jobs; past that, other
  *   mail waits behind it.
  */
@@ -70,6 +75,7 @@ import { TlsReports } from "./tls-report.js";
 import { Spool, addressProblem, errno, type Bookkeeping, type ControlResult, type QueueEntry, type Wire } from "./queue.js";
 import { SpoolThread, type MessageInfo, type Prepared } from "./spool-worker.js";
 import { Shaper, type Group, type Policy, type ReplyRule } from "./policy.js";
+import { DelayHistogram, LoopDelay, type Metrics } from "./metrics.js";
 
 export const VERSION = "0.1.0";
 
@@ -80,6 +86,7 @@ export { MailError };
 export { UsageError } from "./options.js";
 export { SpoolError } from "./queue.js";
 export type { MailErrorDetails } from "./smtp-codes.js";
+export type { Metrics };
 export { startServer } from "./receiver.js";
 export type { ServerOptions, ServerHandle, StoredMessage } from "./receiver.js";
 export { sendmail, vrfy, expn, help, smtpTransactions, SmtpSession } from "./client.js";
@@ -940,6 +947,10 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   #tickScheduled = false;
   #active = false;
   #counts: FlushSummary = emptySummary();
+  /** Recipient outcomes since the engine was made, and the delay of each sent one: for metrics(). */
+  readonly #outcomeTotals = { sent: 0, deferred: 0, bounced: 0 };
+  readonly #deliveryDelay = new DelayHistogram();
+  readonly #loopDelay = new LoopDelay();
   #idleWaiters: Array<() => void> = [];
   #spoolReady: Promise<void> | null = null;
 
@@ -1072,12 +1083,32 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#active = false;
     this.#releaseLock();
     await this.#spool.close();
+    this.#loopDelay.stop();
     await this.#log.flush();
   }
 
   /** Every message in the spool, oldest first: what `--queue --json` prints (SPEC section 5). */
   queue(): Promise<QueueEntry[]> {
     return this.#spool.queueEntries();
+  }
+
+  /**
+   * The numbers an operator watches (metrics.ts; `--metrics` serves them as Prometheus text):
+   * messages per folder (counted by the spool's thread), recipient outcomes, connections open
+   * per destination, suspensions, the delivery delay histogram, the host loop's delay (measured
+   * from the first call on).
+   */
+  async metrics(): Promise<Metrics> {
+    const loopDelay = this.#loopDelay.snapshot();
+    const messages = await this.#spool.counts();
+    const connections: Record<string, number> = {};
+    for (const slot of this.#slots) connections[slot.destination.key] = (connections[slot.destination.key] ?? 0) + 1;
+    const now = Date.now();
+    const suspended: Metrics["suspended"] = {};
+    for (const [key, s] of Object.entries(this.#shaper.state())) {
+      if (s.until > now) suspended[key] = { until: new Date(s.until).toISOString(), reason: s.reason };
+    }
+    return { messages, outcomes: { ...this.#outcomeTotals }, connections, suspended, deliveryDelay: this.#deliveryDelay.snapshot(), loopDelay };
   }
 
   /** Live numbers for a progress line. */
@@ -2038,6 +2069,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#log.write("smtp",
       `${outcome.queueId}: to=<${outcome.recipient}>, relay=${outcome.relay}, delay=${seconds(now - delivery.msg.arrival)}, ` +
       `delays=${seconds(a)}/${seconds(b)}/${seconds(c)}/${seconds(d)}, dsn=${outcome.dsn}, status=${outcome.status} (${outcome.text})${tlsPolicy ? `, ${tlsPolicy}` : ""}`);
+    this.#outcomeTotals[outcome.status]++;
+    if (outcome.status === "sent") this.#deliveryDelay.observe((now - delivery.msg.arrival) / 1000);
     const group = session?.group ?? job.destination.group;
     if (outcome.status === "sent" && group) this.#shaper.delivered(group);
     if (outcome.status === "deferred") this.#replyRule(job, session ?? null, outcome);

@@ -13,7 +13,7 @@
  *   const wire = await measureWire(spool, msg, makePrefix);   // size, 8-bit, the bytes if small
  *   for await (const chunk of wireChunks(spool, msg, prefix)) write(chunk);
  *   await spool.complete(id, booked) | release(id, to, book) | quarantine(id, from, why)
- *   await spool.rewriteRecipients(msg, pending); await queueEntries(spool);
+ *   await spool.rewriteRecipients(msg, pending); await queueEntries(spool); await spool.counts();
  *   await spool.control("hold" | "release" | "delete" | "requeue", id | "ALL");   // postsuper
  *   const name = await spool.putRequest(body); await spool.takeRequests(); ...   // to the lock holder
  *
@@ -302,6 +302,19 @@ export class Spool {
       }
     }
     return { ids, booked, badNames };
+  }
+
+  /** How many messages each folder holds now (names starting with "." are not messages); a missing folder holds none. */
+  async counts(): Promise<Record<Folder, number>> {
+    const counts = { outgoing: 0, outgoing_active: 0, deferred: 0, hold: 0, corrupt: 0 };
+    for (const folder of Object.keys(counts) as Folder[]) {
+      try {
+        for await (const { ids, badNames } of this.scanSlices(folder)) counts[folder] += ids.length + badNames.length;
+      } catch (err) {
+        if (errno(err) !== "ENOENT") throw err;
+      }
+    }
+    return counts;
   }
 
   /** The same listing in slices of at most `size` names, as the directory is read. */

@@ -234,6 +234,11 @@ export class SpoolThread {
     return this.#call("queueEntries") as Promise<QueueEntry[]>;
   }
 
+  /** Messages in each folder, counted by the worker (the metrics' folder gauges). */
+  counts(): Promise<Record<Folder, number>> {
+    return this.#call("counts") as Promise<Record<Folder, number>>;
+  }
+
   /** Queue control (postsuper's -d, -h, -H, -r), as the command line asked the engine that holds the lock. */
   control(verb: ControlVerb, target: string): Promise<ControlResult> {
     return this.#call("control", verb, target) as Promise<ControlResult>;
@@ -413,6 +418,7 @@ function serve(data: WorkerData): void {
     readState: (name: string) => spool.readState(name),
     writeState: (name: string, value: unknown) => spool.writeState(name, value),
     queueEntries: () => queueEntries(spool),
+    counts: () => spool.counts(),
     control: (verb: ControlVerb, target: string) => spool.control(verb, target),
     takeRequests: () => spool.takeRequests(),
     answerRequest: (name: string, answer: unknown) => spool.answerRequest(name, answer),

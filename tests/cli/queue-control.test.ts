@@ -5,7 +5,7 @@
 import t, { type Test as Tap } from "tap";
 import fs from "node:fs/promises";
 import path from "node:path";
-import { sleep, spawnDaemon } from "../helpers/daemon.js";
+import { sleep, spawnDaemon, waitForText } from "../helpers/daemon.js";
 import { freePort, requireTool, startSmtpSink, SMTP_SINK } from "../helpers/postfix.js";
 import { recordingProxy, type Proxy } from "../helpers/proxy.js";
 import { MAIL_JS, dropQueueFile, listFolder, makeSpool, queueFile, runCli, tempMaildir, testMessage } from "../helpers/spool-files.js";
@@ -17,15 +17,8 @@ async function queue(maildir: string): Promise<Entry[]> {
   return JSON.parse(r.stdout) as Entry[];
 }
 
-async function waitForLog(file: string, re: RegExp, ms = 10_000): Promise<string> {
-  const deadline = Date.now() + ms;
-  let log = "";
-  while (Date.now() < deadline) {
-    log = await fs.readFile(file, "utf8").catch(() => "");
-    if (re.test(log)) return log;
-    await sleep(50);
-  }
-  throw new Error(`no ${re} in the log within ${ms} ms:\n${log}`);
+function waitForLog(file: string, re: RegExp, ms = 10_000): Promise<string> {
+  return waitForText(() => fs.readFile(file, "utf8"), re, "the log", ms);
 }
 
 t.test("without a daemon: hold, release, requeue, delete under the spool's lock", async (t) => {

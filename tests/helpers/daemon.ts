@@ -10,6 +10,7 @@
 //   waitForGreeting  polls a port until a 220 greeting comes (with the raw client of smtp-raw.ts)
 //   requireAll / needFile / needUser / needRoot   a missing tool FAILS under CI, skips elsewhere
 //   bounded(promise, ms, what)  the promise, or a rejection naming `what` after ms
+//   waitForText(read, re, what, ms)  reads again until the text matches: a log, a scrape, a screen
 //   atExit, removeAtExit, readTail, lookupId, listMaildir, waitForFiles, sleep
 
 import { spawn, type ChildProcess } from "node:child_process";
@@ -20,6 +21,18 @@ import type { Test } from "tap";
 import { RawClient } from "./smtp-raw.js";
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Calls read() every 50 ms until its text matches re; resolves with that text, or rejects after ms with the last one. */
+export async function waitForText(read: () => Promise<string>, re: RegExp, what: string, ms = 10_000): Promise<string> {
+  const deadline = Date.now() + ms;
+  let text = "";
+  while (Date.now() < deadline) {
+    text = await read().catch(() => "");
+    if (re.test(text)) return text;
+    await sleep(50);
+  }
+  throw new Error(`no ${re} in ${what} within ${ms} ms:\n${text}`);
+}
 
 /** The promise's result, or a rejection naming `what` once ms have passed. */
 export function bounded<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {

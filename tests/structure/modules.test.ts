@@ -42,10 +42,10 @@ t.test("no module imports one that imports it back", async (t) => {
 
 const PUBLIC_VALUES = ["MailEngine", "MailError", "SmtpSession", "SpoolError", "UsageError", "VERSION", "expn", "help", "sendmail", "smtpTransactions", "startServer", "vrfy"];
 const PUBLIC_TYPES = [
-  "Answer", "ClientOptions", "FlushSummary", "Loser", "MailEngineEvents", "MailErrorDetails", "MailOptions", "Outcome", "Policy", "QueueEntry",
+  "Answer", "ClientOptions", "FlushSummary", "Loser", "MailEngineEvents", "MailErrorDetails", "MailOptions", "Metrics", "Outcome", "Policy", "QueueEntry",
   "SendMessage", "SendmailOptions", "SendmailResult", "ServerHandle", "ServerOptions", "Status", "StoredMessage", "TlsMode",
 ];
-const ENGINE_MEMBERS = ["constructor", "flush", "progress", "queue", "send", "start", "stop", "tick"];
+const ENGINE_MEMBERS = ["constructor", "flush", "metrics", "progress", "queue", "send", "start", "stop", "tick"];
 
 t.test("dist/index.js exports what a host calls, and no command line", async (t) => {
   const entry = path.join(root, "dist/index.js");
