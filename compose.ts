@@ -97,6 +97,19 @@ export function addedHeaders(facts: HeaderFacts, msg: QueuedMessage, helo: strin
   return Buffer.from(text);
 }
 
+/** The Message-ID field's value in a header block (folded lines unfolded), or null when it has none. */
+export function messageIdOf(header: Buffer): string | null {
+  const lines = header.toString("latin1").split(/\r?\n/);
+  for (let i = 0; i < lines.length && lines[i] !== ""; i++) {
+    const m = /^message-id[ \t]*:(.*)$/i.exec(lines[i]);
+    if (!m) continue;
+    let value = m[1];
+    while (i + 1 < lines.length && /^[ \t]/.test(lines[i + 1])) value += lines[++i];
+    return value.trim().replace(/\s+/g, " ").slice(0, 998) || null;
+  }
+  return null;
+}
+
 function addressList(value: string | string[] | undefined): string[] {
   if (value === undefined) return [];
   return (Array.isArray(value) ? value : [value]).flatMap((v) => v.split(/[,\s]+/)).filter(Boolean);

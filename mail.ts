@@ -459,6 +459,8 @@ class Slot {
   /** The reply of the last hop that refused to greet, for the policy's reply rules. */
   #lastReply: string | null = null;
   #authenticated = false;
+  /** The connection whose "... TLS connection established to ..." line (Postfix's) was written. */
+  #tlsLogged: SmtpConnection | null = null;
   #session: Session | null = null;
   /** A large body is being written from its file: the slot writes nothing else meanwhile. */
   #streaming = false;
@@ -539,6 +541,10 @@ class Slot {
       return conn.abort(`host ${this.#peer} refused to talk to me: ${printable(replyText(hello.reply))} (in reply to ${command} command)`, "ESERVER", hello.reply);
     }
     if (hello.tlsProblem) return conn.abort(hello.tlsProblem, "ETLS", hello.reply.code === 250 ? null : hello.reply);
+    if (conn.tlsLine && this.#tlsLogged !== conn) {
+      this.#tlsLogged = conn;
+      this.host.note(conn.tlsLine);
+    }
     const credentials = this.#session!.credentials;
     if (!credentials || this.#authenticated) return this.#sessionReady();
     conn.authenticate(credentials, ({ reply, problem }) => {
@@ -1443,6 +1449,12 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     for (const note of prepared.notes) this.#log.write("qmgr", `${id}: ${printable(note, 1000)}`);
     const { msg, wire, prefix, book } = prepared;
     const delivery = new Delivery(msg, wire, prefix, Date.now(), book, from);
+    // Postfix's pickup and cleanup lines, once per message (never tried, never put back): what
+    // log readers (pflogsumm) count as received, with its sender and Message-ID.
+    if (!book || (book.attempts === 0 && !book.picked)) {
+      this.#log.write("pickup", `${id}: uid=${process.getuid?.() ?? 0} from=<${msg.sender}>`);
+      if (prepared.messageId) this.#log.write("cleanup", `${id}: message-id=${printable(prepared.messageId, 998)}`);
+    }
     this.#log.write("qmgr", `${id}: from=<${msg.sender}>, size=${msg.size}, nrcpt=${msg.recipients.length} (queue active)`);
     this.#counts.messages++;
     this.#counts.recipients += msg.recipients.length;
@@ -1924,7 +1936,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     if (Date.now() - last < 60_000) return;
     this.#noticeSent.set(kind, Date.now());
     const content = composeNotice({ to: this.#postmaster, subject, text, reportingMta: this.#options.helo });
-    this.#spool.create(content).then((id) => {
+    this.#spool.create(content, MADE_HERE).then((id) => {
       this.#log.write("qmgr", `${id}: postmaster notice (${kind}): ${printable(subject)}`);
       if (this.#active && !this.#stopping) {
         this.#enqueue(id);
@@ -2232,7 +2244,10 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
    */
   async #putBack(delivery: Delivery): Promise<string> {
     const to = this.#stopping ? "outgoing" : delivery.from;
-    const id = await this.#spool.release(delivery.msg.id, to);
+    // Marked as picked up, so that its pickup line is not written again when it is claimed next.
+    const book = delivery.book?.picked || (delivery.book?.attempts ?? 0) > 0 ? undefined
+      : { ...(delivery.book ?? { attempts: 0, nextAttempt: null, lastError: null }), picked: true };
+    const id = await this.#spool.release(delivery.msg.id, to, book);
     if (this.#countsAsDeferred(delivery)) this.#counts.deferred++;
     // Held back by a suspension: it waits, unread, until the suspension ends or is lifted.
     const now = Date.now();
@@ -2306,7 +2321,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   }
 
   async #queueReport(content: Buffer, what: string): Promise<void> {
-    const id = await this.#spool.create(content);
+    const id = await this.#spool.create(content, MADE_HERE);
     this.#log.write("qmgr", `${what}: ${id}`);
     if (this.#active && !this.#stopping) {
       this.#enqueue(id);
@@ -2358,6 +2373,9 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#initialized = null;
   }
 }
+
+/** The bookkeeping of a report or notice the engine writes itself: like Postfix's bounce(8) mail, never logged as picked up (not received mail). */
+const MADE_HERE: Bookkeeping = { attempts: 0, nextAttempt: null, lastError: null, picked: true };
 
 function emptySummary(): FlushSummary {
   return { sent: 0, deferred: 0, bounced: 0, corrupt: 0, messages: 0, recipients: 0, byRecipient: { sent: 0, deferred: 0, bounced: 0 }, seconds: 0 };

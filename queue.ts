@@ -123,6 +123,8 @@ export interface Bookkeeping {
   lastError: string | null;
   /** A "delayed" report (--delay-warning) went to the sender already. */
   warned?: boolean;
+  /** Its pickup and cleanup log lines were written (a message put back untried is not logged as picked up again). */
+  picked?: boolean;
   /** RFC 3461 parameters given when the message was queued; never in the message lines. */
   dsn?: DsnRequest;
   /** The header lines the engine put before the message at its first attempt (DKIM signature

@@ -133,6 +133,21 @@ export function tlsConnectionOptions(host: string, mode: TlsMode, ca?: string | 
   };
 }
 
+/**
+ * Postfix's one line per TLS session (tls_client.c, smtp_tls_loglevel 1): "<trust> TLS
+ * connection established to host[ip]:port: <protocol> with cipher <name> (<used>/<alg> bits)".
+ * Trust: Anonymous (no certificate), Verified (the name or DANE/MTA-STS policy was checked and
+ * matched), Trusted (the chain is trusted, the name not checked), Untrusted.
+ */
+export function tlsSummary(socket: tls.TLSSocket, relay: string, matched: boolean): string {
+  const cert = socket.getPeerCertificate();
+  const trust = !cert || Object.keys(cert).length === 0 ? "Anonymous" : matched ? "Verified" : socket.authorized ? "Trusted" : "Untrusted";
+  const cipher = socket.getCipher()?.name ?? "unknown";
+  const [used, alg] = /3DES|DES-CBC3/.test(cipher) ? [112, 168] : /CHACHA20|(?:AES|CAMELLIA|ARIA)[_-]?256/.test(cipher) ? [256, 256]
+    : /(?:AES|CAMELLIA|ARIA)[_-]?128/.test(cipher) ? [128, 128] : [0, 0];
+  return `${trust} TLS connection established to ${relay}: ${socket.getProtocol() ?? "unknown"} with cipher ${cipher} (${used}/${alg} bits)`;
+}
+
 const NO_EXTENSIONS = (): Extensions => parseEhlo(makeReply(250, [""]));
 
 interface Expectation {
@@ -149,6 +164,8 @@ export class SmtpConnection {
   readonly relay: string;
   /** The conversation is encrypted (STARTTLS done, or implicit TLS). */
   secure = false;
+  /** Postfix's summary of the TLS session once its handshake is done (tlsSummary()); null in plaintext. */
+  tlsLine: string | null = null;
   /** What the server offered in its last EHLO; null before it (and forgotten at STARTTLS). */
   ext: Extensions | null = null;
   #socket: net.Socket | null = null;
@@ -207,6 +224,7 @@ export class SmtpConnection {
     socket.once(wrapped ? "secureConnect" : "connect", () => {
       if (this.#ended) return;
       this.#connected = true;
+      if (wrapped) this.tlsLine = tlsSummary(socket as tls.TLSSocket, this.relay, this.#options.tls === "verify");
       socket.removeAllListeners("error");
       this.#listen(socket);
       this.expect(STEPS.greeting, onGreeting);
@@ -345,11 +363,14 @@ export class SmtpConnection {
       this.secure = true;
       this.#listen(secure);
       const peer = this.#options.peer;
+      let matched = mode === "verify";
       if (peer) {
         const result = checkPeer(secure, peer.policy);
         this.#peerResult(result);
         if (!result.ok && peer.policy.enforce) return this.#fail(`${result.reason}; TLS is required to be verified by ${peer.policy.by}`, "ETLS");
+        matched ||= result.ok && peer.policy.kind !== "none";
       }
+      this.tlsLine = tlsSummary(secure, this.relay, matched);
       then();
     });
   }

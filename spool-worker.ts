@@ -38,7 +38,7 @@ import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
 import { MailError } from "./smtp-codes.js";
-import { addedHeaders } from "./compose.js";
+import { addedHeaders, messageIdOf } from "./compose.js";
 import { signByFrom, type DkimKey } from "./dkim.js";
 import { PolicyFiles, type CachedPolicy, type PolicyStore } from "./tls-policy.js";
 import {
@@ -69,6 +69,8 @@ export type Prepared =
     prefix: Buffer;
     /** Lines for the log ("not DKIM-signed: ..."). */
     notes: string[];
+    /** Its Message-ID as it goes on the wire (the message's, or the one the engine adds), for the cleanup log line. */
+    messageId: string | null;
   };
 
 export interface SpoolThreadOptions {
@@ -516,7 +518,7 @@ async function prepare(spool: Spool, data: WorkerData, queued: string, from: "ou
     return { kind: "unreadable", id, putBack, error: (err as Error).message };
   }
   const { head: _head, ...info } = msg;
-  return { kind: "ready", id, booked, book, msg: info, wire, prefix, notes };
+  return { kind: "ready", id, booked, book, msg: info, wire, prefix, notes, messageId: messageIdOf(prefix) ?? messageIdOf(msg.head) };
 }
 
 /** DKIM: signs what will go on the wire (the added headers, then the message) and prepends the signature. */

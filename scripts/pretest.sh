@@ -28,6 +28,8 @@ NEEDED=(
   # aiosmtpd for tests/interop/matrix.test.ts (run by /usr/bin/python3: Debian's modules).
   "/usr/lib/python3/dist-packages/aiosmtpd python3-aiosmtpd"
   "perl:Net::SSLeay libnet-ssleay-perl"
+  # Postfix's log summarizer, run on a real flush's log by tests/interop/pflogsumm.test.ts.
+  "/usr/sbin/pflogsumm pflogsumm"
 )
 
 # A path must exist (and be executable, for a command; a shared library *.so* need only

@@ -46,6 +46,7 @@ t.test("TLS", async (t) => {
       t.match(s, { sent: 1, deferred: 0 }, "sent in plaintext");
       t.equal(r.server.messages[0]?.tls, false, "plaintext");
       t.notOk(verbs(r.server.sessions[0].commands).includes("STARTTLS"), "no STARTTLS sent to a server that did not offer it");
+      t.notOk(r.lines.some((l) => /TLS connection established/.test(l)), "no TLS line for a plaintext session");
     });
     await t.test("server with a self-signed certificate", async (t) => {
       const r = await rig(t, { tls: selfTls });
@@ -247,6 +248,12 @@ t.test("TLS", async (t) => {
       t.match(await bounded(e.engine.flush(), FLUSH_MS, "flush"), { sent: 1, deferred: 0 }, `sent (${e.lines.join(" | ")})`);
       const stored = await pf.waitForMessages(1, 20_000);
       t.ok(stored.some((m) => testNumber(m) === 500), "arrived");
+      // Postfix's own client line (tls_client.c), checked against what Postfix's server logged of the same session.
+      const ours = e.lines.map((l) => /mudmail\/smtp\[\d+\]: Verified TLS connection established to 127\.0\.0\.1\[127\.0\.0\.1\]:(\d+): (TLSv1\.[23] with cipher \S+ \(\d+\/\d+ bits\))$/.exec(l)).filter((m) => m !== null);
+      t.equal(ours.length, 1, `one "Verified TLS connection established to" line (${e.lines.join(" | ")})`);
+      t.equal(Number(ours[0]?.[1]), pf.port);
+      const theirs = /Anonymous TLS connection established from \S+: (TLSv1\.[23] with cipher \S+ \(\d+\/\d+ bits\))/.exec(await pf.log())?.[1];
+      t.equal(ours[0]?.[2], theirs, "protocol, cipher and bits as Postfix's server logged them");
     });
     await t.test("tls may", async (t) => {
       const e = postfixEngine(t, pf, { tls: "may" });
@@ -254,6 +261,8 @@ t.test("TLS", async (t) => {
       t.match(await bounded(e.engine.flush(), FLUSH_MS, "flush"), { sent: 1, deferred: 0 }, "sent");
       const stored = await pf.waitForMessages(2, 20_000);
       t.ok(stored.some((m) => testNumber(m) === 501), "arrived");
+      t.ok(e.lines.some((l) => /mudmail\/smtp\[\d+\]: Untrusted TLS connection established to 127\.0\.0\.1\[127\.0\.0\.1\]:\d+: TLSv1\.[23] with cipher \S+ \(\d+\/\d+ bits\)$/.test(l)),
+        "may: the test CA is not among the system's, so the chain is Untrusted");
     });
     await t.test("tls verify without the CA: deferred", async (t) => {
       const e = postfixEngine(t, pf, { tls: "verify" });

@@ -46,7 +46,7 @@ export type FolderName = (typeof FOLDERS)[number];
 export const SMTP_LINE =
   /^\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ mudmail\/smtp\[\d+\]: (\S+): to=<([^>]*)>, relay=(\S+), delay=(\d+(?:\.\d+)?), delays=(\d+(?:\.\d+)?)\/(\d+(?:\.\d+)?)\/(\d+(?:\.\d+)?)\/(\d+(?:\.\d+)?), dsn=([245]\.\d{1,3}\.\d{1,3}), status=(sent|deferred|bounced) \((.*)\)$/;
 /** Any log line: the Postfix-shaped prefix. */
-export const ANY_LINE = /^\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ mudmail\/(smtp|qmgr)\[\d+\]: \S/;
+export const ANY_LINE = /^\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ mudmail\/(smtp|qmgr|pickup|cleanup|postsuper)\[\d+\]: \S/;
 /** The qmgr line naming the DSN queued for a message: original id, DSN id. */
 export const NOTIFICATION_LINE = /^\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ mudmail\/qmgr\[\d+\]: (\S+): sender non-delivery notification: (\S+)$/;
 /** The qmgr line for a message from the null sender that failed: never bounced, dropped. */
