@@ -627,11 +627,23 @@ export function summaryText(s: FlushSummary): string {
     `${plural(s.recipients, "recipient")}: ${r.sent} sent, ${r.deferred} deferred, ${r.bounced} bounced (${s.seconds.toFixed(2)} s)`;
 }
 
+/** The --flush progress line: messages done (sent, deferred, bounced), the rate, and what is left. */
+export function progressText(p: MailEngine["progress"], seconds: number): string {
+  const done = p.sent + p.deferred + p.bounced + p.corrupt;
+  const rate = seconds > 0 ? done / seconds : 0;
+  return `mudmail: flush: ${done} done: ${p.sent} sent, ${p.deferred} deferred, ${p.bounced} bounced; ${rate.toFixed(1)} msgs/s; ${p.left} left`;
+}
+
+/** How often the progress line is drawn again, at most. */
+const PROGRESS_MS = 1000;
+
 async function flushOnce(engine: MailEngine, force: boolean): Promise<number> {
+  // On a terminal only: one line, drawn again in place (\r, erase) at most once a second.
+  const started = Date.now();
   const live = process.stderr.isTTY ? setInterval(() => {
-    const p = engine.progress;
-    process.stderr.write(`\rmudmail: ${p.sent} sent, ${p.deferred} deferred, ${p.bounced} bounced, ${p.corrupt} corrupt; ${p.busySlots} connections, ${p.waiting} waiting `);
-  }, 200) : null;
+    process.stderr.write(`\r\x1b[K${progressText(engine.progress, (Date.now() - started) / 1000)}`);
+  }, PROGRESS_MS) : null;
+  live?.unref();
   const stopOnSignal = () => { void engine.stop(); };
   process.once("SIGINT", stopOnSignal);
   process.once("SIGTERM", stopOnSignal);

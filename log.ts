@@ -42,7 +42,8 @@ export class MailLog {
       this.stream = stream;
       this.sink = this.batched((text) => stream.write(text));
     } else {
-      this.sink = this.batched((text) => process.stderr.write(text));
+      // On a terminal, a line drawn in place (--flush's progress) is erased first, then drawn again.
+      this.sink = this.batched((text) => process.stderr.write(process.stderr.isTTY ? `\r\x1b[K${text}` : text));
     }
   }
 

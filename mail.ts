@@ -51,7 +51,9 @@
  * BUGS
  *   One engine per spool (a lock); a process that wants to flush it asks the holder (cli.ts). Mail that
  *   waits for its destination's pace is read ahead up to READAHEAD_MAX jobs; past that, other
- *   mail waits behind it.
+ *   mail waits behind it. A message put back untried when the engine stops gets its pickup
+ *   line again from the next run (log readers count it received twice); one put back for a
+ *   suspension or a throttle is marked in its bookkeeping and does not.
  */
 
 import { EventEmitter } from "node:events";
@@ -1117,9 +1119,12 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     return { messages, outcomes: { ...this.#outcomeTotals }, connections, suspended, deliveryDelay: this.#deliveryDelay.snapshot(), loopDelay };
   }
 
-  /** Live numbers for a progress line. */
-  get progress(): FlushSummary & { busySlots: number; waiting: number } {
-    return { ...this.#counts, busySlots: this.#slots.size, waiting: this.#backlog.length - this.#backlogHead + this.#jobs.size };
+  /** Live numbers for a progress line; `left`: messages read or being read and not yet done (it grows while the queue is read). */
+  get progress(): FlushSummary & { busySlots: number; waiting: number; left: number } {
+    return {
+      ...this.#counts, busySlots: this.#slots.size, waiting: this.#backlog.length - this.#backlogHead + this.#jobs.size,
+      left: this.#backlog.length - this.#backlogHead + this.#preparing + this.#inFlight.size,
+    };
   }
 
   #emit<E extends keyof MailEngineEvents>(event: E, ...args: MailEngineEvents[E]): boolean {
@@ -1252,6 +1257,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   }
 
   readonly #inFlight = new Set<string>();
+  /** Reports and notices this engine queued and has not picked up yet (no pickup line for them). */
+  readonly #madeHere = new Set<string>();
 
   #watch(): void {
     try {
@@ -1451,7 +1458,9 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     const delivery = new Delivery(msg, wire, prefix, Date.now(), book, from);
     // Postfix's pickup and cleanup lines, once per message (never tried, never put back): what
     // log readers (pflogsumm) count as received, with its sender and Message-ID.
-    if (!book || (book.attempts === 0 && !book.picked)) {
+    if (this.#madeHere.delete(id)) {
+      // A report or notice of this engine's own: like Postfix's bounce(8) mail, not received mail.
+    } else if (!book || (book.attempts === 0 && !book.picked)) {
       this.#log.write("pickup", `${id}: uid=${process.getuid?.() ?? 0} from=<${msg.sender}>`);
       if (prepared.messageId) this.#log.write("cleanup", `${id}: message-id=${printable(prepared.messageId, 998)}`);
     }
@@ -1936,7 +1945,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     if (Date.now() - last < 60_000) return;
     this.#noticeSent.set(kind, Date.now());
     const content = composeNotice({ to: this.#postmaster, subject, text, reportingMta: this.#options.helo });
-    this.#spool.create(content, MADE_HERE).then((id) => {
+    this.#spool.create(content).then((id) => {
+      this.#madeHere.add(id);
       this.#log.write("qmgr", `${id}: postmaster notice (${kind}): ${printable(subject)}`);
       if (this.#active && !this.#stopping) {
         this.#enqueue(id);
@@ -2244,8 +2254,9 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
    */
   async #putBack(delivery: Delivery): Promise<string> {
     const to = this.#stopping ? "outgoing" : delivery.from;
-    // Marked as picked up, so that its pickup line is not written again when it is claimed next.
-    const book = delivery.book?.picked || (delivery.book?.attempts ?? 0) > 0 ? undefined
+    // Marked as picked up, so that its pickup line is not written again when it is claimed next
+    // (not when the engine stops: that adds no file to the stop; the next run logs it again).
+    const book = this.#stopping || delivery.book?.picked || (delivery.book?.attempts ?? 0) > 0 ? undefined
       : { ...(delivery.book ?? { attempts: 0, nextAttempt: null, lastError: null }), picked: true };
     const id = await this.#spool.release(delivery.msg.id, to, book);
     if (this.#countsAsDeferred(delivery)) this.#counts.deferred++;
@@ -2321,7 +2332,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   }
 
   async #queueReport(content: Buffer, what: string): Promise<void> {
-    const id = await this.#spool.create(content, MADE_HERE);
+    const id = await this.#spool.create(content);
+    this.#madeHere.add(id);
     this.#log.write("qmgr", `${what}: ${id}`);
     if (this.#active && !this.#stopping) {
       this.#enqueue(id);
@@ -2373,9 +2385,6 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#initialized = null;
   }
 }
-
-/** The bookkeeping of a report or notice the engine writes itself: like Postfix's bounce(8) mail, never logged as picked up (not received mail). */
-const MADE_HERE: Bookkeeping = { attempts: 0, nextAttempt: null, lastError: null, picked: true };
 
 function emptySummary(): FlushSummary {
   return { sent: 0, deferred: 0, bounced: 0, corrupt: 0, messages: 0, recipients: 0, byRecipient: { sent: 0, deferred: 0, bounced: 0 }, seconds: 0 };
