@@ -47,8 +47,8 @@
 //   --fresh-spools  write every case's queue files afresh (then sync) instead of copying them
 //                   from a stock written once per run (slow where creating files is slow)
 //   --library FILE  the engine to measure (default dist/index.js, which npm run bench builds)
-//   --cpu-prof DIR  run the matching workers under node --cpu-prof, profiles into DIR
-//                   (summarise with: node bench/profile-summary.mjs DIR/*.cpuprofile)
+//   --cpu-prof DIR  run the matching workers under node --cpu-prof, profiles into DIR/<case>/,
+//                   one per thread (summarise with: node bench/profile-summary.mjs DIR/<case>/*)
 //   --chart FILE    draw the SVG chart from a results file written before, and do nothing else
 
 import * as fs from "node:fs";
@@ -186,8 +186,11 @@ async function worker(name, dir, args, timeoutS, nodeFlags = []) {
   const out = path.join(dir, "result.json");
   const flags = [...nodeFlags];
   if (opts.cpuProf) {
-    fs.mkdirSync(opts.cpuProf, { recursive: true });
-    flags.push("--cpu-prof", `--cpu-prof-dir=${opts.cpuProf}`, `--cpu-prof-name=${slug(name)}${REPEAT > 1 ? `-run${currentRep}` : ""}.cpuprofile`);
+    // A folder per case, Node's own file names: the host's thread and the spool's worker
+    // thread each write their profile (CPU.<date>.<time>.<pid>.<thread>.<n>.cpuprofile).
+    const into = path.join(opts.cpuProf, `${slug(name)}${REPEAT > 1 ? `-run${currentRep}` : ""}`);
+    fs.mkdirSync(into, { recursive: true });
+    flags.push("--cpu-prof", `--cpu-prof-dir=${into}`);
   }
   const stderrFile = path.join(dir, "worker.err");
   const r = await run(process.execPath, [...flags, WORKER, JSON.stringify({ ...args, library, out })], {

@@ -98,6 +98,30 @@ t.test("mbox byte for byte: From_ line, trace headers, >From quoting, dot lines,
   t.same(await s.tmpFiles(), [], "tmp/ is empty");
 });
 
+t.test("messages on either side of 64 KB (held in memory, or in a temp file) are stored byte for byte", async (t) => {
+  const s = await setup(t);
+  const c = await s.connect();
+  const sizes = [65_535, 65_536, 65_537, 200_001]; // octets as stored (LF line ends), header included
+  const expected: string[] = [];
+  const received: number[] = [];
+  for (const [n, size] of sizes.entries()) {
+    await envelope(t, c, `s${n}@x.test`);
+    let text = `Subject: size ${size}\n\n`;
+    for (let k = 0; text.length < size; k++) text += `${String(k).padStart(8, "0")} ${"x".repeat(54)}\n`;
+    text = text.slice(0, size - 1) + "\n";
+    t.equal(text.length, size);
+    received.push(size + text.split("\n").length - 1);
+    await c.writeAndDrain(`${text.replace(/\n/g, "\r\n")}.\r\n`);
+    const id = queuedAs.exec(await c.text(10_000))?.[1];
+    t.ok(id, `${size} octets: queued`);
+    expected.push(`From s${n}@x.test DATE\nReturn-Path: <s${n}@x.test>\nReceived: from client.test ([127.0.0.1])\n` +
+      `\tby ${HOST} (mudmail) with ESMTP id ${id}\n\tfor <${USER}>; DATE\n${text}\n`);
+  }
+  t.equal(withoutDates(await readLatin1(s.mbox())), expected.join(""), "the mailbox, byte for byte (dates aside)");
+  t.same(s.messages.map((m) => m.size), received, "sizes as received (CRLF)");
+  t.same(await s.tmpFiles(), [], "tmp/ is empty");
+});
+
 t.test("PIPELINING: a whole session in one packet, and the same one byte at a time", async (t) => {
   const s = await setup(t, {}, [USER, "other@local.test"]);
   const session = (n: number) =>
