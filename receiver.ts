@@ -15,6 +15,8 @@
  *   directory maildir/users/<address>/ (address in lower case; the server creates none);
  *   a message for one of them is appended to users/<address>/mail in mboxrd format. Mail
  *   for anyone else is refused at RCPT with 550 5.1.1: the server is never an open relay.
+ *   A user's directory, once found, is taken as there for a second without looking again
+ *   (a user removed meanwhile gets 451 at the end of DATA, not 550 at RCPT).
  *
  *   A Session is one connection: a Stage that only moves forward within a transaction
  *   (Greeting, Helo, Mail, Rcpt, Data; RSET, HELO/EHLO and the end of DATA go back to Helo,
@@ -139,6 +141,9 @@ const OUTBOX_FLUSH = 16 * 1024;
 const COPY_CHUNK = 64 * 1024;
 /** A commit group takes messages until they come to this many octets (at least one message). */
 const GROUP_BYTES = 4 * 1024 * 1024;
+/** How long a local user's directory, once found, is taken as there without looking again; how many are kept. */
+const USER_CACHE_MS = 1000;
+const USER_CACHE_SIZE = 10_000;
 /** A message is held in memory up to this many octets (as stored); a larger one goes to a temp file. */
 const HOLD_BYTES = 64 * 1024;
 /** Waiting for another process's mail.lock: every LOCK_RETRY_MS, LOCK_TRIES times (10 s). */
@@ -1071,14 +1076,30 @@ class Receiver extends EventEmitter implements ServerHandle {
     return path.join(this.options.maildir, "tmp", `receiver.${process.pid}.${this.tmpCounter++}.${id}`);
   }
 
-  /** The mailbox directory of a local user, or null when there is none. */
+  /**
+   * The mailbox directory of a local user, or null when there is none. A directory found is
+   * remembered for USER_CACHE_MS (a stat per RCPT is a tenth of the receiver's time under a
+   * flood); one not found is looked for again at the next RCPT, so a new user works at once.
+   */
   async userDir(address: string): Promise<string | null> {
     const name = address.toLowerCase();
     if (name.includes("/") || name.includes("\0") || name === "" || name.startsWith(".")) return null;
+    const now = Date.now();
+    const known = this.users.get(name);
+    if (known && now - known.at < USER_CACHE_MS) return known.dir;
     const dir = path.join(this.options.maildir, "users", name);
     const st = await fs.promises.stat(dir).catch(() => null);
-    return st && st.isDirectory() ? dir : null;
+    if (!st || !st.isDirectory()) {
+      this.users.delete(name);
+      return null;
+    }
+    if (this.users.size >= USER_CACHE_SIZE) this.users.clear();
+    this.users.set(name, { dir, at: now });
+    return dir;
   }
+
+  /** Local users found lately: their directory and when it was seen. */
+  private readonly users = new Map<string, { dir: string; at: number }>();
 
   /**
    * Appends the message (`bytes` octets, in memory or in a temp file) to every mailbox, all

@@ -2,7 +2,8 @@
 // in one run.
 //
 //   node build.mjs && node bench/run.mjs [--quick] [--repeat N] [--only REGEX] [--cpu-prof DIR] [--dir DIR]
-//                                        [--fresh-spools] [--library FILE] [--out FILE] [--chart RESULTS.json]
+//                                        [--fresh-spools] [--library FILE] [--out FILE]
+//   node bench/run.mjs --chart RESULTS.json | --markdown RESULTS.json
 //
 // Every figure comes from this one run on this machine, everything on loopback, with
 // Postfix's smtp-sink (PIPELINING announced) as the server, on the same CPUs. mudmail runs
@@ -50,6 +51,7 @@
 //   --cpu-prof DIR  run the matching workers under node --cpu-prof, profiles into DIR/<case>/,
 //                   one per thread (summarise with: node bench/profile-summary.mjs DIR/<case>/*)
 //   --chart FILE    draw the SVG chart from a results file written before, and do nothing else
+//   --markdown FILE print a results file as the README's Performance tables, and do nothing else
 
 import * as fs from "node:fs";
 import * as os from "node:os";
@@ -62,6 +64,7 @@ import { HOST, SMTP_SINK, SMTP_SOURCE, startSink } from "./lib/sink.mjs";
 import { DKIM_DOMAIN, DKIM_FROM, DKIM_SELECTOR, FROM, Stock, queueId, syncFs, unlinkCost, writeBigMessage, writeSpool } from "./lib/spool.mjs";
 import { startPostfix, POSTFIX } from "./lib/postfix.mjs";
 import { throughputChart } from "./lib/chart.mjs";
+import { markdown } from "./lib/markdown.mjs";
 import { fmt, fmtInt, killAllChildren, round, run, sleep, table } from "./lib/util.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -74,11 +77,11 @@ const BUDGET_S = 780; // cases that would start after this are skipped: the whol
 
 function usage(message) {
   if (message) console.error(`run.mjs: ${message}`);
-  console.error("usage: node bench/run.mjs [--quick] [--repeat N] [--only REGEX] [--cpu-prof DIR] [--dir DIR] [--fresh-spools] [--library FILE] [--out FILE] [--chart RESULTS.json]");
+  console.error("usage: node bench/run.mjs [--quick] [--repeat N] [--only REGEX] [--cpu-prof DIR] [--dir DIR] [--fresh-spools] [--library FILE] [--out FILE] [--chart RESULTS.json] [--markdown RESULTS.json]");
   process.exit(message ? 2 : 0);
 }
 
-const opts = { quick: false, only: null, cpuProf: null, out: null, repeat: null, dir: null, library: null, freshSpools: false, chart: null };
+const opts = { quick: false, only: null, cpuProf: null, out: null, repeat: null, dir: null, library: null, freshSpools: false, chart: null, markdown: null };
 for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
   if (a === "--quick") opts.quick = true;
@@ -89,6 +92,7 @@ for (let i = 2; i < process.argv.length; i++) {
   else if (a === "--dir") opts.dir = path.resolve(process.argv[++i] ?? usage("--dir needs a DIR"));
   else if (a === "--out") opts.out = path.resolve(process.argv[++i] ?? usage("--out needs a FILE"));
   else if (a === "--chart") opts.chart = path.resolve(process.argv[++i] ?? usage("--chart needs a RESULTS.json"));
+  else if (a === "--markdown") opts.markdown = path.resolve(process.argv[++i] ?? usage("--markdown needs a RESULTS.json"));
   else if (a === "--repeat") {
     opts.repeat = Number(process.argv[++i]);
     if (!Number.isInteger(opts.repeat) || opts.repeat < 1 || opts.repeat > 10) usage("--repeat: expected 1..10");
@@ -638,6 +642,10 @@ function report(R) {
 /* Main                                                                                */
 
 async function main() {
+  if (opts.markdown) {
+    process.stdout.write(markdown(JSON.parse(fs.readFileSync(opts.markdown, "utf8"))));
+    return;
+  }
   if (opts.chart) {
     const R = JSON.parse(fs.readFileSync(opts.chart, "utf8"));
     const file = path.join(path.dirname(opts.chart), path.basename(opts.chart).startsWith("results-partial") ? "throughput-partial.svg" : "throughput.svg");
