@@ -1179,8 +1179,9 @@ class Receiver extends EventEmitter implements ServerHandle {
         await this.appendRun(group.slice(i, j), open, buf, failed);
         i = j;
       }
+      // Synced even when every message failed: a message cut back out must stay out.
+      for (const o of open) await o.handle.sync();
       if (failed.size < group.length) {
-        for (const o of open) await o.handle.sync();
         // A mailbox's name is made durable when it is new (or empty: perhaps new); the
         // names of mailboxes with mail in them were made durable when they were new.
         for (let i = 0; i < open.length; i++) if (open[i].oldSize === 0) await syncDir(queue.dirs[i]);
