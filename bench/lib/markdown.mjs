@@ -3,7 +3,7 @@
 //
 //   node bench/run.mjs --markdown bench/results.json
 
-import { fmt, fmtInt } from "./util.mjs";
+import { fmt, fmtInt, margin } from "./util.mjs";
 
 const row = (cells) => `| ${cells.join(" | ")} |`;
 const tableMd = (head, rows) => [row(head), row(head.map(() => "---")), ...rows.map(row)].join("\n");
@@ -70,7 +70,9 @@ export function markdown(R) {
   if (R.latency) rest.push(`Latency, \`send()\` to the sink's 250 on an idle started engine (fsync on): p50 ${R.latency.ms.p50} ms, p99 ${R.latency.ms.p99} ms.`);
   for (const i of rest) out.push(`- ${i}`);
   out.push("");
-  out.push(tableMd(["target (issue)", "wanted", "measured", ""],
-    R.targets.map((t) => [`${t.name} (${t.issue})`, t.target, t.value ?? "not measured", t.met == null ? "-" : t.met ? "met" : "**missed**"])));
+  out.push("Targets; measured ÷ wanted: at least 1 meets a ≥ target, under 1 meets a < (or ≤) one:");
+  out.push("");
+  out.push(tableMd(["target (issue)", "wanted", "measured", "measured ÷ wanted", ""],
+    R.targets.map((t) => [`${t.name} (${t.issue})`, t.target, t.value ?? "not measured", margin(t), t.met == null ? "-" : t.met ? "met" : "**missed**"])));
   return out.join("\n") + "\n";
 }
