@@ -49,7 +49,8 @@
 //                   from a stock written once per run (slow where creating files is slow)
 //   --library FILE  the engine to measure (default dist/index.js, which npm run bench builds)
 //   --cpu-prof DIR  run the matching workers under node --cpu-prof, profiles into DIR/<case>/,
-//                   one per thread (summarise with: node bench/profile-summary.mjs DIR/<case>/*)
+//                   one per thread, and the timed flush's window (summarise with:
+//                   node bench/profile-summary.mjs DIR/<case>/*.cpuprofile)
 //   --chart FILE    draw the SVG chart from a results file written before, and do nothing else
 //   --markdown FILE print a results file as the README's Performance tables, and do nothing else
 
@@ -193,10 +194,11 @@ async function withSink(dir, fn) {
 async function worker(name, dir, args, timeoutS, nodeFlags = []) {
   const out = path.join(dir, "result.json");
   const flags = [...nodeFlags];
+  let into = null;
   if (opts.cpuProf) {
     // A folder per case, Node's own file names: the host's thread and the spool's worker
     // thread each write their profile (CPU.<date>.<time>.<pid>.<thread>.<n>.cpuprofile).
-    const into = path.join(opts.cpuProf, `${slug(name)}${REPEAT > 1 ? `-run${currentRep}` : ""}`);
+    into = path.join(opts.cpuProf, `${slug(name)}${REPEAT > 1 ? `-run${currentRep}` : ""}`);
     fs.mkdirSync(into, { recursive: true });
     flags.push("--cpu-prof", `--cpu-prof-dir=${into}`);
   }
@@ -208,7 +210,10 @@ async function worker(name, dir, args, timeoutS, nodeFlags = []) {
   if (r.timedOut) throw new Error(`worker took longer than ${timeoutS} s and was killed`);
   if (r.error) throw new Error(`cannot start the worker: ${r.error}`);
   if (!fs.existsSync(out)) throw new Error(`worker exited (code ${r.code}, signal ${r.signal}) without a result; stderr: ${stderr || "(empty)"}`);
-  return JSON.parse(fs.readFileSync(out, "utf8"));
+  const result = JSON.parse(fs.readFileSync(out, "utf8"));
+  // The timed part's window (monotonic µs), so profile-summary.mjs can leave out the setup.
+  if (into && result.window) fs.writeFileSync(path.join(into, "window.json"), JSON.stringify(result.window) + "\n");
+  return result;
 }
 
 /** smtp-sink must have seen exactly n messages. */
