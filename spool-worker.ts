@@ -373,7 +373,9 @@ function serve(data: WorkerData): void {
     prepare: (id: string, from: "outgoing" | "deferred") => prepare(spool, data, id, from),
     bodyOpen: async (msg: MessageInfo, prefix: Uint8Array) => {
       const handle = ++bodyHandles;
-      bodies.set(handle, wireChunks(spool, fileBacked(msg), Buffer.from(prefix.buffer, prefix.byteOffset, prefix.byteLength)));
+      // One read buffer and one stuffing buffer for the whole message: each piece is copied
+      // out into memory of its own (detach) before the next is made, and that is transferred.
+      bodies.set(handle, wireChunks(spool, fileBacked(msg), Buffer.from(prefix.buffer, prefix.byteOffset, prefix.byteLength), { reuse: true }));
       return handle;
     },
     bodyNext: async (handle: number) => {

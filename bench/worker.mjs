@@ -202,7 +202,9 @@ async function big() {
     // The big one, written beforehand by run.mjs, is dropped in by a rename.
     await fs.promises.rename(args.staged, path.join(args.maildir, "outgoing", args.id));
     const t0 = performance.now();
+    const window = { startUs: monotonicUs() };
     const summary = await engine.flush();
+    window.endUs = monotonicUs();
     const seconds = (performance.now() - t0) / 1000;
     const loopMs = loop.stop();
     const rssPeak = rss.stop();
@@ -211,7 +213,7 @@ async function big() {
     return {
       ok: problems.length === 0, problems,
       bytes: args.bytes, seconds: round(seconds, 3), mbPerSec: round(args.bytes / 1048576 / seconds, 1),
-      rssIdleMB: toMB(rssIdle), rssPeakMB: toMB(rssPeak), rssGrowthMB: toMB(rssPeak - rssIdle), loop: loopMs,
+      rssIdleMB: toMB(rssIdle), rssPeakMB: toMB(rssPeak), rssGrowthMB: toMB(rssPeak - rssIdle), loop: loopMs, window,
       peakGrowthMB: Object.fromEntries(Object.entries(peaks).map(([k, v]) => [k, toMB(v - idle[k])])),
     };
   } finally {
@@ -286,8 +288,6 @@ async function latency() {
 
 /* ---------------------------------------------------------------------------------- */
 
-/* ---------------------------------------------------------------------------------- */
-
 /**
  * The receiver (--serve) with one local user, and smtp-source's sessions (-d: each keeps its
  * connection for many messages) all sending to that one mailbox; timed from smtp-source's
@@ -302,7 +302,9 @@ async function receiver() {
     const argv = ["-d", "-s", String(args.sessions), "-m", String(args.n), "-l", String(args.size), "-f", FROM, "-t", user, `${HOST}:${server.address.port}`];
     const cpu0 = process.cpuUsage();
     const loop = loopDelay();
+    const window = { startUs: monotonicUs() };
     const r = await run(SMTP_SOURCE, argv, { timeoutMs: args.timeoutMs, stderrFile: args.stderrFile });
+    window.endUs = monotonicUs();
     const loopMs = loop.stop();
     const cpu = process.cpuUsage(cpu0);
     const seconds = r.ms / 1000;
@@ -319,7 +321,7 @@ async function receiver() {
       ok: problems.length === 0, problems, command: `smtp-source ${argv.join(" ")}`,
       messages: args.n, sessions: args.sessions, seconds: round(seconds, 3), msgsPerSec: Math.round(args.n / seconds),
       cpuUsPerMsg: round((cpu.user + cpu.system) / args.n, 1), loop: loopMs, stored,
-      syncs: groups || null, messagesPerSync: groups ? round(stored / groups, 1) : null,
+      syncs: groups || null, messagesPerSync: groups ? round(stored / groups, 1) : null, window,
     };
   } finally {
     await server.close();
