@@ -1945,6 +1945,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     if (Date.now() - last < 60_000) return;
     this.#noticeSent.set(kind, Date.now());
     const content = composeNotice({ to: this.#postmaster, subject, text, reportingMta: this.#options.helo });
+    // The pass is not over while a notice is being queued: it goes out in the same pass.
+    this.#queuingNotices++;
     this.#spool.create(content).then((id) => {
       this.#madeHere.add(id);
       this.#log.write("qmgr", `${id}: postmaster notice (${kind}): ${printable(subject)}`);
@@ -1952,8 +1954,13 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
         this.#enqueue(id);
         this.#scheduleTick();
       }
-    }, (err) => this.#log.write("qmgr", `warning: cannot queue a postmaster notice: ${printable((err as Error).message)}`));
+    }, (err) => this.#log.write("qmgr", `warning: cannot queue a postmaster notice: ${printable((err as Error).message)}`)).finally(() => {
+      this.#queuingNotices--;
+      this.#checkIdle();
+    });
   }
+
+  #queuingNotices = 0;
 
   /* Transport security: what each session is allowed and required to do */
 
@@ -2364,7 +2371,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   /* Idle: the pass is over when nothing waits, nothing is read ahead, no slot is busy */
 
   #isIdle(): boolean {
-    return this.#slots.size === 0 && this.#preparing === 0 && this.#inFlight.size === 0 && !this.#scanning &&
+    return this.#slots.size === 0 && this.#preparing === 0 && this.#inFlight.size === 0 && !this.#scanning && this.#queuingNotices === 0 &&
       (this.#stopping || (this.#backlogHead >= this.#backlog.length && this.#jobs.size === 0));
   }
 

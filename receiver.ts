@@ -15,6 +15,8 @@
  *   directory maildir/users/<address>/ (address in lower case; the server creates none);
  *   a message for one of them is appended to users/<address>/mail in mboxrd format. Mail
  *   for anyone else is refused at RCPT with 550 5.1.1: the server is never an open relay.
+ *   A user's directory, once found, is taken as there for a second without looking again
+ *   (a user removed meanwhile gets 451 at the end of DATA, not 550 at RCPT).
  *
  *   A Session is one connection: a Stage that only moves forward within a transaction
  *   (Greeting, Helo, Mail, Rcpt, Data; RSET, HELO/EHLO and the end of DATA go back to Helo,
@@ -32,15 +34,22 @@
  *   answered 500. DATA is framed strictly: only CRLF . CRLF ends it (a bare LF or CR
  *   next to the dot is content, so SMTP smuggling finds no end).
  *   DotDecoder removes the dot-stuffing and MboxEncoder turns CRLF into LF and quotes
- *   /^>*From / lines (mboxrd), both a byte at a time across chunk boundaries, straight
- *   into a temporary file maildir/tmp/receiver.<pid>.<id>; past maxSize nothing more is
- *   stored and the message is refused with 552 after the final dot.
+ *   /^>*From / lines (mboxrd), both a byte at a time across chunk boundaries; the message
+ *   is held in memory up to HOLD_BYTES (64 KB), and a larger one goes on into a temporary
+ *   file maildir/tmp/receiver.<pid>.<n>.<id>; past maxSize nothing more is stored and the
+ *   message is refused with 552 after the final dot.
  *
- *   Delivery takes, for every mailbox of the message in sorted order, an in-process lock
- *   and the dotlock users/<address>/mail.lock (created with O_EXCL, removed after, stale
- *   after LOCK_STALE_MS), then appends "From " line, Return-Path:, Received: and the
- *   message, fsyncs, and only then answers 250. Any failure truncates every mailbox of the
- *   message back to its old length and answers 451: a mailbox holds whole messages only.
+ *   Delivery is a group commit. Messages for the same mailboxes that end while a group is
+ *   being written wait, and go in together as the next group (up to GROUP_BYTES). A group
+ *   takes, for every mailbox in sorted order, an in-process lock and the dotlock
+ *   users/<address>/mail.lock (created with O_EXCL, removed after, stale after
+ *   LOCK_STALE_MS); appends each message's "From " line, Return-Path:, Received: and the
+ *   message to every mailbox (messages held in memory in one write per mailbox); then
+ *   fsyncs each mailbox once (and its folder when the mailbox was new or empty), writes
+ *   one journal line naming the group's messages ("synced"), and only then answers each of
+ *   them 250. A message that cannot be written is truncated back out of every mailbox and
+ *   answered 451 alone; a failed fsync truncates every mailbox back to its length before
+ *   the group and answers the whole group 451: a mailbox holds whole messages only.
  *   A mailbox is opened with O_NOFOLLOW and O_NONBLOCK and must then be a regular file with
  *   one link: a symlink, a FIFO, a device, a directory or a second hard link is refused
  *   (451 4.2.0, the journal says what is there), and nothing is written through it.
@@ -57,10 +66,11 @@
  *   on the RCPT line, xtext-encoded as RFC 3461 writes them) and the "message" event (its
  *   dsn field); it sends no notifications itself and the stored message is unchanged.
  *
- *   Every event (connect, HELO/EHLO, MAIL, RCPT accepted or refused, message stored or
- *   refused, errors, timeouts, STARTTLS, QUIT, disconnect) is one line, "<date> <time>
- *   <client address> <what>", appended to maildir/journal/YYYY_MM_DD_HH (local time, as
- *   the seed names them) and given to the log function (standard error by default).
+ *   Every event (connect, HELO/EHLO, MAIL, RCPT accepted or refused, a group synced,
+ *   message stored or refused, errors, timeouts, STARTTLS, QUIT, disconnect) is one line,
+ *   "<date> <time> <client address> <what>" ("-" for the server's own), appended to
+ *   maildir/journal/YYYY_MM_DD_HH (local time, as the seed names them) and given to the
+ *   log function (standard error by default).
  *
  * DIAGNOSTICS
  *   startServer() rejects with a UsageError naming the flag for a bad option, or with the
@@ -129,6 +139,13 @@ const CLOSE_GRACE_MS = 2000;
 const OUTBOX_FLUSH = 16 * 1024;
 /** A temp file is copied into the mailboxes in pieces of this size. */
 const COPY_CHUNK = 64 * 1024;
+/** A commit group takes messages until they come to this many octets (at least one message). */
+const GROUP_BYTES = 4 * 1024 * 1024;
+/** How long a local user's directory, once found, is taken as there without looking again; how many are kept. */
+const USER_CACHE_MS = 1000;
+const USER_CACHE_SIZE = 10_000;
+/** A message is held in memory up to this many octets (as stored); a larger one goes to a temp file. */
+const HOLD_BYTES = 64 * 1024;
 /** Waiting for another process's mail.lock: every LOCK_RETRY_MS, LOCK_TRIES times (10 s). */
 const LOCK_RETRY_MS = 50;
 const LOCK_TRIES = 200;
@@ -149,6 +166,7 @@ const DOT = 0x2e;
 const GT = 0x3e;
 const CR_BUF = Buffer.from([CR]);
 const LF_BUF = Buffer.from([LF]);
+const LF_LF = Buffer.from([LF, LF]);
 
 /* ------------------------------------------------------------------------------------ */
 /* Options and the handle                                                                */
@@ -877,6 +895,81 @@ async function writeAll(handle: fs.promises.FileHandle, buf: Buffer): Promise<vo
   }
 }
 
+/** Writes every buffer, in order, with as few calls as the kernel allows; returns the octets written. */
+async function writeAllV(handle: fs.promises.FileHandle, bufs: Buffer[]): Promise<number> {
+  let rest = bufs.filter((b) => b.length > 0);
+  let total = 0;
+  while (rest.length > 0) {
+    const { bytesWritten } = await handle.writev(rest);
+    if (bytesWritten <= 0) throw new Error("write wrote nothing");
+    total += bytesWritten;
+    let skip = bytesWritten;
+    while (rest.length > 0 && skip >= rest[0].length) skip -= rest.shift()!.length;
+    if (skip > 0) rest[0] = rest[0].subarray(skip);
+  }
+  return total;
+}
+
+/** Reads `bytes` octets from the start of a file into buf; fewer only when the file is shorter. */
+async function readFull(handle: fs.promises.FileHandle, buf: Buffer, bytes: number): Promise<number> {
+  let got = 0;
+  while (got < bytes) {
+    const { bytesRead } = await handle.read(buf, got, bytes - got, got);
+    if (bytesRead === 0) break;
+    got += bytesRead;
+  }
+  return got;
+}
+
+/** A message waiting for its mailboxes: its temp file and one prefix per mailbox (in the queue's order). */
+interface Delivery {
+  id: string;
+  /** The message (as stored, without prefix and trailer): in memory, or in a temp file. */
+  body: Buffer | null;
+  tmp: string | null;
+  /** Its octets. */
+  bytes: number;
+  lastByte: number;
+  prefixes: Buffer[];
+  /** Answers the session: null once the message is on disk, the error when it is in no mailbox. */
+  done: (err: Error | null) => void;
+}
+
+/** The deliveries waiting for one set of mailboxes (their folders, sorted). */
+interface CommitQueue {
+  dirs: string[];
+  waiting: Delivery[];
+}
+
+/** A mailbox open for a group: its size when the group began and as written so far. */
+interface OpenMailbox {
+  handle: fs.promises.FileHandle;
+  file: string;
+  oldSize: number;
+  size: number;
+}
+
+/** The message ends its last line, and a blank line ends the message (mboxrd). */
+function trailerOf(d: Delivery): Buffer {
+  return d.lastByte === LF || d.lastByte < 0 ? LF_BUF : LF_LF;
+}
+
+/** The next group: the first delivery waiting, and those after it while they fit in GROUP_BYTES. */
+function takeGroup(waiting: Delivery[]): Delivery[] {
+  let n = 0;
+  let bytes = 0;
+  while (n < waiting.length && (n === 0 || bytes + waiting[n].bytes <= GROUP_BYTES)) bytes += waiting[n++].bytes;
+  return waiting.splice(0, n);
+}
+
+/** A message could not be cut back out of a mailbox: nothing more may be appended behind it. */
+class PartialMessageError extends Error {
+  constructor(override readonly cause: Error) {
+    super(cause.message);
+    this.name = "PartialMessageError";
+  }
+}
+
 /** The mbox "From " line's date: asctime(3) in local time, "Mon Nov 23 16:26:00 2026". */
 export function asctime(d: Date): string {
   const days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
@@ -983,48 +1076,120 @@ class Receiver extends EventEmitter implements ServerHandle {
     return path.join(this.options.maildir, "tmp", `receiver.${process.pid}.${this.tmpCounter++}.${id}`);
   }
 
-  /** The mailbox directory of a local user, or null when there is none. */
+  /**
+   * The mailbox directory of a local user, or null when there is none. A directory found is
+   * remembered for USER_CACHE_MS (a stat per RCPT is a tenth of the receiver's time under a
+   * flood); one not found is looked for again at the next RCPT, so a new user works at once.
+   */
   async userDir(address: string): Promise<string | null> {
     const name = address.toLowerCase();
     if (name.includes("/") || name.includes("\0") || name === "" || name.startsWith(".")) return null;
+    const now = Date.now();
+    const known = this.users.get(name);
+    if (known && now - known.at < USER_CACHE_MS) return known.dir;
     const dir = path.join(this.options.maildir, "users", name);
     const st = await fs.promises.stat(dir).catch(() => null);
-    return st && st.isDirectory() ? dir : null;
+    if (!st || !st.isDirectory()) {
+      this.users.delete(name);
+      return null;
+    }
+    if (this.users.size >= USER_CACHE_SIZE) this.users.clear();
+    this.users.set(name, { dir, at: now });
+    return dir;
+  }
+
+  /** Local users found lately: their directory and when it was seen. */
+  private readonly users = new Map<string, { dir: string; at: number }>();
+
+  /**
+   * Appends the message (`bytes` octets, in memory or in a temp file) to every mailbox, all
+   * or none, and resolves once it is on disk there. Messages for the same mailboxes are committed in
+   * groups (group commit): while one group is written and synced, the next gathers, and
+   * then goes in under one taking of the locks with one fsync per mailbox. A group is every
+   * message that waits when its locks are taken, up to GROUP_BYTES.
+   */
+  deliver(
+    id: string, message: { body: Buffer; tmp: null } | { body: null; tmp: string }, bytes: number, lastByte: number,
+    boxes: Array<{ dir: string; prefix: Buffer }>,
+  ): Promise<void> {
+    const sorted = [...boxes].sort((a, b) => (a.dir < b.dir ? -1 : a.dir > b.dir ? 1 : 0));
+    const dirs = sorted.map((b) => b.dir);
+    const key = dirs.join("\0");
+    return new Promise<void>((resolve, reject) => {
+      const delivery: Delivery = {
+        id, ...message, bytes, lastByte, prefixes: sorted.map((b) => b.prefix), done: (err) => (err ? reject(err) : resolve()),
+      };
+      const queue = this.commits.get(key);
+      if (queue) {
+        queue.waiting.push(delivery);
+        return;
+      }
+      const fresh: CommitQueue = { dirs, waiting: [delivery] };
+      this.commits.set(key, fresh);
+      void this.commitLoop(key, fresh);
+    });
+  }
+
+  /** Deliveries waiting for their mailboxes, by the mailboxes (sorted, joined); one loop commits each queue. */
+  private readonly commits = new Map<string, CommitQueue>();
+
+  private async commitLoop(key: string, queue: CommitQueue): Promise<void> {
+    try {
+      while (queue.waiting.length > 0) await this.commitGroup(queue);
+    } catch (err) {
+      // commitGroup settles every delivery it takes; this is for a bug, so no session hangs.
+      for (const d of queue.waiting.splice(0)) d.done(err as Error);
+    } finally {
+      this.commits.delete(key);
+    }
   }
 
   /**
-   * Appends the message in `tmp` to every mailbox, all or none: locks in sorted order, one
-   * pass over the temp file, fsync every mailbox; on failure each is truncated back.
+   * One group: the in-process lock and the dotlock of every mailbox in sorted order; then
+   * each message appended to every mailbox (a message that fails is cut back out of all of
+   * them, the others stay); then one fsync per mailbox and its folder, and only then is any
+   * message of the group answered. A failed sync cuts every mailbox back to where the group
+   * began: none of the group's messages is stored, every one is answered 451.
    */
-  async deliver(tmp: string, tmpLastByte: number, boxes: Array<{ dir: string; prefix: Buffer }>): Promise<void> {
-    const sorted = [...boxes].sort((a, b) => (a.dir < b.dir ? -1 : a.dir > b.dir ? 1 : 0));
+  private async commitGroup(queue: CommitQueue): Promise<void> {
     const unlock: Array<() => void | Promise<void>> = [];
-    const open: Array<{ handle: fs.promises.FileHandle; file: string; oldSize: number }> = [];
-    let source: fs.promises.FileHandle | null = null;
+    const open: OpenMailbox[] = [];
+    let group: Delivery[] = [];
+    const failed = new Map<Delivery, Error>();
     try {
-      for (const box of sorted) {
-        unlock.push(await this.locks.acquire(box.dir));
-        unlock.push(await dotlock(box.dir));
+      try {
+        for (const dir of queue.dirs) {
+          unlock.push(await this.locks.acquire(dir));
+          unlock.push(await dotlock(dir));
+        }
+      } finally {
+        // Whatever arrived while the locks were being taken joins this group.
+        group = takeGroup(queue.waiting);
       }
-      for (const box of sorted) {
-        const file = path.join(box.dir, "mail");
-        const { handle, size: oldSize } = await openMailbox(file);
-        open.push({ handle, file, oldSize });
-        await writeAll(handle, box.prefix);
+      for (const dir of queue.dirs) {
+        const file = path.join(dir, "mail");
+        const { handle, size } = await openMailbox(file);
+        open.push({ handle, file, oldSize: size, size });
       }
-      source = await fs.promises.open(tmp, "r");
       const buf = Buffer.allocUnsafe(COPY_CHUNK);
-      for (;;) {
-        const { bytesRead } = await source.read(buf, 0, buf.length, null);
-        if (bytesRead === 0) break;
-        for (const o of open) await writeAll(o.handle, buf.subarray(0, bytesRead));
+      for (let i = 0; i < group.length;) {
+        // Messages held in memory go in together, one write per mailbox; a temp file alone.
+        let j = i + 1;
+        if (group[i].body) while (j < group.length && group[j].body) j++;
+        await this.appendRun(group.slice(i, j), open, buf, failed);
+        i = j;
       }
-      // The message ends its last line, and a blank line ends the message (mboxrd).
-      const trailer = Buffer.from(tmpLastByte === LF || tmpLastByte < 0 ? "\n" : "\n\n");
-      for (const o of open) await writeAll(o.handle, trailer);
+      // Synced even when every message failed: a message cut back out must stay out.
       for (const o of open) await o.handle.sync();
-      for (const box of sorted) await syncDir(box.dir);
+      if (failed.size < group.length) {
+        // A mailbox's name is made durable when it is new (or empty: perhaps new); the
+        // names of mailboxes with mail in them were made durable when they were new.
+        for (let i = 0; i < open.length; i++) if (open[i].oldSize === 0) await syncDir(queue.dirs[i]);
+        const ids = group.filter((d) => !failed.has(d)).map((d) => d.id);
+        this.journal.line("-", `synced ${ids.length} message${ids.length === 1 ? "" : "s"} (${ids.join(",")}) into ${open.map((o) => o.file).join(",")}`);
+      }
     } catch (err) {
+      for (const d of group) if (!failed.has(d)) failed.set(d, err as Error);
       for (const o of open) {
         try {
           await o.handle.truncate(o.oldSize);
@@ -1033,11 +1198,86 @@ class Receiver extends EventEmitter implements ServerHandle {
           this.journal.line("-", `error: cannot truncate ${o.file} back to ${o.oldSize} octets, it may end in a partial message: ${(undo as Error).message}`);
         }
       }
+    } finally {
+      for (const o of open) await o.handle.close().catch(() => undefined);
+      for (const release of unlock.reverse()) await release();
+    }
+    for (const d of group) d.done(failed.get(d) ?? null);
+  }
+
+  /**
+   * Appends messages to every open mailbox, all in one write per mailbox; when that fails,
+   * one at a time, so that only those that cannot be written fail (in `failed`). Throws
+   * only when a mailbox could not be cut back (the group cannot go on).
+   */
+  private async appendRun(run: Delivery[], open: OpenMailbox[], buf: Buffer, failed: Map<Delivery, Error>): Promise<void> {
+    if (run.length > 1) {
+      const starts = open.map((o) => o.size);
+      try {
+        for (let i = 0; i < open.length; i++) {
+          open[i].size += await writeAllV(open[i].handle, run.flatMap((d) => [d.prefixes[i], d.body!, trailerOf(d)]));
+        }
+        return;
+      } catch {
+        await this.cutBack(open, starts);
+      }
+    }
+    for (const d of run) {
+      try {
+        await this.append(d, open, buf);
+      } catch (err) {
+        if (err instanceof PartialMessageError) throw err.cause;
+        failed.set(d, err as Error);
+      }
+    }
+  }
+
+  /** Truncates each mailbox back to its size in `starts`; a PartialMessageError when one cannot be. */
+  private async cutBack(open: OpenMailbox[], starts: number[], cause?: Error): Promise<void> {
+    for (let i = 0; i < open.length; i++) {
+      try {
+        await open[i].handle.truncate(starts[i]);
+        open[i].size = starts[i];
+      } catch (undo) {
+        this.journal.line("-", `error: cannot truncate ${open[i].file} back to ${starts[i]} octets, it may end in a partial message: ${(undo as Error).message}`);
+        throw new PartialMessageError(cause ?? (undo as Error));
+      }
+    }
+  }
+
+  /**
+   * Appends one message to every open mailbox: its prefix, the message, the blank line that
+   * ends it (mboxrd). On failure each mailbox is truncated back to where the message began
+   * and the error is thrown; when that truncation fails too, a PartialMessageError.
+   */
+  private async append(d: Delivery, open: OpenMailbox[], buf: Buffer): Promise<void> {
+    const starts = open.map((o) => o.size);
+    const trailer = trailerOf(d);
+    let source: fs.promises.FileHandle | null = null;
+    try {
+      if (d.body) {
+        for (let i = 0; i < open.length; i++) open[i].size += await writeAllV(open[i].handle, [d.prefixes[i], d.body, trailer]);
+        return;
+      }
+      source = await fs.promises.open(d.tmp!, "r");
+      if (d.bytes <= buf.length) {
+        // A small message: one read, one write per mailbox.
+        const body = buf.subarray(0, await readFull(source, buf, d.bytes));
+        for (let i = 0; i < open.length; i++) open[i].size += await writeAllV(open[i].handle, [d.prefixes[i], body, trailer]);
+      } else {
+        for (let i = 0; i < open.length; i++) open[i].size += await writeAllV(open[i].handle, [d.prefixes[i]]);
+        for (;;) {
+          const { bytesRead } = await source.read(buf, 0, buf.length, null);
+          if (bytesRead === 0) break;
+          for (const o of open) o.size += await writeAllV(o.handle, [buf.subarray(0, bytesRead)]);
+        }
+        for (const o of open) o.size += await writeAllV(o.handle, [trailer]);
+      }
+    } catch (err) {
+      await this.cutBack(open, starts, err as Error);
       throw err;
     } finally {
       await source?.close().catch(() => undefined);
-      for (const o of open) await o.handle.close().catch(() => undefined);
-      for (const release of unlock.reverse()) await release();
     }
   }
 
@@ -1062,14 +1302,19 @@ function clientIp(address: string | undefined): string {
 /** Where a session is; only moves forward within a transaction, back to Helo when one ends. */
 enum Stage { Greeting = 0, Helo = 1, Mail = 2, Rcpt = 3, Data = 4 }
 
-/** One DATA transfer: the framing, the encoding, the temp file. */
+/** One DATA transfer: the framing, the encoding, the message held in memory or in a temp file. */
 interface Transfer {
   decoder: DotDecoder;
   encoder: MboxEncoder;
-  handle: fs.promises.FileHandle;
-  path: string;
+  /** The message as encoded so far, while it fits in HOLD_BYTES. */
+  held: Buffer[];
+  /** The temp file, once the message outgrew HOLD_BYTES. */
+  handle: fs.promises.FileHandle | null;
+  path: string | null;
   /** Message octets passed on to the encoder (stops at maxSize). */
   stored: number;
+  /** Octets encoded and kept (held or written to the temp file). */
+  written: number;
   tooBig: boolean;
   failed: Error | null;
 }
@@ -1580,16 +1825,7 @@ class Session {
     if (arg) return this.error("501 5.5.4 Syntax: DATA");
     if (this.stage < Stage.Mail) return this.error(R.needMail);
     if (this.stage < Stage.Rcpt) return this.error(this.refusedRecipients > 0 ? R.noValidRecipients : R.needRcpt);
-    const file = this.server.tmpPath(newId());
-    let handle: fs.promises.FileHandle;
-    try {
-      handle = await fs.promises.open(file, "wx", 0o600);
-    } catch (err) {
-      this.reply(R.writeError);
-      this.log(`error: cannot create ${file}: ${(err as Error).message}`);
-      return;
-    }
-    this.transfer = { decoder: new DotDecoder(), encoder: new MboxEncoder(), handle, path: file, stored: 0, tooBig: false, failed: null };
+    this.transfer = { decoder: new DotDecoder(), encoder: new MboxEncoder(), held: [], handle: null, path: null, stored: 0, written: 0, tooBig: false, failed: null };
     this.stage = Stage.Data;
     this.reply(R.startData);
   }
@@ -1661,7 +1897,7 @@ class Session {
 
   /* -- DATA ---------------------------------------------------------------------------- */
 
-  /** Message bytes: decoded, encoded, written to the temp file; at the end, delivered. */
+  /** Message bytes: decoded, encoded, held (or written to the temp file); at the end, delivered. */
   private async dataBytes(chunk: Buffer, at: number): Promise<number> {
     const t = this.transfer!;
     const { out, done, next } = t.decoder.push(chunk, at);
@@ -1677,7 +1913,7 @@ class Session {
     if (done && !t.tooBig) encoded.push(...t.encoder.end());
     if (encoded.length > 0 && !t.failed && !t.tooBig) {
       try {
-        await writeAll(t.handle, encoded.length === 1 ? encoded[0] : Buffer.concat(encoded));
+        await this.keep(t, encoded);
       } catch (err) {
         t.failed = err as Error;
       }
@@ -1686,12 +1922,31 @@ class Session {
     return next;
   }
 
+  /** Keeps encoded bytes: in memory while the message fits in HOLD_BYTES, else in a temp file (made then). */
+  private async keep(t: Transfer, encoded: Buffer[]): Promise<void> {
+    const length = encoded.reduce((sum, b) => sum + b.length, 0);
+    if (!t.handle && t.written + length <= HOLD_BYTES) {
+      // A copy: the socket's chunk it came in is not kept alive by a piece of it.
+      t.held.push(encoded.length === 1 ? Buffer.from(encoded[0]) : Buffer.concat(encoded, length));
+      t.written += length;
+      return;
+    }
+    if (!t.handle) {
+      t.path = this.server.tmpPath(newId());
+      t.handle = await fs.promises.open(t.path, "wx", 0o600);
+      encoded = [...t.held, ...encoded];
+      t.held = [];
+    }
+    await writeAllV(t.handle, encoded);
+    t.written += length;
+  }
+
   private async endOfData(t: Transfer): Promise<void> {
     this.transfer = null;
     const size = t.decoder.size;
     const id = newId();
     try {
-      await t.handle.close().catch((err) => { t.failed ??= err as Error; });
+      await t.handle?.close().catch((err) => { t.failed ??= err as Error; });
       if (t.tooBig) {
         this.reply(R.tooBig);
         this.log(`message refused: ${size} octets, more than the limit of ${this.o.maxSize}: ${R.tooBig}`);
@@ -1699,7 +1954,7 @@ class Session {
       }
       if (t.failed) {
         this.reply(R.writeError);
-        this.log(`error: writing ${t.path}: ${t.failed.message}: ${R.writeError}`);
+        this.log(`error: writing ${t.path ?? "the message"}: ${t.failed.message}: ${R.writeError}`);
         return;
       }
       const date = new Date();
@@ -1709,7 +1964,8 @@ class Session {
         prefix: mboxPrefix({ sender: this.sender, recipient: b.recipient, helo: this.helo, ip: this.ip, hostname: this.o.hostname, id, protocol, date }),
       }));
       try {
-        await this.server.deliver(t.path, t.encoder.lastByte, boxes);
+        const message = t.path ? { tmp: t.path, body: null } : { tmp: null, body: t.held.length === 1 ? t.held[0] : Buffer.concat(t.held) };
+        await this.server.deliver(id, message, t.written, t.encoder.lastByte, boxes);
       } catch (err) {
         const reply = err instanceof MailboxBusyError ? R.mailboxBusy : err instanceof MailboxRefusedError ? R.mailboxRefused : R.writeError;
         this.reply(reply);
@@ -1725,7 +1981,8 @@ class Session {
         dsn: { ret: this.ret, envid: this.envid, recipients: this.dsnRecipients },
       });
     } finally {
-      await fs.promises.unlink(t.path).catch(() => undefined);
+      t.held = [];
+      if (t.path) await fs.promises.unlink(t.path).catch(() => undefined);
       this.resetTransaction();
       this.waitingSince = Date.now();
     }
@@ -1739,8 +1996,9 @@ function lineLimit(line: Buffer): number {
 }
 
 async function discard(t: Transfer): Promise<void> {
-  await t.handle.close().catch(() => undefined);
-  await fs.promises.unlink(t.path).catch(() => undefined);
+  t.held = [];
+  await t.handle?.close().catch(() => undefined);
+  if (t.path) await fs.promises.unlink(t.path).catch(() => undefined);
 }
 
 /** A message id for replies, the journal and Received:, Postfix-like: 12 hex digits. */

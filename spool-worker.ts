@@ -394,7 +394,9 @@ function serve(data: WorkerData): void {
     prepare: (id: string, from: "outgoing" | "deferred") => prepare(spool, data, id, from),
     bodyOpen: async (msg: MessageInfo, prefix: Uint8Array) => {
       const handle = ++bodyHandles;
-      bodies.set(handle, wireChunks(spool, fileBacked(msg), Buffer.from(prefix.buffer, prefix.byteOffset, prefix.byteLength)));
+      // One read buffer and one stuffing buffer for the whole message: each piece is copied
+      // out into memory of its own (detach) before the next is made, and that is transferred.
+      bodies.set(handle, wireChunks(spool, fileBacked(msg), Buffer.from(prefix.buffer, prefix.byteOffset, prefix.byteLength), { reuse: true }));
       return handle;
     },
     bodyNext: async (handle: number) => {
@@ -439,8 +441,12 @@ function serve(data: WorkerData): void {
   };
   // Settling a message (above all the unlink after a 250) never waits behind the reading of
   // others: every moment between the server's 250 and the unlink is a window for a
-  // duplicate after a crash. The rest goes one batch at a time, in order.
+  // duplicate after a crash. The rest goes one batch at a time, in order, except that up to
+  // PREPARE_AHEAD prepares overlap one another (each claims as it starts, in order): while
+  // one message's signature is computed in the thread pool, the next is read and measured.
+  // Any other request waits for the prepares before it.
   let queue: Promise<void> = Promise.resolve();
+  const preparing = new Set<Promise<void>>();
   parentPort!.on("message", (batch: Request[]) => {
     const later: Request[] = [];
     for (const request of batch) {
@@ -450,7 +456,14 @@ function serve(data: WorkerData): void {
     if (later.length > 0) {
       queue = queue.then(async () => {
         for (const request of later) {
-          await perform(request);
+          if (request.op === "prepare") {
+            while (preparing.size >= PREPARE_AHEAD) await Promise.race(preparing);
+            const done: Promise<void> = perform(request).finally(() => preparing.delete(done));
+            preparing.add(done);
+          } else {
+            while (preparing.size > 0) await Promise.all(preparing);
+            await perform(request);
+          }
           // A turn of the loop between requests: a settling request that arrives meanwhile
           // is taken at once, not after the whole batch.
           await new Promise<void>((resolve) => setImmediate(resolve));
@@ -459,6 +472,9 @@ function serve(data: WorkerData): void {
     }
   });
 }
+
+/** Prepares at once at the most: enough to keep the thread pool's four threads signing. */
+const PREPARE_AHEAD = 4;
 
 /** Requests that settle a message already prepared: they touch only its own files. */
 const SETTLING = new Set(["complete", "release", "quarantine", "rewriteRecipients"]);

@@ -1,16 +1,20 @@
 // bench/profile-summary.mjs - what a V8 CPU profile (node --cpu-prof) spent its time on:
-// self time aggregated by function (name + file:line), and by file, highest first.
+// self time aggregated by function (name + file:line), and by file, highest first. Where
+// run.mjs --cpu-prof left a window.json beside the profile (the timed flush, monotonic µs),
+// only the samples inside it count, unless --all.
 //
-//   node bench/profile-summary.mjs PROFILE.cpuprofile [--top N]
+//   node bench/profile-summary.mjs PROFILE.cpuprofile [--top N] [--all]
 
 import * as fs from "node:fs";
 import * as path from "node:path";
 
 const argv = process.argv.slice(2);
 let top = 25;
+let all = false;
 const files = [];
 for (let i = 0; i < argv.length; i++) {
   if (argv[i] === "--top") top = Number(argv[++i]);
+  else if (argv[i] === "--all") all = true;
   else files.push(argv[i]);
 }
 if (files.length === 0) {
@@ -20,6 +24,24 @@ if (files.length === 0) {
 
 for (const file of files) {
   const prof = JSON.parse(fs.readFileSync(file, "utf8"));
+  const windowFile = path.join(path.dirname(file), "window.json");
+  const window = !all && fs.existsSync(windowFile) ? JSON.parse(fs.readFileSync(windowFile, "utf8")) : null;
+  if (window) {
+    // Keep the samples inside the window: each sample's time is startTime + the deltas so far.
+    const samples = [];
+    const timeDeltas = [];
+    let t = prof.startTime;
+    let last = null;
+    for (let i = 0; i < prof.samples.length; i++) {
+      t += prof.timeDeltas[i];
+      if (t < window.startUs || t > window.endUs) continue;
+      timeDeltas.push(last === null ? 0 : t - last);
+      samples.push(prof.samples[i]);
+      last = t;
+    }
+    prof.samples = samples;
+    prof.timeDeltas = timeDeltas;
+  }
   const byId = new Map(prof.nodes.map((n) => [n.id, n]));
   // Self time per node: each sample is attributed to the node on top of the stack, for the
   // time until the next sample.
@@ -42,7 +64,7 @@ for (const file of files) {
   }
   const show = (map, n) => [...map].sort((a, b) => b[1] - a[1]).slice(0, n)
     .map(([k, us]) => `${(us / 1000).toFixed(1).padStart(9)} ms ${((100 * us) / total).toFixed(1).padStart(5)}%  ${k}`).join("\n");
-  console.log(`${file}: ${(total / 1000).toFixed(0)} ms sampled`);
+  console.log(`${file}: ${(total / 1000).toFixed(0)} ms sampled${window ? ` in the timed flush (${((window.endUs - window.startUs) / 1000).toFixed(0)} ms)` : ""}`);
   console.log(`self time by function (top ${top}):\n${show(fnTotals, top)}`);
   console.log(`self time by file:\n${show(fileTotals, 12)}`);
 

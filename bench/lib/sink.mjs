@@ -11,7 +11,7 @@ export const SMTP_SINK = "/usr/sbin/smtp-sink";
 export const SMTP_SOURCE = "/usr/sbin/smtp-source";
 export const HOST = "127.0.0.1";
 
-function freePort() {
+export function freePort() {
   return new Promise((resolve, reject) => {
     const server = net.createServer();
     server.once("error", reject);
@@ -23,7 +23,7 @@ function freePort() {
 }
 
 /** Connects until the 220 greeting arrives, says QUIT; bounded by `ms`. */
-async function waitForGreeting(port, ms, exited) {
+export async function waitForGreeting(port, ms, exited) {
   const deadline = Date.now() + ms;
   let last = "no attempt";
   while (Date.now() < deadline) {

@@ -7,8 +7,13 @@
 
 import * as fs from "node:fs";
 import * as path from "node:path";
+import { execFileSync } from "node:child_process";
 
 export const FROM = "bench@localhost";
+/** The sender of the DKIM cases: the key signs mail From this domain. */
+export const DKIM_DOMAIN = "bench.test";
+export const DKIM_SELECTOR = "bench";
+export const DKIM_FROM = `bench@${DKIM_DOMAIN}`;
 export const rcpt = (i) => `user${i}@example.test`;
 
 /** A body of exactly `size` bytes (LF line ends), with lines a client must dot-stuff. */
@@ -38,10 +43,10 @@ export function rfc2822Date(d = new Date()) {
 }
 
 /** The header block of message i (LF line ends, ending with the blank line). */
-export function headers(i, date, tag = "bench") {
+export function headers(i, date, tag = "bench", from = FROM) {
   return `Date: ${date}\n` +
     `Message-ID: <${tag}.${i}@localhost>\n` +
-    `From: Bench <${FROM}>\n` +
+    `From: Bench <${from}>\n` +
     `To: ${rcpt(i)}\n` +
     `Subject: bench message ${i}\n` +
     "\n";
@@ -76,14 +81,24 @@ export function writeSpool(maildir, n, size, options = {}) {
 }
 
 /**
- * A stock of queue files written once per run and size, handed to each case as hard
- * links in its own outgoing/ (a link costs no new inode and no new page of data).
+ * syncfs(2) on the file system that holds `dir` (coreutils' `sync -f`): every file written
+ * there so far is on disk, its blocks allocated, as if each had been fsynced.
+ */
+export function syncFs(dir) {
+  execFileSync("sync", ["-f", dir], { timeout: 120_000 });
+}
+
+/**
+ * A stock of queue files written once per run and size, handed to each case in its own
+ * outgoing/: copyInto() copies them (new inodes, new blocks) and syncs the file system, so
+ * the spool is what another program leaves when it drops fsynced files in outgoing/, and
+ * the engine's unlink frees real blocks, as with the queue files send() writes by default.
+ * linkInto() hard-links them instead (the bench's old, cheap method: an unlink then only
+ * drops a link), kept for one labelled row.
  *
- * Why: on this kind of machine (a Firecracker VM, memory backed by the host on first touch)
- * writing a 1 KB file costs 10 µs one minute and 800 µs the next, on ext4 and tmpfs alike:
- * fresh spools of 20,000 to 100,000 files for every case would take most of the run. The
- * price: the engine's unlink then drops a link, not the inode; run.mjs measures what that
- * saves per message and prints it.
+ * Why a stock: on this kind of machine (a Firecracker VM, memory backed by the host on first
+ * touch) writing a 1 KB file with Node costs 10 µs one minute and 800 µs the next; a copy
+ * of a file written once is the cheapest way to a fresh spool for every case.
  */
 export class Stock {
   constructor(dir, size, { concurrency = 16 } = {}) {
@@ -102,38 +117,62 @@ export class Stock {
     this.count = n;
   }
 
+  /**
+   * Copies the first n files into `<maildir>/outgoing/` and syncs the file system. Returns
+   * { seconds, syncSeconds }: the copying and the sync.
+   */
+  async copyInto(maildir, n) {
+    const seconds = await this.#put(maildir, n, fs.copyFileSync);
+    const t0 = performance.now();
+    syncFs(maildir);
+    return { seconds, syncSeconds: (performance.now() - t0) / 1000 };
+  }
+
   /** Links the first n files into `<maildir>/outgoing/`. Returns the seconds it took. */
-  async linkInto(maildir, n) {
+  linkInto(maildir, n) {
+    return this.#put(maildir, n, fs.linkSync);
+  }
+
+  /** put(stockFile, outgoingFile) for the first n files; the seconds it took (not the stock's writing). */
+  async #put(maildir, n, put) {
     await this.ensure(n);
     const t0 = performance.now();
     const outgoing = path.join(maildir, "outgoing");
     fs.mkdirSync(outgoing, { recursive: true, mode: 0o700 });
     for (let i = 0; i < n; i++) {
       const name = queueId(this.seconds, i);
-      fs.linkSync(path.join(this.dir, name), path.join(outgoing, name));
+      put(path.join(this.dir, name), path.join(outgoing, name));
     }
     return (performance.now() - t0) / 1000;
   }
 }
 
 /**
- * What unlinking a 1 KB file costs when it is the last link (the inode and its page go)
- * and when it is not (what the engine does on a linked spool), in µs, over n files each.
+ * What unlinking a 1 KB file costs here, in µs (over n files each): one on disk (written,
+ * then the file system synced: what the bench's spools and send()'s fsynced files are), one
+ * never synced (the old bench's fresh files: ext4 has not given it blocks yet), and a hard
+ * link that is not the last (the old bench's linked spools).
  */
 export function unlinkCost(dir, n = 2000) {
   fs.mkdirSync(dir, { recursive: true });
   const body = "x".repeat(1200);
-  const names = Array.from({ length: n }, (_, i) => path.join(dir, `u${i}`));
-  for (const f of names) fs.writeFileSync(f, body);
-  for (const f of names) fs.linkSync(f, `${f}.l`);
-  let t0 = performance.now();
-  for (const f of names) fs.unlinkSync(`${f}.l`);
-  const notLast = ((performance.now() - t0) * 1000) / n;
-  t0 = performance.now();
-  for (const f of names) fs.unlinkSync(f);
-  const last = ((performance.now() - t0) * 1000) / n;
+  const names = (tag) => Array.from({ length: n }, (_, i) => path.join(dir, `${tag}${i}`));
+  const time = (files) => {
+    const t0 = performance.now();
+    for (const f of files) fs.unlinkSync(f);
+    return Math.round(((performance.now() - t0) * 10_000) / n) / 10;
+  };
+  const synced = names("s");
+  for (const f of synced) fs.writeFileSync(f, body);
+  syncFs(dir);
+  const syncedUs = time(synced);
+  const fresh = names("f");
+  for (const f of fresh) fs.writeFileSync(f, body);
+  for (const f of fresh) fs.linkSync(f, `${f}.l`);
+  const notLastUs = time(fresh.map((f) => `${f}.l`));
+  const unsyncedUs = time(fresh);
   fs.rmSync(dir, { recursive: true, force: true });
-  return { lastLinkUs: Math.round(last * 10) / 10, notLastUs: Math.round(notLast * 10) / 10 };
+  return { syncedUs, unsyncedUs, notLastUs };
 }
 
 /**

@@ -136,6 +136,9 @@ export function percentile(sorted, p) {
 export const fmtInt = (x) => (x == null || !Number.isFinite(x) ? "-" : Math.round(x).toLocaleString("en-US"));
 export const fmt = (x, digits = 1) => (x == null || !Number.isFinite(x) ? "-" : x.toFixed(digits));
 
+/** A target's measured ÷ wanted (1 is the line itself), for the targets tables; "-" when not measured. */
+export const margin = (t) => (t.ratio == null ? "-" : `${fmt(t.ratio, 2)}`);
+
 /** A plain text table: rows of cells, the first row the header; numbers right-aligned. */
 export function table(rows) {
   const widths = [];

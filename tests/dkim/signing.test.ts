@@ -207,7 +207,7 @@ t.test("signMessage: h= lists what is present, as often as it occurs, From once 
     "Subject: s", "X-Other: not signed", "Received: no",
   ].join("\r\n") + "\r\n");
   const now = new Date("2026-11-23T12:00:00Z");
-  const fields = signMessage(block, EMPTY_HASH, [ED, RSA], { now });
+  const fields = await signMessage(block, EMPTY_HASH, [ED, RSA], { now });
   const [first, second] = fields.split(/\r\n(?=DKIM-Signature:)/);
   t.match(first.replace(/\r\n /g, " "), /^DKIM-Signature: v=1; a=rsa-sha256; c=relaxed\/relaxed; d=example\.org; s=rsa2026;/, "RSA first");
   t.match(second, /^DKIM-Signature: v=1; a=ed25519-sha256; /);
@@ -221,8 +221,8 @@ t.test("signMessage: h= lists what is present, as often as it occurs, From once 
   t.match(unfolded, new RegExp(`bh=${EMPTY_HASH.replace(/[+/]/g, "\\$&")};`));
   const h = / h=([^;]+);/.exec(unfolded)![1].replace(/\s+/g, "");
   t.equal(h, "From:From:To:To:Subject:Date", "From over-signed; To twice; absent names left out; unlisted fields not signed");
-  t.equal(signMessage(block, EMPTY_HASH, []), "", "no keys: nothing");
-  const custom = signMessage(block, EMPTY_HASH, [ED], { now, headers: ["Subject", "X-Other"] }).replace(/\r\n /g, " ");
+  t.equal(await signMessage(block, EMPTY_HASH, []), "", "no keys: nothing");
+  const custom = (await signMessage(block, EMPTY_HASH, [ED], { now, headers: ["Subject", "X-Other"] })).replace(/\r\n /g, " ");
   t.equal(/ h=([^;]+);/.exec(custom)![1].replace(/\s+/g, ""), "From:From:Subject:X-Other", "a custom list: From is still signed and over-signed");
 });
 

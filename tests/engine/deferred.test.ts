@@ -20,10 +20,14 @@ t.test("the deferred queue: backoff doubles from --min-backoff to --max-backoff;
   for (let attempt = 1; attempt <= 3; attempt++) {
     const before = Date.now();
     t.match(await w.flush(attempt > 1), { deferred: 1 }, `attempt ${attempt} deferred`);
+    const after = Date.now();
     const book = JSON.parse(await fs.readFile(path.join(w.maildir, "deferred", `.${id}`), "utf8"));
     t.equal(book.attempts, attempt);
     t.match(book.lastError, /450 4\.2\.0 mailbox busy/);
-    waits.push(Math.round((book.nextAttempt - before) / 1000));
+    // The wait counts from the moment of the deferral, somewhere inside the flush (whose
+    // first one also starts the spool's worker): the whole seconds that fit both ends.
+    const wait = [100, 200, 300].find((s) => book.nextAttempt >= before + s * 1000 && book.nextAttempt <= after + s * 1000);
+    waits.push(wait ?? (book.nextAttempt - before) / 1000);
   }
   t.same(waits, [100, 200, 300], "100 s, then doubled, then capped at --max-backoff");
   t.match(await w.flush(), { messages: 0 }, "not due: a plain flush does not touch it");

@@ -3,7 +3,7 @@
 // its message events, a connect() that returns the raw client of smtp-raw.ts past the greeting,
 // the mbox path of a user, the files left in tmp/ and a bounded waitForLine(); envelope() sends
 // EHLO, MAIL, RCPT and DATA one at a time; withoutDates(), splitMbox() and readLatin1() read
-// the mbox.
+// the mbox; limitFileSize() lowers this process's file size limit (writes past it fail, EFBIG).
 
 import type { Test } from "tap";
 import fs from "node:fs/promises";
@@ -11,11 +11,12 @@ import os from "node:os";
 import path from "node:path";
 import { startServer, type ServerHandle, type ServerOptions, type StoredMessage } from "../../receiver.js";
 import { RawClient } from "./smtp-raw.js";
-import { sleep } from "./daemon.js";
+import { run, sleep } from "./daemon.js";
 
 export const SWAKS = "/usr/bin/swaks";
 export const HOST = "mx.local.test";
 export const USER = "user@local.test";
+export const PRLIMIT = "/usr/bin/prlimit";
 export { sleep };
 
 export interface Setup {
@@ -86,3 +87,30 @@ export async function readLatin1(file: string): Promise<string> {
 }
 
 export const queuedAs = /^250 2\.0\.0 Ok: queued as ([0-9A-F]{12})$/;
+
+/**
+ * Lowers this process's file size limit (RLIMIT_FSIZE) until the test ends: a write past it
+ * fails with EFBIG, a real write error on a regular file. Returns the function that puts the
+ * limit back.
+ */
+export async function limitFileSize(t: Test, bytes: number): Promise<() => Promise<void>> {
+  // Node ignores SIGXFSZ, but the test runner's signal-exit listens for it and, when it is
+  // the only listener, raises it again to die of it; a listener of our own keeps it harmless.
+  const harmless = () => undefined;
+  const pid = String(process.pid);
+  const was = await run(PRLIMIT, ["--pid", pid, "--fsize", "--output=SOFT", "--noheadings", "--raw"], { timeoutMs: 10_000 });
+  if (was.code !== 0) throw new Error(`prlimit: ${was.stderr}`);
+  let restored = false;
+  const restore = async () => {
+    if (restored) return;
+    restored = true;
+    const back = await run(PRLIMIT, ["--pid", pid, `--fsize=${was.stdout.trim()}:`], { timeoutMs: 10_000 });
+    if (back.code !== 0) throw new Error(`prlimit: ${back.stderr}`);
+    process.off("SIGXFSZ", harmless);
+  };
+  process.on("SIGXFSZ", harmless);
+  t.teardown(restore);
+  const lowered = await run(PRLIMIT, ["--pid", pid, `--fsize=${bytes}:`], { timeoutMs: 10_000 });
+  if (lowered.code !== 0) throw new Error(`prlimit: ${lowered.stderr}`);
+  return restore;
+}

@@ -10,11 +10,10 @@ import { RawClient } from "../helpers/smtp-raw.js";
 import { run } from "../helpers/daemon.js";
 import { requireTool } from "../helpers/postfix.js";
 import {
-  HOST, USER, sleep, setup, envelope, withoutDates, splitMbox, readLatin1, queuedAs,
+  HOST, USER, PRLIMIT, sleep, setup, envelope, withoutDates, splitMbox, readLatin1, queuedAs, limitFileSize,
 } from "../helpers/receiver-rig.js";
 
 const MKFIFO = "/usr/bin/mkfifo";
-const PRLIMIT = "/usr/bin/prlimit";
 
 /* ------------------------------------------------------------------------------------ */
 /* Delivery: mbox byte for byte                                                          */
@@ -96,6 +95,30 @@ t.test("mbox byte for byte: From_ line, trace headers, >From quoting, dot lines,
   t.match(s.messages[1], { id: second![1], from: "", to: ["USER@local.test"], size: 0, mailboxes: [s.mbox()] });
   t.equal((statSync(s.mbox()).mode & 0o777).toString(8), "600", "mailbox mode 0600");
   t.notOk(existsSync(`${s.mbox()}.lock`), "no lock left behind");
+  t.same(await s.tmpFiles(), [], "tmp/ is empty");
+});
+
+t.test("messages on either side of 64 KB (held in memory, or in a temp file) are stored byte for byte", async (t) => {
+  const s = await setup(t);
+  const c = await s.connect();
+  const sizes = [65_535, 65_536, 65_537, 200_001]; // octets as stored (LF line ends), header included
+  const expected: string[] = [];
+  const received: number[] = [];
+  for (const [n, size] of sizes.entries()) {
+    await envelope(t, c, `s${n}@x.test`);
+    let text = `Subject: size ${size}\n\n`;
+    for (let k = 0; text.length < size; k++) text += `${String(k).padStart(8, "0")} ${"x".repeat(54)}\n`;
+    text = text.slice(0, size - 1) + "\n";
+    t.equal(text.length, size);
+    received.push(size + text.split("\n").length - 1);
+    await c.writeAndDrain(`${text.replace(/\n/g, "\r\n")}.\r\n`);
+    const id = queuedAs.exec(await c.text(10_000))?.[1];
+    t.ok(id, `${size} octets: queued`);
+    expected.push(`From s${n}@x.test DATE\nReturn-Path: <s${n}@x.test>\nReceived: from client.test ([127.0.0.1])\n` +
+      `\tby ${HOST} (mudmail) with ESMTP id ${id}\n\tfor <${USER}>; DATE\n${text}\n`);
+  }
+  t.equal(withoutDates(await readLatin1(s.mbox())), expected.join(""), "the mailbox, byte for byte (dates aside)");
+  t.same(s.messages.map((m) => m.size), received, "sizes as received (CRLF)");
   t.same(await s.tmpFiles(), [], "tmp/ is empty");
 });
 
@@ -192,8 +215,9 @@ t.test("a client that disconnects mid-DATA leaves no partial message and nothing
     const c = await s.connect();
     await envelope(t, c);
     if (cut) await c.writeAndDrain(cut);
+    // A message past 64 KB goes to a temp file, a smaller one is held in memory.
     const deadline = Date.now() + 5000;
-    while ((await s.tmpFiles()).length === 0 && Date.now() < deadline) await sleep(5);
+    while (cut.length > 65_536 && (await s.tmpFiles()).length === 0 && Date.now() < deadline) await sleep(5);
     await sleep(30);
     c.destroy();
     await s.waitForLine(/lost connection after DATA \(\d+ octets\): message dropped/);
@@ -283,33 +307,6 @@ t.test("size limit: 552 after the data, exact boundary, nothing stored past the 
 
 /* ------------------------------------------------------------------------------------ */
 /* Failures and locks                                                                    */
-
-/**
- * Lowers this process's file size limit (RLIMIT_FSIZE) until the test ends: a write past it
- * fails with EFBIG, a real write error on a regular file. Returns the function that puts the
- * limit back.
- */
-async function limitFileSize(t: Test, bytes: number): Promise<() => Promise<void>> {
-  // Node ignores SIGXFSZ, but the test runner's signal-exit listens for it and, when it is
-  // the only listener, raises it again to die of it; a listener of our own keeps it harmless.
-  const harmless = () => undefined;
-  const pid = String(process.pid);
-  const was = await run(PRLIMIT, ["--pid", pid, "--fsize", "--output=SOFT", "--noheadings", "--raw"], { timeoutMs: 10_000 });
-  if (was.code !== 0) throw new Error(`prlimit: ${was.stderr}`);
-  let restored = false;
-  const restore = async () => {
-    if (restored) return;
-    restored = true;
-    const back = await run(PRLIMIT, ["--pid", pid, `--fsize=${was.stdout.trim()}:`], { timeoutMs: 10_000 });
-    if (back.code !== 0) throw new Error(`prlimit: ${back.stderr}`);
-    process.off("SIGXFSZ", harmless);
-  };
-  process.on("SIGXFSZ", harmless);
-  t.teardown(restore);
-  const lowered = await run(PRLIMIT, ["--pid", pid, `--fsize=${bytes}:`], { timeoutMs: 10_000 });
-  if (lowered.code !== 0) throw new Error(`prlimit: ${lowered.stderr}`);
-  return restore;
-}
 
 t.test("a failed write answers 451 and leaves every mailbox as it was", async (t) => {
   if (!requireTool(t, PRLIMIT)) return;

@@ -3,6 +3,8 @@
 
 import t from "tap";
 import { existsSync } from "node:fs";
+import fs from "node:fs/promises";
+import path from "node:path";
 import { RawClient } from "../helpers/smtp-raw.js";
 import { HOST, USER, sleep, setup, envelope, splitMbox, readLatin1, queuedAs } from "../helpers/receiver-rig.js";
 
@@ -91,6 +93,26 @@ t.test("every reply code path, one command at a time", async (t) => {
   t.equal(await c.cmd("QUIT"), `221 2.0.0 ${HOST} Service closing transmission channel`);
   await c.waitClosed();
   t.equal(s.messages.length, 0);
+});
+
+t.test("local users: a new one is accepted at once; one removed meanwhile gets 451 at the end of DATA, and 550 a second later", async (t) => {
+  const s = await setup(t);
+  const c = await s.connect();
+  const NEW = "new@local.test";
+  t.match(await c.cmd("EHLO client.test"), /^250-/);
+  t.equal(await c.cmd("MAIL FROM:<a@x.test>"), "250 2.1.0 Ok");
+  t.match(await c.cmd(`RCPT TO:<${NEW}>`), /^550 5\.1\.1 /, "not a user yet");
+  await fs.mkdir(path.join(s.maildir, "users", NEW));
+  t.equal(await c.cmd(`RCPT TO:<${NEW}>`), "250 2.1.5 Ok", "a user as soon as the directory is there");
+  t.equal(await c.cmd("RSET"), "250 2.0.0 Ok");
+  await fs.rm(path.join(s.maildir, "users", NEW), { recursive: true });
+  await envelope(t, c, "a@x.test", [NEW]); // still known: found less than a second ago
+  c.write("Subject: gone\r\n\r\nx\r\n.\r\n");
+  t.equal(await c.text(), "451 4.3.0 Error: queue file write error", "the mailbox cannot be written: 451, try again");
+  t.notOk(existsSync(path.join(s.maildir, "users", NEW)), "nothing made in its place");
+  await sleep(1100);
+  t.equal(await c.cmd("MAIL FROM:<a@x.test>"), "250 2.1.0 Ok");
+  t.match(await c.cmd(`RCPT TO:<${NEW}>`), /^550 5\.1\.1 /, "a second later: unknown again");
 });
 
 t.test("commands end in CRLF or a bare LF; verbs in any case", async (t) => {

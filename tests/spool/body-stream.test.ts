@@ -280,3 +280,21 @@ t.test("Stuffer: a line over 998 octets is broken with CRLF and a space, nothing
     t.equal(unfolded, `short\r\n${long}\r\n..${"y".repeat(1500)}\r\nend\r\n.\r\n`, "unfolding gives the line back (dot still stuffed)");
   }
 });
+
+t.test("Stuffer: lines at the 998-octet limit, LF or CRLF, with a dot first or not: whole lines in one chunk as byte by byte", async (t) => {
+  for (const end of ["\n", "\r\n"]) {
+    for (const first of ["", "."]) {
+      for (const length of [997, 998, 999]) {
+        const line = first + "z".repeat(length - first.length);
+        const body = latin1(`a${end}${line}${end}${line}${end}b${end}`);
+        const whole = stuff([body]);
+        const bytes = stuff([...body].map((b) => Buffer.from([b])));
+        const label = `${JSON.stringify(end)}, ${first ? "dot first, " : ""}${length} octets`;
+        t.ok(Buffer.concat([whole.body, whole.end]).equals(Buffer.concat([bytes.body, bytes.end])), `${label}: the same bytes`);
+        const lines = Buffer.concat([whole.body, whole.end]).toString("latin1").split("\r\n");
+        t.ok(lines.every((l) => l.length <= 998), `${label}: no line over 998 octets`);
+        t.equal(new Stuffer().count(body), whole.body.length, `${label}: count() says what push() makes`);
+      }
+    }
+  }
+});
