@@ -45,9 +45,9 @@ import { checkDsn, formatAge, syslogDate } from "./compose.js";
 import { startServer, checkServerOptions, type ServerOptions } from "./receiver.js";
 import { vrfy, expn, help } from "./client.js";
 import { loadDkimKeys, generateDkimKey, dnsRecord, spfRecord, dmarcRecord, checkDomain, formatCheck, DkimConfigError, type DkimKey } from "./dkim.js";
-import { Spool, SpoolError, addressProblem, type ControlResult, type ControlVerb } from "./queue.js";
+import { Spool, SpoolError, addressProblem, isQueueId, type ControlResult, type ControlVerb } from "./queue.js";
 import { printable } from "./smtp-codes.js";
-import { PolicyError, Shaper, checkPolicy, type Policy, type Suspension } from "./policy.js";
+import { PolicyError, Shaper, checkPolicy, isDomainName, readSuspensions, type Policy, type Suspension } from "./policy.js";
 import { CONTROL_DONE, MailLog, resumedLine, suspendedLine } from "./log.js";
 import { serveMetrics } from "./metrics.js";
 
@@ -562,7 +562,7 @@ async function waitForAnswer(spool: Spool, name: string): Promise<Answer | null>
 
 /** --delete, --hold, --release, --requeue ID|ALL: one line of what was done, one per message left alone; exit 1 when a named id is not in the queue. */
 async function queueControl(verb: ControlVerb, target: string, options: MailOptions): Promise<number> {
-  if (target !== "ALL" && !/^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/.test(target)) throw new UsageError(`--${verb}: expected a queue id or ALL, got ${JSON.stringify(target)}`);
+  if (target !== "ALL" && !isQueueId(target)) throw new UsageError(`--${verb}: expected a queue id or ALL, got ${JSON.stringify(target)}`);
   const { value: result, by } = await byLockHolder<ControlResult>(options, { op: verb, target }, async (spool, log) => {
     const done = await spool.control(verb, target);
     for (const id of done.done) log.write("postsuper", `${id}: ${CONTROL_DONE[verb]}`);
@@ -588,7 +588,7 @@ async function queueControl(verb: ControlVerb, target: string, options: MailOpti
 async function suspension(mode: "--suspend" | "--resume", target: string, modes: Record<string, string | boolean>, options: MailOptions): Promise<number> {
   const key = target.toLowerCase().replace(/\.$/, "");
   const shaper = new Shaper(options.policy, { connections: options.destinationConcurrencyLimit ?? DEFAULTS.destinationConcurrencyLimit });
-  if (!shaper.providerNames.includes(key) && !/^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)+$/.test(key)) {
+  if (!shaper.providerNames.includes(key) && !(isDomainName(key) && key.includes("."))) {
     throw new UsageError(`${mode}: expected a domain or a provider (${shaper.providerNames.join(", ")}), got ${JSON.stringify(target)}`);
   }
   if (mode === "--resume") {
@@ -686,9 +686,7 @@ async function listQueue(engine: MailEngine, options: MailOptions, json: boolean
   }
   // Suspended destinations first, from the spool's state: what holds mail back, until when.
   const now = Date.now();
-  const shaper = new Shaper(options.policy, { connections: 1 });
-  shaper.load(await new Spool(options.maildir ?? DEFAULTS.maildir).readState("suspended"));
-  const suspended = Object.entries(shaper.state()).filter(([, s]) => s.until > now);
+  const suspended = [...readSuspensions(await new Spool(options.maildir ?? DEFAULTS.maildir).readState("suspended"))].filter(([, s]) => s.until > now);
   let out = suspended.length === 0 ? "" : "-Suspended Destination-  -----Until-----  -Reason-------\n" + suspended.map(([key, s]) =>
     `${key.padEnd(24)} ${syslogDate(new Date(s.until))}  ${printable(s.reason, 200)}${s.domains.length > 0 ? ` (${s.domains.join(", ")})` : ""}\n`).join("") + "\n";
   if (entries.length === 0) {

@@ -1570,13 +1570,13 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   #jobNow(slot: Slot): Job | null {
     if (this.#jobs.count(slot.destination) === 0 || this.#mayTake(slot, Date.now()) !== "take") return null;
     const job = this.#jobs.take(slot.destination)!;
-    this.#started(slot, job);
+    this.#started(slot);
     this.#pump();
     return job;
   }
 
   /** A slot begins a job: it counts for messagesPerConnection, and for its group's pace. */
-  #started(slot: Slot, _job: Job): void {
+  #started(slot: Slot): void {
     slot.jobs++;
     this.#shaper.started(slot.group, Date.now());
   }
@@ -1650,7 +1650,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
           continue;
         }
         const job = this.#jobs.take(dest)!;
-        this.#started(idle.slot, job);
+        this.#started(idle.slot);
         idle.give(job);
       }
       const waiting = this.#jobs.count(dest);

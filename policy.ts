@@ -152,6 +152,11 @@ export interface Suspension {
 const LIMIT_KEYS = ["connections", "messagesPerConnection", "rate"];
 const DOMAIN = /^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)*\.?$/i;
 const PROVIDER = /^[a-z][a-z0-9_-]{0,62}$/i;
+
+/** A domain name as a policy (and --suspend) takes it: labels of letters, digits, "-" and "_", an optional final dot. */
+export function isDomainName(name: string): boolean {
+  return DOMAIN.test(name);
+}
 const RATE = /^\s*(\d+(?:\.\d+)?)\s*\/\s*(s|min|h)\s*$/;
 const UNIT_MS: Record<string, number> = { s: 1000, min: 60_000, h: 3_600_000 };
 
@@ -396,13 +401,30 @@ export class Shaper {
   /** Suspensions read back from the spool's state; what cannot be read is left out. */
   load(value: unknown): void {
     this.#suspensions.clear();
-    if (!isObject(value)) return;
-    for (const [key, s] of Object.entries(value)) {
-      if (!isObject(s) || typeof s.until !== "number") continue;
-      const domains = Array.isArray(s.domains) ? s.domains.filter((d): d is string => typeof d === "string") : [];
-      this.#suspensions.set(key, { until: s.until, reason: typeof s.reason === "string" ? s.reason : "", domains });
-    }
+    for (const [key, s] of readSuspensions(value)) this.#suspensions.set(key, s);
   }
+}
+
+/** The domains suspensions hold back now, from the spool's state: domain -> end, epoch ms (a provider's key and the domains known behind it). */
+export function suspendedDomains(state: unknown, now = Date.now()): Map<string, number> {
+  const ends = new Map<string, number>();
+  for (const [key, s] of readSuspensions(state)) {
+    if (s.until <= now) continue;
+    for (const d of [key, ...s.domains]) ends.set(d, Math.min(ends.get(d) ?? Infinity, s.until));
+  }
+  return ends;
+}
+
+/** The suspensions kept in the spool's state (.state-suspended), key by key; what is not one is left out. */
+export function readSuspensions(value: unknown): Map<string, Suspension> {
+  const suspensions = new Map<string, Suspension>();
+  if (!isObject(value)) return suspensions;
+  for (const [key, s] of Object.entries(value)) {
+    if (!isObject(s) || typeof s.until !== "number") continue;
+    const domains = Array.isArray(s.domains) ? s.domains.filter((d): d is string => typeof d === "string") : [];
+    suspensions.set(key, { until: s.until, reason: typeof s.reason === "string" ? s.reason : "", domains });
+  }
+  return suspensions;
 }
 
 /** Limits with a policy's keys laid over them. */

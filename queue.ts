@@ -115,6 +115,11 @@ const MAX_ENVELOPE = 1024 * 1024;
 /** Queue ids other programs may use: no dot first (those are skipped), nothing a log line could choke on. */
 const QUEUE_ID = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/;
 
+/** A name that can be a queue id (a file of the spool's folders, never a path nor a dot file). */
+export function isQueueId(name: string): boolean {
+  return QUEUE_ID.test(name);
+}
+
 /** Delivery bookkeeping, kept in .<id> beside the message. */
 export interface Bookkeeping {
   attempts: number;
@@ -438,6 +443,7 @@ export class Spool {
         nextAttempt: typeof parsed.nextAttempt === "number" ? parsed.nextAttempt : null,
         lastError: typeof parsed.lastError === "string" ? parsed.lastError : null,
         ...(parsed.warned === true ? { warned: true } : {}),
+        ...(parsed.picked === true ? { picked: true } : {}),
         ...(parsed.dsn && typeof parsed.dsn === "object" ? { dsn: parsed.dsn } : {}),
         ...(typeof parsed.prefix === "string" ? { prefix: parsed.prefix } : {}),
       };
@@ -447,9 +453,7 @@ export class Spool {
   }
 
   private async writeBookkeeping(id: string, folder: Folder, book: Bookkeeping): Promise<void> {
-    const tmpPath = this.tmpPath();
-    await writeExclusive(tmpPath, JSON.stringify(book) + "\n", false);
-    await fs.promises.rename(tmpPath, this.pathOf(folder, `.${id}`));
+    await this.writeAside(this.pathOf(folder, `.${id}`), JSON.stringify(book));
   }
 
   /** Moves .<id> along with its message; false when there was none. */
@@ -645,9 +649,7 @@ export class Spool {
   }
 
   async writeState(name: string, value: unknown): Promise<void> {
-    const tmpPath = this.tmpPath();
-    await writeExclusive(tmpPath, JSON.stringify(value) + "\n", false);
-    await fs.promises.rename(tmpPath, path.join(this.dir, `.state-${name}`));
+    await this.writeAside(path.join(this.dir, `.state-${name}`), JSON.stringify(value));
   }
 
   /** Mail in a spool someone else can write to could be read, changed or injected: refuse it. */
@@ -790,12 +792,16 @@ export interface QueueEntry {
   suspendedUntil: string | null;
 }
 
-/** Every message in the spool, oldest first: the data of --queue and --queue --json (SPEC section 5). */
-export async function queueEntries(spool: Spool): Promise<QueueEntry[]> {
+/**
+ * Every message in the spool, oldest first: the data of --queue and --queue --json (SPEC
+ * section 5). `suspendedEnds` reads the spool's suspension state (policy.ts's format; the
+ * spool stands on nothing of ours) into domain -> end of its suspension, epoch ms.
+ */
+export async function queueEntries(spool: Spool, suspendedEnds: (state: unknown) => Map<string, number> = () => new Map()): Promise<QueueEntry[]> {
   await spool.init();
   const states = [["outgoing", "queued"], ["outgoing_active", "active"], ["deferred", "deferred"], ["hold", "hold"], ["corrupt", "corrupt"]] as const;
   const entries: QueueEntry[] = [];
-  const suspended = suspendedDomains(await spool.readState("suspended"));
+  const suspended = suspendedEnds(await spool.readState("suspended"));
   const suspendedUntil = (recipients: string[]): string | null => {
     const ends = recipients.map((r) => suspended.get(r.slice(r.lastIndexOf("@") + 1).toLowerCase())).filter((u): u is number => u !== undefined);
     return ends.length > 0 ? new Date(Math.min(...ends)).toISOString() : null;
@@ -819,22 +825,6 @@ export async function queueEntries(spool: Spool): Promise<QueueEntry[]> {
     }
   }
   return entries.sort((a, b) => a.queuedAt.localeCompare(b.queuedAt) || compareIds(a.id, b.id));
-}
-
-/**
- * The suspensions in the spool's state (".state-suspended", written by the engine: each key, a
- * domain or a provider, with its end and the domains known behind it): domain -> end, epoch ms.
- */
-function suspendedDomains(state: unknown): Map<string, number> {
-  const ends = new Map<string, number>();
-  if (typeof state !== "object" || state === null) return ends;
-  const now = Date.now();
-  for (const [key, s] of Object.entries(state as Record<string, { until?: unknown; domains?: unknown }>)) {
-    if (typeof s?.until !== "number" || s.until <= now) continue;
-    const domains = [key, ...(Array.isArray(s.domains) ? s.domains.filter((d): d is string => typeof d === "string") : [])];
-    for (const d of domains) ends.set(d, Math.min(ends.get(d) ?? Infinity, s.until));
-  }
-  return ends;
 }
 
 function compareIds(a: string, b: string): number {

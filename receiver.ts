@@ -886,15 +886,6 @@ async function dotlock(dir: string): Promise<() => Promise<void>> {
   }
 }
 
-async function writeAll(handle: fs.promises.FileHandle, buf: Buffer): Promise<void> {
-  let done = 0;
-  while (done < buf.length) {
-    const { bytesWritten } = await handle.write(buf, done, buf.length - done);
-    if (bytesWritten <= 0) throw new Error("write wrote nothing");
-    done += bytesWritten;
-  }
-}
-
 /** Writes every buffer, in order, with as few calls as the kernel allows; returns the octets written. */
 async function writeAllV(handle: fs.promises.FileHandle, bufs: Buffer[]): Promise<number> {
   let rest = bufs.filter((b) => b.length > 0);
@@ -908,17 +899,6 @@ async function writeAllV(handle: fs.promises.FileHandle, bufs: Buffer[]): Promis
     if (skip > 0) rest[0] = rest[0].subarray(skip);
   }
   return total;
-}
-
-/** Reads `bytes` octets from the start of a file into buf; fewer only when the file is shorter. */
-async function readFull(handle: fs.promises.FileHandle, buf: Buffer, bytes: number): Promise<number> {
-  let got = 0;
-  while (got < bytes) {
-    const { bytesRead } = await handle.read(buf, got, bytes - got, got);
-    if (bytesRead === 0) break;
-    got += bytesRead;
-  }
-  return got;
 }
 
 /** A message waiting for its mailboxes: its temp file and one prefix per mailbox (in the queue's order). */
@@ -1259,20 +1239,15 @@ class Receiver extends EventEmitter implements ServerHandle {
         for (let i = 0; i < open.length; i++) open[i].size += await writeAllV(open[i].handle, [d.prefixes[i], d.body, trailer]);
         return;
       }
+      // Only a message past HOLD_BYTES has a temp file: copied in pieces of buf.
       source = await fs.promises.open(d.tmp!, "r");
-      if (d.bytes <= buf.length) {
-        // A small message: one read, one write per mailbox.
-        const body = buf.subarray(0, await readFull(source, buf, d.bytes));
-        for (let i = 0; i < open.length; i++) open[i].size += await writeAllV(open[i].handle, [d.prefixes[i], body, trailer]);
-      } else {
-        for (let i = 0; i < open.length; i++) open[i].size += await writeAllV(open[i].handle, [d.prefixes[i]]);
-        for (;;) {
-          const { bytesRead } = await source.read(buf, 0, buf.length, null);
-          if (bytesRead === 0) break;
-          for (const o of open) o.size += await writeAllV(o.handle, [buf.subarray(0, bytesRead)]);
-        }
-        for (const o of open) o.size += await writeAllV(o.handle, [trailer]);
+      for (let i = 0; i < open.length; i++) open[i].size += await writeAllV(open[i].handle, [d.prefixes[i]]);
+      for (;;) {
+        const { bytesRead } = await source.read(buf, 0, buf.length, null);
+        if (bytesRead === 0) break;
+        for (const o of open) o.size += await writeAllV(o.handle, [buf.subarray(0, bytesRead)]);
       }
+      for (const o of open) o.size += await writeAllV(o.handle, [trailer]);
     } catch (err) {
       await this.cutBack(open, starts, err as Error);
       throw err;

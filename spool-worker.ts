@@ -41,6 +41,7 @@ import { MailError } from "./smtp-codes.js";
 import { addedHeaders, messageIdOf } from "./compose.js";
 import { signByFrom, type DkimKey } from "./dkim.js";
 import { PolicyFiles, type CachedPolicy, type PolicyStore } from "./tls-policy.js";
+import { suspendedDomains } from "./policy.js";
 import {
   CorruptMessageError, Spool, SpoolError, measureWire, queueEntries, wireChunks,
   type Bookkeeping, type ControlResult, type ControlVerb, type Folder, type QueuedMessage, type QueueEntry, type Wire,
@@ -421,7 +422,7 @@ function serve(data: WorkerData): void {
     },
     readState: (name: string) => spool.readState(name),
     writeState: (name: string, value: unknown) => spool.writeState(name, value),
-    queueEntries: () => queueEntries(spool),
+    queueEntries: () => queueEntries(spool, suspendedDomains),
     counts: () => spool.counts(),
     control: (verb: ControlVerb, target: string) => spool.control(verb, target),
     takeRequests: () => spool.takeRequests(),
