@@ -130,6 +130,8 @@ export class SpoolThread {
   #next = 1;
   readonly #waiting = new Map<number, { resolve: (value: unknown) => void; reject: (err: Error) => void; slice?: (value: unknown) => void }>();
   #outbox: Request[] = [];
+  /** Memory handed back to the worker with the outbox (bodies' buffers, to be filled again). */
+  #outboxMoves: ArrayBuffer[] = [];
 
   constructor(dir: string, options: SpoolThreadOptions) {
     this.dir = dir;
@@ -180,18 +182,27 @@ export class SpoolThread {
 
   /**
    * The wire form of a message too large to be prepared whole, piece by piece: the next
-   * piece is asked for while this one is written.
+   * piece is asked for while this one is written. A piece is memory the worker made and
+   * handed over; once the caller has taken it (its write's callback came, and it asks for
+   * the next) it goes back with the next request to be filled again, so a body of any size
+   * crosses in the same few buffers instead of leaving one behind for the GC per piece.
    */
   async *wireChunks(msg: MessageInfo, prefix: Buffer): AsyncGenerator<Buffer> {
     const handle = (await this.#call("bodyOpen", msg, prefix)) as number;
     try {
-      const ask = () => this.#call("bodyNext", handle).then((chunk) => (chunk === null ? null : asBuffer(chunk as Uint8Array)));
-      let next = ask();
+      const ask = (returned: ArrayBuffer | null) =>
+        this.#request("bodyNext", [handle, returned], undefined, returned ? [returned] : [])
+          .then((chunk) => (chunk === null ? null : asBuffer(chunk as Uint8Array)));
+      let next = ask(null);
+      let written: ArrayBuffer | null = null;
       for (;;) {
         const chunk = await next;
         if (chunk === null) return;
-        next = ask();
+        next = ask(written);
         yield chunk;
+        // Resumed: the caller is done with this piece (an abandoned body is not resumed, so
+        // memory a socket may still hold is never handed back).
+        written = chunk.buffer as ArrayBuffer;
       }
     } finally {
       await this.#call("bodyClose", handle).catch(() => undefined);
@@ -279,8 +290,11 @@ export class SpoolThread {
     return this.#request(op, args);
   }
 
-  /** A request; `slice` takes the pieces of a streamed answer before the final one. */
-  #request(op: string, args: unknown[], slice?: (value: unknown) => void): Promise<unknown> {
+  /**
+   * A request; `slice` takes the pieces of a streamed answer before the final one; `moves`
+   * is memory among the arguments that goes to the worker (transferred, no longer ours).
+   */
+  #request(op: string, args: unknown[], slice?: (value: unknown) => void, moves: ArrayBuffer[] = []): Promise<unknown> {
     const n = this.#next++;
     let worker: Worker;
     try {
@@ -293,13 +307,16 @@ export class SpoolThread {
       this.#waiting.set(n, { resolve, reject, slice });
       if (this.#outbox.length === 0) setImmediate(() => this.#send());
       this.#outbox.push({ n, op, args });
+      this.#outboxMoves.push(...moves);
     });
   }
 
   #send(): void {
     const batch = this.#outbox;
+    const moves = this.#outboxMoves;
     this.#outbox = [];
-    this.#worker?.postMessage(batch);
+    this.#outboxMoves = [];
+    this.#worker?.postMessage(batch, moves);
   }
 
   #start(): Worker {
@@ -362,7 +379,7 @@ interface WorkerData { role: string; dir: string; fsync: boolean; helo: string; 
 function serve(data: WorkerData): void {
   const spool = new Spool(data.dir, { fsync: data.fsync });
   const policies = new PolicyFiles(data.dir);
-  const bodies = new Map<number, AsyncGenerator<Buffer>>();
+  const bodies = new Map<number, Body>();
   let bodyHandles = 0;
   let outbox: Reply[] = [];
   let transfer: ArrayBuffer[] = [];
@@ -397,15 +414,17 @@ function serve(data: WorkerData): void {
       const handle = ++bodyHandles;
       // One read buffer and one stuffing buffer for the whole message: each piece is copied
       // out into memory of its own (detach) before the next is made, and that is transferred.
-      bodies.set(handle, wireChunks(spool, fileBacked(msg), Buffer.from(prefix.buffer, prefix.byteOffset, prefix.byteLength), { reuse: true }));
+      const pieces = wireChunks(spool, fileBacked(msg), Buffer.from(prefix.buffer, prefix.byteOffset, prefix.byteLength), { reuse: true });
+      bodies.set(handle, { pieces, waiting: null, ended: false, spares: [] });
       return handle;
     },
-    bodyNext: async (handle: number) => {
-      const next = await bodies.get(handle)?.next();
-      return next && !next.done ? next.value : null;
+    bodyNext: async (handle: number, returned: ArrayBuffer | null) => {
+      const body = bodies.get(handle);
+      if (returned) body?.spares.push(returned);
+      return body ? fillPiece(body) : null;
     },
     bodyClose: async (handle: number) => {
-      await bodies.get(handle)?.return(undefined);
+      await bodies.get(handle)?.pieces.return(undefined);
       bodies.delete(handle);
     },
     complete: (id: string, booked: boolean) => spool.complete(id, booked),
@@ -480,6 +499,54 @@ const PREPARE_AHEAD = 4;
 /** Requests that settle a message already prepared: they touch only its own files. */
 const SETTLING = new Set(["complete", "release", "quarantine", "rewriteRecipients"]);
 
+/** A body on its way out: the stuffed pieces, and the buffers the host has handed back. */
+interface Body {
+  pieces: AsyncGenerator<Buffer>;
+  /** A piece that did not fit in the last buffer (a view, valid until the next is made). */
+  waiting: Buffer | null;
+  ended: boolean;
+  spares: ArrayBuffer[];
+}
+
+/**
+ * What crosses to the host at once for a body: several stuffed pieces, so that a round trip
+ * between the threads carries a quarter MiB, not one read's worth.
+ */
+const BODY_CROSSING = 256 * 1024;
+
+/** The next stretch of a body, in a handed-back buffer when there is one; null at the end. */
+async function fillPiece(body: Body): Promise<Moved | null> {
+  let into = new Uint8Array(body.spares.pop() ?? new ArrayBuffer(BODY_CROSSING));
+  let used = 0;
+  while (!body.ended) {
+    let piece = body.waiting;
+    body.waiting = null;
+    if (!piece) {
+      const next = await body.pieces.next();
+      if (next.done) {
+        body.ended = true;
+        break;
+      }
+      piece = next.value;
+    }
+    if (piece.length > into.length - used) {
+      if (used > 0) {
+        body.waiting = piece;
+        break;
+      }
+      into = new Uint8Array(piece.length);
+    }
+    into.set(piece, used);
+    used += piece.length;
+  }
+  return used === 0 ? null : new Moved(into.subarray(0, used));
+}
+
+/** Memory the answer hands over as it is (a view of it, its whole buffer transferred). */
+class Moved {
+  constructor(readonly bytes: Uint8Array) {}
+}
+
 /** A message read again from its file (the worker keeps no content between requests). */
 function fileBacked(msg: MessageInfo): QueuedMessage {
   return { ...msg, head: Buffer.alloc(0), whole: false };
@@ -490,6 +557,10 @@ function fileBacked(msg: MessageInfo): QueuedMessage {
  * other (a view of a pool or of a larger buffer) is copied into memory of its own first.
  */
 function detach(value: unknown, moves: ArrayBuffer[]): unknown {
+  if (value instanceof Moved) {
+    moves.push(value.bytes.buffer as ArrayBuffer);
+    return value.bytes;
+  }
   if (Buffer.isBuffer(value)) {
     const owns = value.byteOffset === 0 && value.byteLength === value.buffer.byteLength && value.buffer instanceof ArrayBuffer;
     // Never Buffer.from(): a small copy would land in Node's shared pool, which must not move.

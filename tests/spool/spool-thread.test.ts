@@ -1,0 +1,81 @@
+// The spool thread (spool-worker.ts) as the engine uses it for a body too large to be prepared
+// whole: the pieces that cross from the worker are the bytes queue.ts's wireChunks makes, and
+// each piece the caller is done with goes back to the worker to be filled again, so a large
+// body does not leave a buffer behind for the garbage collector per piece.
+
+import * as fs from "node:fs";
+import * as path from "node:path";
+import t, { type Test } from "tap";
+import { Spool, wireChunks } from "../../queue.js";
+import { SpoolThread } from "../../spool-worker.js";
+import { collect } from "../helpers/queue-units.js";
+import { queueFile, tempMaildir } from "../helpers/spool-files.js";
+
+/** Lines that make the stuffer work: dots to double, bare LF and CR to mend, long plain runs. */
+function awkwardBody(bytes: number): Buffer {
+  const lines = [".", "..dot first", "plain text line of some length, nothing to do here", "", "tab\tand trailing space ", "x".repeat(900)];
+  const ends = ["\n", "\r\n", "\r"];
+  let text = "";
+  for (let i = 0; text.length < bytes; i++) text += lines[i % lines.length] + ends[i % ends.length];
+  return Buffer.from(text.slice(0, bytes), "latin1");
+}
+
+/** A spool in a temp dir and its thread, both gone after the test. */
+async function startThread(t: Test): Promise<{ maildir: string; thread: SpoolThread }> {
+  const maildir = await tempMaildir("mudmail-spool-thread-");
+  t.teardown(() => fs.rmSync(path.dirname(maildir), { recursive: true, force: true }));
+  const thread = new SpoolThread(maildir, { fsync: false, helo: "client.test" });
+  t.teardown(() => thread.close());
+  await thread.init();
+  return { maildir, thread };
+}
+
+t.test("a large body crosses from the worker intact, in buffers handed back", async (t) => {
+  const { maildir, thread } = await startThread(t);
+
+  // 3 MiB, and a bare-LF stretch that doubles on the wire (a piece larger than its read).
+  const body = Buffer.concat([awkwardBody(3 * 1024 * 1024), Buffer.alloc(200 * 1024, 0x0a), Buffer.from("last line")]);
+  const content = Buffer.concat([Buffer.from(queueFile("a@client.test", ["b@server.test"], "Subject: big\n\n")), body]);
+  const id = await thread.create(content);
+  const ready = await thread.prepare(id, "outgoing");
+  if (ready.kind !== "ready") throw new Error(`prepare gave ${ready.kind}`);
+  t.equal(ready.wire.bytes, null, "too large to be prepared whole: it is streamed");
+
+  // A prefix larger than what crosses at once must still cross whole.
+  const prefix = Buffer.from(`X-Large-Prefix: ${"p".repeat(300 * 1024)}\r\n`);
+  const spool = new Spool(maildir, { fsync: false });
+  const expected = await collect(wireChunks(spool, await spool.open(ready.id), prefix));
+
+  const received: Buffer[] = [];
+  const pieces: Buffer[] = [];
+  for await (const piece of thread.wireChunks(ready.msg, prefix)) {
+    received.push(Buffer.from(piece));
+    pieces.push(piece);
+  }
+  const wire = Buffer.concat(received);
+  t.equal(wire.length, expected.length, "as many octets as queue.ts's wireChunks makes");
+  t.ok(wire.equals(expected), "the same octets");
+  t.ok(wire.subarray(-5).equals(Buffer.from("\r\n.\r\n")), "ends with the end of data");
+  t.ok(pieces.length >= 10, `crossed in ${pieces.length} pieces`);
+  // A piece handed back is transferred: on this side its memory is gone (detached).
+  const handedBack = pieces.filter((p) => p.buffer.byteLength === 0).length;
+  t.equal(handedBack, pieces.length - 1, "every piece but the last went back to the worker");
+});
+
+t.test("a body abandoned halfway keeps the piece its writer may still hold", async (t) => {
+  const { thread } = await startThread(t);
+  const id = await thread.create(Buffer.concat([Buffer.from(queueFile("a@client.test", ["b@server.test"], "Subject: big\n\n")), awkwardBody(2 * 1024 * 1024)]));
+  const ready = await thread.prepare(id, "outgoing");
+  if (ready.kind !== "ready") throw new Error(`prepare gave ${ready.kind}`);
+
+  const pieces: Buffer[] = [];
+  for await (const piece of thread.wireChunks(ready.msg, Buffer.alloc(0))) {
+    pieces.push(piece);
+    if (pieces.length === 3) break;
+  }
+  t.equal(pieces.length, 3);
+  t.ok(pieces[2].buffer.byteLength > 0, "the piece being written when the body was abandoned is still ours");
+  t.equal(pieces.filter((p) => p.buffer.byteLength === 0).length, 2, "the pieces written before it went back");
+  // The thread still serves after an abandoned body.
+  t.same(await thread.counts().then((c) => c.outgoing_active), 1, "the message is still claimed, one file");
+});
