@@ -14,7 +14,9 @@ const require = createRequire(import.meta.url);
 const common = { bundle: true, platform: "node", target: "node20", format: "esm", sourcemap: true, logLevel: "warning" };
 rmSync("dist", { recursive: true, force: true });
 const worker = await build({
-  entryPoints: ["spool-worker.ts"], bundle: true, platform: "node", target: "node20", format: "cjs", write: false, minify: true,
+  entryPoints: ["spool-worker.ts"], bundle: true, platform: "node", target: "node20", format: "cjs", write: false,
+  // Names kept: a profile of the worker thread (bench --cpu-prof) must say which function ran.
+  minifyWhitespace: true, minifySyntax: true,
   logLevel: "warning", define: { "import.meta.url": '"file:///mudmail-spool-worker"' },
 });
 const withWorker = { ...common, define: { MUDMAIL_SPOOL_WORKER: JSON.stringify(worker.outputFiles[0].text) } };

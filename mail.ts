@@ -1259,6 +1259,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   readonly #inFlight = new Set<string>();
   /** Reports and notices this engine queued and has not picked up yet (no pickup line for them). */
   readonly #madeHere = new Set<string>();
+  /** For the pickup line (Postfix's uid=): asked of the system once, not for every message. */
+  readonly #uid = process.getuid?.() ?? 0;
 
   #watch(): void {
     try {
@@ -1461,7 +1463,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     if (this.#madeHere.delete(id)) {
       // A report or notice of this engine's own: like Postfix's bounce(8) mail, not received mail.
     } else if (!book || (book.attempts === 0 && !book.picked)) {
-      this.#log.write("pickup", `${id}: uid=${process.getuid?.() ?? 0} from=<${msg.sender}>`);
+      this.#log.write("pickup", `${id}: uid=${this.#uid} from=<${msg.sender}>`);
       if (prepared.messageId) this.#log.write("cleanup", `${id}: message-id=${printable(prepared.messageId, 998)}`);
     }
     this.#log.write("qmgr", `${id}: from=<${msg.sender}>, size=${msg.size}, nrcpt=${msg.recipients.length} (queue active)`);

@@ -192,12 +192,18 @@ export class Spool {
   private idSub = 0;
   private tmpCounter = 0;
 
+  /** Each folder's path with its trailing slash: pathOf() runs several times a message. */
+  private readonly folderPaths = new Map<string, string>();
+
   constructor(dir: string, private readonly options: { fsync?: boolean } = {}) {
     this.dir = dir;
   }
 
+  /** A file in a folder; `name` is one path component (a queue id, `.id`, a tmp name). */
   pathOf(folder: Folder | "tmp", name: string): string {
-    return path.join(this.dir, folder, name);
+    let prefix = this.folderPaths.get(folder);
+    if (prefix === undefined) this.folderPaths.set(folder, (prefix = path.join(this.dir, folder) + path.sep));
+    return prefix + name;
   }
 
   /**
