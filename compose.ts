@@ -97,9 +97,12 @@ export function addedHeaders(facts: HeaderFacts, msg: QueuedMessage, helo: strin
   return Buffer.from(text);
 }
 
-/** The Message-ID field's value in a header block (folded lines unfolded), or null when it has none. */
-export function messageIdOf(header: Buffer): string | null {
-  const lines = header.toString("latin1").split(/\r?\n/);
+/**
+ * The Message-ID field's value in a header block (folded lines unfolded), or null when it
+ * has none. Given a whole message, only its header block is read.
+ */
+export function messageIdOf(message: Buffer): string | null {
+  const lines = message.subarray(0, headerBlockEnd(message)).toString("latin1").split(/\r?\n/);
   for (let i = 0; i < lines.length && lines[i] !== ""; i++) {
     const m = /^message-id[ \t]*:(.*)$/i.exec(lines[i]);
     if (!m) continue;
@@ -108,6 +111,15 @@ export function messageIdOf(header: Buffer): string | null {
     return value.trim().replace(/\s+/g, " ").slice(0, 998) || null;
   }
   return null;
+}
+
+/** Where a message's header block ends: after the line end before its first empty line. */
+function headerBlockEnd(message: Buffer): number {
+  for (let lf = message.indexOf(0x0a); lf >= 0; lf = message.indexOf(0x0a, lf + 1)) {
+    const next = message[lf + 1];
+    if (next === 0x0a || (next === 0x0d && message[lf + 2] === 0x0a)) return lf + 1;
+  }
+  return message.length;
 }
 
 function addressList(value: string | string[] | undefined): string[] {

@@ -14,6 +14,8 @@
  *                                               // { fields, fromDomain, keys, skipped }
  *     chunks = prefix (the headers the engine adds, CRLF) then the raw content, as the
  *     engine sends it, NOT yet CRLF-normalised; the fields go in front of the prefix.
+ *     With { wire: true } the chunks are the wire form instead (prefix, then the content
+ *     stuffed, then CRLF.CRLF), as measureWire made it: no second stuffing pass.
  *
  *   The parts, for other callers:
  *     const h = new BodyHash(); h.push(bodyBytes) ...; h.digest()  // bh=, base64 sha256
@@ -33,11 +35,12 @@
  *     process.stdout.write(formatCheck(rows));
  *
  * DESCRIPTION
- *   A signature covers the message as its recipient reads it: every line end CRLF (the
- *   Stuffer of queue.ts with { dots: false }, the engine's own normalisation minus the
- *   dot-stuffing the receiver undoes), the headers the engine adds included. So it stays
- *   valid through mudmail's CRLF normalisation, dot-stuffing and added Date, Message-ID
- *   and From, provided those are part of the chunks signed, byte for byte as sent.
+ *   A signature covers the message as its recipient reads it: what the Stuffer of queue.ts
+ *   puts on the wire (every line end CRLF, lines over 998 octets folded, dots stuffed) with
+ *   the stuffing undone by the DotDecoder a receiver uses, the headers the engine adds
+ *   included. So it stays valid through mudmail's CRLF normalisation, line folding (a
+ *   dot-first line is folded one octet earlier on the wire), dot-stuffing and added Date,
+ *   Message-ID and From, provided those are part of the chunks signed, byte for byte as sent.
  *
  *   Canonicalization is relaxed/relaxed. The body hash is streamed: BodyHash keeps only
  *   the count of line ends not yet known to be trailing empty lines, whether a run of
@@ -102,7 +105,7 @@ import * as dns from "node:dns";
 import * as fs from "node:fs";
 import * as net from "node:net";
 import * as path from "node:path";
-import { Stuffer } from "./queue.js";
+import { DotDecoder, Stuffer } from "./queue.js";
 
 /* ------------------------------------------------------------------------------------ */
 /* Keys                                                                                  */
@@ -496,6 +499,8 @@ export interface SignOptions {
   now?: Date;
   /** The header names to sign instead of DEFAULT_SIGNED_HEADERS (From is still over-signed). */
   headers?: readonly string[];
+  /** The chunks are the wire form already (stuffed, CRLF, ending CRLF.CRLF): they are not stuffed again. */
+  wire?: boolean;
 }
 
 /** Folding of the DKIM-Signature field: breaks only where FWS is allowed, at 78 columns. */
@@ -612,15 +617,26 @@ function signInPool(algorithm: string | null, data: Buffer, key: KeyObject): Pro
 export const MAX_HEADER_BLOCK = 1024 * 1024;
 
 /**
- * Streams a message (the engine's prefix then the raw content, any line ends) through
- * the line-end normalisation the engine sends with, keeps its header block (without the
- * empty line) and hashes its body. Rejects when the header block passes MAX_HEADER_BLOCK.
+ * Streams a message (the engine's prefix then the raw content, any line ends) through the
+ * engine's stuffer and a receiver's un-stuffing, so that what is hashed is what the
+ * recipient gets; keeps its header block (without the empty line) and hashes its body.
+ * With `wire`, the chunks are already stuffed (measureWire's bytes) and go straight to the
+ * un-stuffing. Rejects when the header block passes MAX_HEADER_BLOCK.
  */
-export async function hashMessage(chunks: AsyncIterable<Buffer> | Iterable<Buffer>): Promise<{ headerBlock: Buffer; bodyHash: string }> {
-  const stuffer = new Stuffer({ dots: false });
+export async function hashMessage(chunks: AsyncIterable<Buffer> | Iterable<Buffer>, options: { wire?: boolean } = {}): Promise<{ headerBlock: Buffer; bodyHash: string }> {
+  const stuffer = options.wire ? null : new Stuffer();
+  const decoder = new DotDecoder();
   const split = new Splitter();
-  for await (const chunk of chunks) split.push(stuffer.push(chunk));
-  split.push(stuffer.end());
+  let ended = false;
+  const received = (wire: Buffer) => {
+    if (ended) throw new Error("DKIM: bytes after the end of the message's wire form");
+    const { out, done } = decoder.push(wire);
+    for (const piece of out) split.push(piece);
+    ended = done;
+  };
+  for await (const chunk of chunks) received(stuffer ? stuffer.push(chunk) : chunk);
+  if (stuffer) received(stuffer.end());
+  if (!ended) throw new Error("DKIM: the message's wire form has no end (CRLF.CRLF)");
   return split.end();
 }
 
@@ -678,7 +694,7 @@ class Splitter {
  */
 export async function dkimSignatureFor(chunks: AsyncIterable<Buffer> | Iterable<Buffer>, keys: DkimKey[], opts: SignOptions = {}): Promise<string> {
   if (keys.length === 0) return "";
-  const { headerBlock, bodyHash } = await hashMessage(chunks);
+  const { headerBlock, bodyHash } = await hashMessage(chunks, opts);
   return await signMessage(headerBlock, bodyHash, keys, opts);
 }
 
@@ -699,7 +715,7 @@ export interface ByFromResult {
  * `skipped` says why, for the log line.
  */
 export async function signByFrom(chunks: AsyncIterable<Buffer> | Iterable<Buffer>, keys: DkimKey[], opts: SignOptions = {}): Promise<ByFromResult> {
-  const { headerBlock, bodyHash } = await hashMessage(chunks);
+  const { headerBlock, bodyHash } = await hashMessage(chunks, opts);
   // RFC 5322 3.6 allows one From field; with more there is no one author to align the
   // signature with, and the large providers refuse such mail whether it is signed or not.
   const froms = parseFields(headerBlock).filter((f) => f.name === "from").length;

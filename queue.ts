@@ -1118,12 +1118,6 @@ export class Stuffer {
   eightBit = false;
 
   /**
-   * With `dots: false` only the line ends are made CRLF: the message as its recipient will
-   * read it, for a DKIM body hash that matches what goes on the wire.
-   */
-  constructor(private readonly options: { dots?: boolean } = {}) {}
-
-  /**
    * Stuffs a chunk; the result is a new buffer, or a view into `into` when it is given and
    * large enough (2 × chunk + 4 octets).
    */
@@ -1147,7 +1141,6 @@ export class Stuffer {
   private run(chunk: Buffer, out: Buffer | null): number {
     if (!this.eightBit && !isAscii(chunk)) this.eightBit = true;
     const n = chunk.length;
-    const dots = this.options.dots !== false;
     let j = 0;
     let atLineStart = this.atLineStart;
     let afterCR = this.afterCR;
@@ -1170,7 +1163,7 @@ export class Stuffer {
           if (nextCR !== -1 && nextCR < q) nextCR = chunk.indexOf(CR, q);
           if (nextCR !== -1 && nextCR < lf - 1) break; // a CR inside the line
           const crlf = lf > q && nextCR === lf - 1;
-          const dot = dots && chunk[q] === DOT;
+          const dot = chunk[q] === DOT;
           if ((crlf ? lf - 1 : lf) - q + (dot ? 1 : 0) > MAX_LINE) break;
           if (dot) {
             if (out) {
@@ -1232,7 +1225,7 @@ export class Stuffer {
       }
       if (atLineStart) {
         atLineStart = false;
-        if (b === DOT && dots) {
+        if (b === DOT) {
           if (out) out[j] = DOT;
           j++;
           column++;
@@ -1253,15 +1246,96 @@ export class Stuffer {
     return j;
   }
 
-  /**
-   * The end of data: CRLF first when the content did not end with a line end. Without
-   * dots, just the CRLF that ends the last line, if it lacked one.
-   */
+  /** The end of data: CRLF first when the content did not end with a line end. */
   end(): Buffer {
-    if (this.options.dots === false) return Buffer.from(this.atLineStart ? "" : "\r\n");
     return Buffer.from(this.atLineStart ? ".\r\n" : "\r\n.\r\n");
   }
 }
+
+enum Dot { LineStart, Mid, Cr, Dot, DotCr }
+
+/**
+ * SMTP DATA framing (RFC 5321 4.5.2): finds the end, CRLF "." CRLF and nothing else, and
+ * removes the dot-stuffing. push() returns the message bytes of a chunk (pieces of it, no
+ * copy) and, when the end was in it, where the bytes after the end start. State carries
+ * across chunks, so the end and the stuffing are found whatever the packet boundaries.
+ * A line start is the start of the message or the byte after a CRLF: a bare LF or CR is
+ * message content, never part of the end (SMTP smuggling).
+ */
+export class DotDecoder {
+  /** Octets of message content seen so far. */
+  size = 0;
+  private state = Dot.LineStart;
+
+  push(chunk: Buffer, from = 0): { out: Buffer[]; done: boolean; next: number } {
+    const out: Buffer[] = [];
+    const n = chunk.length;
+    let i = from;
+    let run = from;
+    const cut = (end: number) => {
+      if (end > run) out.push(chunk.subarray(run, end));
+    };
+    while (i < n) {
+      switch (this.state) {
+        case Dot.Mid: {
+          const cr = chunk.indexOf(CR, i);
+          if (cr < 0) {
+            i = n;
+          } else {
+            i = cr + 1;
+            this.state = Dot.Cr;
+          }
+          break;
+        }
+        case Dot.Cr: {
+          const b = chunk[i++];
+          this.state = b === LF ? Dot.LineStart : b === CR ? Dot.Cr : Dot.Mid;
+          break;
+        }
+        case Dot.LineStart: {
+          const b = chunk[i];
+          if (b === DOT) {
+            cut(i); // the dot is held: stuffing, or the start of the end
+            i++;
+            run = i;
+            this.state = Dot.Dot;
+          } else {
+            i++;
+            this.state = b === CR ? Dot.Cr : Dot.Mid;
+          }
+          break;
+        }
+        case Dot.Dot: {
+          if (chunk[i] === CR) {
+            i++;
+            run = i; // the CR is held too
+            this.state = Dot.DotCr;
+          } else {
+            this.state = Dot.Mid; // a stuffed dot: dropped; the byte is looked at again as content
+          }
+          break;
+        }
+        case Dot.DotCr: {
+          if (chunk[i] === LF) {
+            this.size += out.reduce((sum, b) => sum + b.length, 0);
+            this.state = Dot.LineStart;
+            return { out, done: true, next: i + 1 };
+          }
+          // "." CR then not LF: the dot was stuffing, the CR is content; the byte is looked at again.
+          out.push(CR_BUF);
+          run = i;
+          this.state = Dot.Cr;
+          break;
+        }
+      }
+    }
+    cut(n);
+    this.size += out.reduce((sum, b) => sum + b.length, 0);
+    return { out, done: false, next: n };
+  }
+}
+
+const CR_BUF = Buffer.from([CR]);
 
 /** Wire bytes of a message: prefix (headers the engine adds), stuffed content, CRLF.CRLF. */
 export interface Wire {

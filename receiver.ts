@@ -33,7 +33,7 @@
  *   and RCPT: 1012, room for RFC 3461's parameters) is discarded as it arrives and
  *   answered 500. DATA is framed strictly: only CRLF . CRLF ends it (a bare LF or CR
  *   next to the dot is content, so SMTP smuggling finds no end).
- *   DotDecoder removes the dot-stuffing and MboxEncoder turns CRLF into LF and quotes
+ *   DotDecoder (queue.ts, beside the stuffer it undoes) removes the dot-stuffing and MboxEncoder turns CRLF into LF and quotes
  *   /^>*From / lines (mboxrd), both a byte at a time across chunk boundaries; the message
  *   is held in memory up to HOLD_BYTES (64 KB), and a larger one goes on into a temporary
  *   file maildir/tmp/receiver.<pid>.<n>.<id>; past maxSize nothing more is stored and the
@@ -102,7 +102,7 @@ import * as path from "node:path";
 import * as tls from "node:tls";
 import { randomBytes } from "node:crypto";
 import { printable, unxtext, xtext } from "./smtp-codes.js";
-import { Spool, addressProblem, errno, syncDir } from "./queue.js";
+import { DotDecoder, Spool, addressProblem, errno, syncDir } from "./queue.js";
 import { UsageError } from "./options.js";
 import { rfc5322Date } from "./compose.js";
 
@@ -162,7 +162,6 @@ const MAILBOX_OPEN_FLAGS = fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.co
 
 const CR = 0x0d;
 const LF = 0x0a;
-const DOT = 0x2e;
 const GT = 0x3e;
 const CR_BUF = Buffer.from([CR]);
 const LF_BUF = Buffer.from([LF]);
@@ -519,89 +518,6 @@ function decodeUnicodeEscapes(text: string): string | null {
 
 /* ------------------------------------------------------------------------------------ */
 /* DATA: the dot decoder and the mbox encoder                                            */
-
-enum Dot { LineStart, Mid, Cr, Dot, DotCr }
-
-/**
- * SMTP DATA framing (RFC 5321 4.5.2): finds the end, CRLF "." CRLF and nothing else, and
- * removes the dot-stuffing. push() returns the message bytes of a chunk (pieces of it, no
- * copy) and, when the end was in it, where the bytes after the end start. State carries
- * across chunks, so the end and the stuffing are found whatever the packet boundaries.
- * A line start is the start of the message or the byte after a CRLF: a bare LF or CR is
- * message content, never part of the end (SMTP smuggling).
- */
-export class DotDecoder {
-  /** Octets of message content seen so far. */
-  size = 0;
-  private state = Dot.LineStart;
-
-  push(chunk: Buffer, from = 0): { out: Buffer[]; done: boolean; next: number } {
-    const out: Buffer[] = [];
-    const n = chunk.length;
-    let i = from;
-    let run = from;
-    const cut = (end: number) => {
-      if (end > run) out.push(chunk.subarray(run, end));
-    };
-    while (i < n) {
-      switch (this.state) {
-        case Dot.Mid: {
-          const cr = chunk.indexOf(CR, i);
-          if (cr < 0) {
-            i = n;
-          } else {
-            i = cr + 1;
-            this.state = Dot.Cr;
-          }
-          break;
-        }
-        case Dot.Cr: {
-          const b = chunk[i++];
-          this.state = b === LF ? Dot.LineStart : b === CR ? Dot.Cr : Dot.Mid;
-          break;
-        }
-        case Dot.LineStart: {
-          const b = chunk[i];
-          if (b === DOT) {
-            cut(i); // the dot is held: stuffing, or the start of the end
-            i++;
-            run = i;
-            this.state = Dot.Dot;
-          } else {
-            i++;
-            this.state = b === CR ? Dot.Cr : Dot.Mid;
-          }
-          break;
-        }
-        case Dot.Dot: {
-          if (chunk[i] === CR) {
-            i++;
-            run = i; // the CR is held too
-            this.state = Dot.DotCr;
-          } else {
-            this.state = Dot.Mid; // a stuffed dot: dropped; the byte is looked at again as content
-          }
-          break;
-        }
-        case Dot.DotCr: {
-          if (chunk[i] === LF) {
-            this.size += out.reduce((sum, b) => sum + b.length, 0);
-            this.state = Dot.LineStart;
-            return { out, done: true, next: i + 1 };
-          }
-          // "." CR then not LF: the dot was stuffing, the CR is content; the byte is looked at again.
-          out.push(CR_BUF);
-          run = i;
-          this.state = Dot.Cr;
-          break;
-        }
-      }
-    }
-    cut(n);
-    this.size += out.reduce((sum, b) => sum + b.length, 0);
-    return { out, done: false, next: n };
-  }
-}
 
 /**
  * Message bytes (CRLF line ends) to mboxrd: CRLF becomes LF (a bare CR stays), and a line

@@ -611,12 +611,14 @@ async function prepare(spool: Spool, data: WorkerData, queued: string, from: "ou
 
 /** DKIM: signs what will go on the wire (the added headers, then the message) and prepends the signature. */
 async function sign(spool: Spool, msg: QueuedMessage, prefix: Buffer, wire: Wire, keys: DkimKey[], notes: string[]): Promise<{ prefix: Buffer; wire: Wire }> {
-  const content = (async function* () {
+  // A message prepared whole is hashed from its wire bytes (no second stuffing pass); a
+  // large one from its file, stuffed again piece by piece: the same octets either way.
+  const content = wire.bytes ? [wire.bytes] : (async function* () {
     yield prefix;
     yield* spool.content(msg);
   })();
   try {
-    const result = await signByFrom(content, keys);
+    const result = await signByFrom(content, keys, { wire: wire.bytes !== null });
     if (result.skipped) {
       notes.push(result.skipped);
       return { prefix, wire };

@@ -121,3 +121,46 @@ t.test("DKIM key problems exit 2 naming the flag and the file", async (t) => {
   t.ok(record(again.stdout), "a record is printed");
   t.equal(record(again.stdout), record(made.stdout), "--dkim-print-dns prints the same key");
 });
+
+t.test("lines folded on the wire are hashed as folded: a dot-first line at the 998-octet limit verifies, small or streamed", async (t) => {
+  const missing = dkimpyMissing();
+  if (missing.length > 0) {
+    if (process.env.CI) t.fail(`missing ${missing.join(", ")}: scripts/pretest.sh installs them`);
+    else t.plan(0, `missing ${missing.join(", ")}`);
+    return;
+  }
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-dkim-fold-"));
+  t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
+  const rsa = await generateDkimKey("rsa", path.join(dir, "rsa.key"), { domain: "talker.example", selector: "r1" });
+  const table = path.join(dir, "keys.json");
+  await fs.writeFile(table, JSON.stringify({ "talker.example": [{ selector: "r1", key: "rsa.key" }] }));
+  const server = await startScriptedServer({});
+  t.teardown(() => server.close());
+  const maildir = await tempMaildir();
+  await makeSpool(maildir);
+  // Stuffed, a dot-first line is one octet longer on the wire: at 998 octets it is folded
+  // there, and the signature must cover the folded line the recipient gets.
+  const awkward = [997, 998, 999, 1996, 1997].map((n) => "." + "x".repeat(n - 1)).join("\n") + "\n..two dots\n.\n";
+  const small = `From: talker@talker.example\nTo: bob@x.test\nSubject: small\n\n${awkward}`;
+  const large = `From: talker@talker.example\nTo: bob@x.test\nSubject: large\n\n${(awkward + "filler line of plain text\n".repeat(100)).repeat(160)}`;
+  t.ok(Buffer.byteLength(large) > 256 * 1024, "the large one is streamed from its file, not prepared whole");
+  const now = Math.floor(Date.now() / 1000);
+  await dropQueueFile(maildir, `${now}.1`, queueFile("talker@talker.example", ["bob@x.test"], small));
+  await dropQueueFile(maildir, `${now}.2`, queueFile("talker@talker.example", ["bob@x.test"], large));
+  const engine = new MailEngine({ maildir, relay: `127.0.0.1:${server.port}`, dkimKeys: table, log: () => {}, fsync: false });
+  t.teardown(() => engine.stop());
+  t.match(await engine.flush(), { sent: 2 });
+  const txt = { [dnsRecord(rsa).name]: dnsRecord(rsa).value };
+  for (const subject of ["small", "large"]) {
+    const received = server.messages.find((m) => m.data.includes(`Subject: ${subject}\r\n`));
+    if (!received) {
+      t.fail(`the ${subject} message reached the server`);
+      continue;
+    }
+    t.match(received.data.toString("latin1"), /\r\n \r?\n?x/, `${subject}: a long line was folded on the wire`);
+    const file = path.join(dir, `${subject}.eml`);
+    await fs.writeFile(file, received.data);
+    const [verdicts] = await dkimpyVerify([{ file }], txt);
+    t.same(verdicts.map((v) => v.ok), [true], `${subject}: dkimpy verifies it: ${JSON.stringify(verdicts)}`);
+  }
+});

@@ -1,12 +1,13 @@
-// Units of receiver.ts: the DATA decoder and the mbox encoder at every chunk boundary, paths,
-// and the server's options.
+// Units of receiver.ts: the DATA decoder (queue.ts's DotDecoder, the receiver's framing) and
+// the mbox encoder at every chunk boundary, paths, and the server's options.
 
 import t from "tap";
 import fs from "node:fs/promises";
 import { existsSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { DotDecoder, MboxEncoder, parsePath, startServer, journalFileName, asctime } from "../../receiver.js";
+import { MboxEncoder, parsePath, startServer, journalFileName, asctime } from "../../receiver.js";
+import { DotDecoder } from "../../queue.js";
 import { UsageError } from "../../mail.js";
 
 /* ------------------------------------------------------------------------------------ */
