@@ -11,18 +11,13 @@ import { MailEngine } from "../../mail.js";
 import { dnsRecord, generateDkimKey } from "../../dkim.js";
 import { startServer } from "../../receiver.js";
 import { startScriptedServer } from "../helpers/scripted-server.js";
-import { dkimpyMissing, dkimpyVerify } from "../helpers/dkim-verifiers.js";
+import { dkimpyVerify, requireDkimpy } from "../helpers/dkim-verifiers.js";
 import { dropQueueFile, makeSpool, queueFile, runCli, tempMaildir } from "../helpers/spool-files.js";
 
 const MESSAGE = "From: Talker <talker@talker.example>\nTo: bob@x.test\nSubject: signed\n\n.dot line\nbare LF body\r\ncaf\u00e9\n";
 
 t.test("the engine signs once; dkimpy verifies what the server received, also after a retry", async (t) => {
-  const missing = dkimpyMissing();
-  if (missing.length > 0) {
-    if (process.env.CI) t.fail(`missing ${missing.join(", ")}: scripts/pretest.sh installs them`);
-    else t.plan(0, `missing ${missing.join(", ")}`);
-    return;
-  }
+  if (!requireDkimpy(t)) return;
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-dkim-engine-"));
   t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
   const rsa = await generateDkimKey("rsa", path.join(dir, "rsa.key"), { domain: "talker.example", selector: "r1" });
@@ -123,12 +118,7 @@ t.test("DKIM key problems exit 2 naming the flag and the file", async (t) => {
 });
 
 t.test("lines folded on the wire are hashed as folded: a dot-first line at the 998-octet limit verifies, small or streamed", async (t) => {
-  const missing = dkimpyMissing();
-  if (missing.length > 0) {
-    if (process.env.CI) t.fail(`missing ${missing.join(", ")}: scripts/pretest.sh installs them`);
-    else t.plan(0, `missing ${missing.join(", ")}`);
-    return;
-  }
+  if (!requireDkimpy(t)) return;
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "mudmail-dkim-fold-"));
   t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
   const rsa = await generateDkimKey("rsa", path.join(dir, "rsa.key"), { domain: "talker.example", selector: "r1" });
