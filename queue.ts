@@ -369,15 +369,18 @@ export class Spool {
       throw err;
     }
     this.active.add(name);
-    // Always looked for: whoever queued the message wrote its bookkeeping before it.
-    let booked = true;
+    // Always looked for: whoever queued the message wrote its bookkeeping before it. Most
+    // messages have none, and asking whether the name exists costs a fifth of a rename
+    // that fails (no error built, no rename lock taken).
+    const book = this.pathOf(from, `.${name}`);
+    if (!fs.existsSync(book)) return { id: name, booked: false };
     try {
-      fs.renameSync(this.pathOf(from, `.${name}`), this.pathOf("outgoing_active", `.${name}`));
+      fs.renameSync(book, this.pathOf("outgoing_active", `.${name}`));
     } catch (err) {
       if (errno(err) !== "ENOENT") throw err;
-      booked = false;
+      return { id: name, booked: false };
     }
-    return { id: name, booked };
+    return { id: name, booked: true };
   }
 
   /** Delivered (or given up on): the message leaves the queue. */
