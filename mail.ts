@@ -929,6 +929,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   readonly #log: MailLog;
   readonly #slots = new Set<Slot>();
   readonly #destinations = new Map<string, Destination>();
+  /** Destinations in a group with a rate: the only ones whose jobs may wait for their start time. */
+  readonly #paced = new Set<Destination>();
   /** Queue ids read from outgoing/ (or queued here) and not yet claimed. */
   #backlog: string[] = [];
   #backlogHead = 0;
@@ -1147,8 +1149,10 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     this.#pass++;
     for (const [key, dest] of this.#destinations) {
       // A destination with nothing going on is forgotten; the others start the tick afresh.
-      if (dest.slots.size === 0 && this.#jobs.count(dest) === 0) this.#destinations.delete(key);
-      else if (dest.route !== "pending") {
+      if (dest.slots.size === 0 && this.#jobs.count(dest) === 0) {
+        this.#destinations.delete(key);
+        this.#paced.delete(dest);
+      } else if (dest.route !== "pending") {
         dest.reset();
         if (this.#jobs.count(dest) > 0) this.#lookUpRoute(dest);
       }
@@ -1432,7 +1436,7 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     if (this.#jobs.size >= READAHEAD_MAX) return false;
     const now = Date.now();
     let paced = 0;
-    for (const dest of this.#destinations.values()) if (dest.group && dest.group.nextStart > now) paced += this.#jobs.count(dest);
+    for (const dest of this.#paced) if (dest.group!.nextStart > now) paced += this.#jobs.count(dest);
     return ahead - paced < this.#readahead;
   }
 
@@ -1545,6 +1549,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     const hosts = dest.hops.filter((h) => !h.via).map((h) => h.host);
     const name = mx ? dest.key : parseHostPort(this.#options.relay!, "--relay", 25).host.toLowerCase();
     dest.group = this.#shaper.groupFor(name, mx ? hosts : [name]);
+    if (dest.group.limits.interval > 0) this.#paced.add(dest);
+    else this.#paced.delete(dest);
   }
 
   /** A destination DNS says does not exist bounces its jobs; one it cannot tell about now defers them. */

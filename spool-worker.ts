@@ -130,6 +130,8 @@ export class SpoolThread {
   #next = 1;
   readonly #waiting = new Map<number, { resolve: (value: unknown) => void; reject: (err: Error) => void; slice?: (value: unknown) => void }>();
   #outbox: Request[] = [];
+  /** Bodies streamed so far (their handles). */
+  #bodies = 0;
   /** Memory handed back to the worker with the outbox (bodies' buffers, to be filled again). */
   #outboxMoves: ArrayBuffer[] = [];
 
@@ -188,7 +190,10 @@ export class SpoolThread {
    * crosses in the same few buffers instead of leaving one behind for the GC per piece.
    */
   async *wireChunks(msg: MessageInfo, prefix: Buffer): AsyncGenerator<Buffer> {
-    const handle = (await this.#call("bodyOpen", msg, prefix)) as number;
+    // Numbered here, not in the worker: a restarted worker knows none of the old numbers, so
+    // a body cut off by its death fails, and is never continued with another one's pieces.
+    const handle = ++this.#bodies;
+    await this.#call("bodyOpen", handle, msg, prefix);
     try {
       const ask = (returned: ArrayBuffer | null) =>
         this.#request("bodyNext", [handle, returned], undefined, returned ? [returned] : [])
@@ -380,7 +385,6 @@ function serve(data: WorkerData): void {
   const spool = new Spool(data.dir, { fsync: data.fsync });
   const policies = new PolicyFiles(data.dir);
   const bodies = new Map<number, Body>();
-  let bodyHandles = 0;
   let outbox: Reply[] = [];
   let transfer: ArrayBuffer[] = [];
   const flush = () => {
@@ -410,18 +414,17 @@ function serve(data: WorkerData): void {
       }
     },
     prepare: (id: string, from: "outgoing" | "deferred") => prepare(spool, data, id, from),
-    bodyOpen: async (msg: MessageInfo, prefix: Uint8Array) => {
-      const handle = ++bodyHandles;
+    bodyOpen: async (handle: number, msg: MessageInfo, prefix: Uint8Array) => {
       // One read buffer and one stuffing buffer for the whole message: each piece is copied
-      // out into memory of its own (detach) before the next is made, and that is transferred.
+      // into a buffer that crosses to the host (fillPiece) before the next is made.
       const pieces = wireChunks(spool, fileBacked(msg), Buffer.from(prefix.buffer, prefix.byteOffset, prefix.byteLength), { reuse: true });
       bodies.set(handle, { pieces, waiting: null, ended: false, spares: [] });
-      return handle;
     },
     bodyNext: async (handle: number, returned: ArrayBuffer | null) => {
       const body = bodies.get(handle);
-      if (returned) body?.spares.push(returned);
-      return body ? fillPiece(body) : null;
+      if (!body) throw new MailError(`${data.dir}: body ${handle} is not open in this spool thread (restarted since it was opened)`, "EWORKER");
+      if (returned) body.spares.push(returned);
+      return fillPiece(body);
     },
     bodyClose: async (handle: number) => {
       await bodies.get(handle)?.pieces.return(undefined);

@@ -79,3 +79,22 @@ t.test("a body abandoned halfway keeps the piece its writer may still hold", asy
   // The thread still serves after an abandoned body.
   t.same(await thread.counts().then((c) => c.outgoing_active), 1, "the message is still claimed, one file");
 });
+
+t.test("a body whose spool thread was restarted midway fails; it is never continued or cut short quietly", async (t) => {
+  const { thread } = await startThread(t);
+  const id = await thread.create(Buffer.concat([Buffer.from(queueFile("a@client.test", ["b@server.test"], "Subject: big\n\n")), awkwardBody(2 * 1024 * 1024)]));
+  const ready = await thread.prepare(id, "outgoing");
+  if (ready.kind !== "ready") throw new Error(`prepare gave ${ready.kind}`);
+  const body = thread.wireChunks(ready.msg, Buffer.alloc(0));
+  const first = await body.next();
+  t.equal(first.done, false, "a first piece came");
+  // The thread ends (as after a crash) and the next request starts a new one.
+  await thread.close();
+  const received: Buffer[] = [];
+  const ending = (async () => {
+    for (let next = await body.next(); !next.done; next = await body.next()) received.push(next.value);
+  })();
+  await t.rejects(ending, /body \d+ is not open in this spool thread/, "the rest of the body fails with a reason");
+  t.ok(received.length <= 1, "at most the piece already asked for before the restart came");
+  t.notOk(Buffer.concat(received).includes(Buffer.from("\r\n.\r\n")), "no end of data was handed out");
+});
