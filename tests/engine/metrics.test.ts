@@ -8,26 +8,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { formatMetrics } from "../../metrics.js";
 import { setup, simple } from "../helpers/engine-rig.js";
-
-/** Counts the host thread's calls to the file system functions the spool code uses (the worker thread has its own fs). */
-function countFsCalls(): { calls: string[]; restore(): void } {
-  const calls: string[] = [];
-  const undo: Array<() => void> = [];
-  const wrap = (owner: Record<string, unknown>, names: string[], label: string) => {
-    for (const name of names) {
-      const original = owner[name] as (...a: unknown[]) => unknown;
-      owner[name] = function (this: unknown, ...args: unknown[]) {
-        calls.push(`${label}${name}`);
-        return original.apply(this, args);
-      };
-      undo.push(() => { owner[name] = original; });
-    }
-  };
-  const names = ["readdir", "opendir", "stat", "lstat", "readFile", "open", "access", "rename", "unlink"];
-  wrap(fs as unknown as Record<string, unknown>, [...names, ...names.map((n) => `${n}Sync`), "existsSync"], "fs.");
-  wrap(fs.promises as unknown as Record<string, unknown>, names, "fs.promises.");
-  return { calls, restore: () => { for (const u of undo) u(); } };
-}
+import { watchFs } from "../helpers/fs-calls.js";
 
 t.test("metrics(): folders, outcomes, open connections, delay histogram, loop delay; no fs call on the host loop", async (t) => {
   let inData = 0;
@@ -50,7 +31,7 @@ t.test("metrics(): folders, outcomes, open connections, delay histogram, loop de
 
   const flushing = rig.flush(15_000);
   await rig.server.waitFor(() => inData > 0, 5000, "the slow message's data");
-  const probe = countFsCalls();
+  const probe = watchFs();
   let during;
   try {
     during = await rig.engine.metrics();
