@@ -103,4 +103,25 @@ t.test("a flush makes no file system call on the host's thread", async (t) => {
   }
   t.same(sending.calls, [], "send() made no call of node:fs on the host's thread");
   t.same(await listFolder(maildir, "outgoing"), [id], "and its queue file is in outgoing/");
+
+  // A daemon: started (its own tick, the watch on outgoing/), then mail sent while it runs.
+  const sentIds: string[] = [];
+  engine.on("sent", (o: { queueId: string }) => sentIds.push(o.queueId));
+  const sentSoon = async (queueId: string) => {
+    for (let waited = 0; !sentIds.includes(queueId); waited += 20) {
+      if (waited > 15_000) throw new Error(`${queueId} not sent within 15 s`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  };
+  engine.start();
+  await sentSoon(id);
+  const running = watchFs();
+  let later = "";
+  try {
+    later = await engine.send({ from: "talker@test.example", to: "ok@test.example", subject: "while running", text: "sent by the daemon" });
+    await sentSoon(later);
+  } finally {
+    running.restore();
+  }
+  t.same(running.calls, [], "a running engine took, sent and removed a message from send() with no call of node:fs on the host's thread");
 });
