@@ -816,9 +816,11 @@ export async function queueEntries(spool: Spool, suspendedEnds: (state: unknown)
     return ends.length > 0 ? new Date(Math.min(...ends)).toISOString() : null;
   };
   for (const [folder, state] of states) {
-    const { ids, badNames } = await spool.scan(folder);
+    const { ids, booked, badNames } = await spool.scan(folder);
     for (const id of [...ids, ...(folder === "corrupt" ? badNames : [])]) {
-      const book = await spool.readBookkeeping(id, folder);
+      // Read only where the listing showed one: a failed read for each message without
+      // bookkeeping (most of outgoing/) cost a trip through the thread pool apiece.
+      const book = booked.has(id) ? await spool.readBookkeeping(id, folder) : null;
       const base = { id, state, attempts: book?.attempts ?? 0, nextAttempt: book?.nextAttempt ? new Date(book.nextAttempt).toISOString() : null, lastError: book?.lastError ?? null, suspendedUntil: null };
       try {
         const msg = await spool.open(id, folder);
@@ -833,13 +835,22 @@ export async function queueEntries(spool: Spool, suspendedEnds: (state: unknown)
       }
     }
   }
-  return entries.sort((a, b) => a.queuedAt.localeCompare(b.queuedAt) || compareIds(a.id, b.id));
+  return byArrival(entries);
 }
 
-function compareIds(a: string, b: string): number {
-  const [as, asub] = a.split(".").map(Number);
-  const [bs, bsub] = b.split(".").map(Number);
-  return as - bs || asub - bsub || a.localeCompare(b);
+/**
+ * Oldest first, then by queue id as numbers (<time>.<subtime>). The keys are made once per
+ * entry: a comparison that parsed or collated strings made a listing of 50,000 take seconds.
+ */
+function byArrival(entries: QueueEntry[]): QueueEntry[] {
+  const keyed = entries.map((entry) => {
+    const dot = entry.id.indexOf(".");
+    const seconds = Number(entry.id.slice(0, dot < 0 ? undefined : dot));
+    const sub = dot < 0 ? 0 : Number(entry.id.slice(dot + 1));
+    return { entry, at: Date.parse(entry.queuedAt), seconds: Number.isFinite(seconds) ? seconds : Number.MAX_VALUE, sub: Number.isFinite(sub) ? sub : Number.MAX_VALUE };
+  });
+  keyed.sort((a, b) => a.at - b.at || a.seconds - b.seconds || a.sub - b.sub || (a.entry.id < b.entry.id ? -1 : a.entry.id > b.entry.id ? 1 : 0));
+  return keyed.map((k) => k.entry);
 }
 
 /* ------------------------------------------------------------------------------------ */

@@ -249,8 +249,16 @@ export class SpoolThread {
     return this.#call("writeState", name, value) as Promise<void>;
   }
 
-  queueEntries(): Promise<QueueEntry[]> {
-    return this.#call("queueEntries") as Promise<QueueEntry[]>;
+  /**
+   * The queue listing. It crosses in slices, each taken in its own turn of the loop: a queue
+   * of 100,000 is never one long task for the host.
+   */
+  async queueEntries(): Promise<QueueEntry[]> {
+    const entries: QueueEntry[] = [];
+    await this.#request("queueEntries", [], (slice) => {
+      for (const entry of slice as QueueEntry[]) entries.push(entry);
+    });
+    return entries;
   }
 
   /** Messages in each folder, counted by the worker (the metrics' folder gauges). */
@@ -444,7 +452,14 @@ function serve(data: WorkerData): void {
     },
     readState: (name: string) => spool.readState(name),
     writeState: (name: string, value: unknown) => spool.writeState(name, value),
-    queueEntries: () => queueEntries(spool, suspendedDomains),
+    queueEntries: async (n: number) => {
+      const entries = await queueEntries(spool, suspendedDomains);
+      for (let i = 0; i < entries.length; i += LISTING_SLICE) {
+        answer({ n, slice: entries.slice(i, i + LISTING_SLICE) });
+        // Each slice leaves in a message of its own (answers of one turn travel together).
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+    },
     counts: () => spool.counts(),
     control: (verb: ControlVerb, target: string) => spool.control(verb, target),
     takeRequests: () => spool.takeRequests(),
@@ -455,7 +470,7 @@ function serve(data: WorkerData): void {
   const perform = async ({ n, op, args }: Request) => {
     try {
       const run = ops[op] as (...a: unknown[]) => Promise<unknown>;
-      const value = op === "scan" || op === "scanDue" ? await run(n, ...args) : await run(...args);
+      const value = STREAMED.has(op) ? await run(n, ...args) : await run(...args);
       const moves: ArrayBuffer[] = [];
       answer({ n, ok: true, value: detach(value, moves) }, moves);
     } catch (err) {
@@ -498,6 +513,12 @@ function serve(data: WorkerData): void {
 
 /** Prepares at once at the most: enough to keep the thread pool's four threads signing. */
 const PREPARE_AHEAD = 4;
+
+/** Requests answered in slices before their final reply: they are given the request's number. */
+const STREAMED = new Set(["scan", "scanDue", "queueEntries"]);
+
+/** Queue entries a slice of the listing carries (about 2 ms of the host's loop to take in). */
+const LISTING_SLICE = 500;
 
 /** Requests that settle a message already prepared: they touch only its own files. */
 const SETTLING = new Set(["complete", "release", "quarantine", "rewriteRecipients"]);

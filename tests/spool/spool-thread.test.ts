@@ -6,7 +6,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import t, { type Test } from "tap";
-import { Spool, wireChunks } from "../../queue.js";
+import { Spool, queueEntries, wireChunks } from "../../queue.js";
 import { SpoolThread } from "../../spool-worker.js";
 import { collect } from "../helpers/queue-units.js";
 import { queueFile, tempMaildir } from "../helpers/spool-files.js";
@@ -97,4 +97,28 @@ t.test("a body whose spool thread was restarted midway fails; it is never contin
   await t.rejects(ending, /body \d+ is not open in this spool thread/, "the rest of the body fails with a reason");
   t.ok(received.length <= 1, "at most the piece already asked for before the restart came");
   t.notOk(Buffer.concat(received).includes(Buffer.from("\r\n.\r\n")), "no end of data was handed out");
+});
+
+t.test("the queue listing crosses in slices and arrives whole, oldest first", async (t) => {
+  const { maildir, thread } = await startThread(t);
+  // Several slices' worth, with ids out of order in the directory and across the seconds.
+  const base = Math.floor(Date.now() / 1000) - 1000;
+  const names: string[] = [];
+  for (let i = 0; i < 1234; i++) names.push(`${base + (i % 7)}.${(i * 7919) % 1234}`);
+  for (const name of names) {
+    fs.writeFileSync(path.join(maildir, "outgoing", name), queueFile("a@client.test", [`r${name}@server.test`], "Subject: s\n\nbody\n"));
+  }
+  fs.writeFileSync(path.join(maildir, "outgoing", `.${names[5]}`), JSON.stringify({ attempts: 3, nextAttempt: null, lastError: "451 4.3.0 later" }));
+  fs.mkdirSync(path.join(maildir, "corrupt"), { recursive: true });
+  fs.writeFileSync(path.join(maildir, "corrupt", "not-a-queue-id"), "junk");
+  const listed = await thread.queueEntries();
+  t.equal(listed.length, 1235, "every message, and the file with a bad name in corrupt/");
+  const direct = await queueEntries(new Spool(maildir, { fsync: false }));
+  t.same(listed.map((e) => e.id), direct.map((e) => e.id), "the same order as the spool's own listing");
+  const ids = listed.filter((e) => e.state === "queued").map((e) => e.id);
+  const numeric = (id: string) => id.split(".").map(Number);
+  const sorted = [...ids].sort((a, b) => numeric(a)[0] - numeric(b)[0] || numeric(a)[1] - numeric(b)[1]);
+  t.same(ids, sorted, "by arrival, then by sub-second number (not as text: .10 after .9)");
+  t.match(listed.find((e) => e.id === names[5]), { attempts: 3, lastError: "451 4.3.0 later" }, "bookkeeping read where there is one");
+  t.match(listed.find((e) => e.id === names[6]), { attempts: 0, lastError: null }, "none where there is none");
 });
