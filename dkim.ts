@@ -630,9 +630,10 @@ export async function hashMessage(chunks: AsyncIterable<Buffer> | Iterable<Buffe
   let ended = false;
   const received = (wire: Buffer) => {
     if (ended) throw new Error("DKIM: bytes after the end of the message's wire form");
-    const { out, done } = decoder.push(wire);
+    const { out, done, next } = decoder.push(wire);
     for (const piece of out) split.push(piece);
     ended = done;
+    if (done && next < wire.length) throw new Error("DKIM: bytes after the end of the message's wire form");
   };
   for await (const chunk of chunks) received(stuffer ? stuffer.push(chunk) : chunk);
   if (stuffer) received(stuffer.end());

@@ -1147,6 +1147,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     await this.#init();
     if (this.#stopping) return;
     this.#pass++;
+    // A host may give up root after making the engine (a daemon that bound its port first).
+    this.#uid = process.getuid?.() ?? 0;
     for (const [key, dest] of this.#destinations) {
       // A destination with nothing going on is forgotten; the others start the tick afresh.
       if (dest.slots.size === 0 && this.#jobs.count(dest) === 0) {
@@ -1263,8 +1265,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
   readonly #inFlight = new Set<string>();
   /** Reports and notices this engine queued and has not picked up yet (no pickup line for them). */
   readonly #madeHere = new Set<string>();
-  /** For the pickup line (Postfix's uid=): asked of the system once, not for every message. */
-  readonly #uid = process.getuid?.() ?? 0;
+  /** For the pickup line (Postfix's uid=): asked of the system once a pass, not for every message. */
+  #uid = process.getuid?.() ?? 0;
 
   #watch(): void {
     try {
@@ -1549,7 +1551,8 @@ export class MailEngine extends EventEmitter<MailEngineEvents> {
     const hosts = dest.hops.filter((h) => !h.via).map((h) => h.host);
     const name = mx ? dest.key : parseHostPort(this.#options.relay!, "--relay", 25).host.toLowerCase();
     dest.group = this.#shaper.groupFor(name, mx ? hosts : [name]);
-    if (dest.group.limits.interval > 0) this.#paced.add(dest);
+    // A destination forgotten while its route was looked up is not ours to count any more.
+    if (dest.group.limits.interval > 0 && this.#destinations.get(dest.key) === dest) this.#paced.add(dest);
     else this.#paced.delete(dest);
   }
 

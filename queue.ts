@@ -371,9 +371,10 @@ export class Spool {
     this.active.add(name);
     // Always looked for: whoever queued the message wrote its bookkeeping before it. Most
     // messages have none, and asking whether the name exists costs a fifth of a rename
-    // that fails (no error built, no rename lock taken).
+    // that fails (no rename lock taken, no error built). Only "no such file" means none:
+    // any other failure (EACCES, EIO) throws, as a failing rename's would.
     const book = this.pathOf(from, `.${name}`);
-    if (!fs.existsSync(book)) return { id: name, booked: false };
+    if (!fs.lstatSync(book, { throwIfNoEntry: false })) return { id: name, booked: false };
     try {
       fs.renameSync(book, this.pathOf("outgoing_active", `.${name}`));
     } catch (err) {

@@ -7,7 +7,7 @@
  *   const { recovered } = await spool.init({ recover: true });
  *   await spool.scan("outgoing", (ids, badNames) => enqueue(ids));   // in slices, as read
  *   const ready = await spool.prepare(id, "outgoing");  // claimed, read, measured, signed
- *   for await (const chunk of spool.wireChunks(ready.msg, ready.prefix)) write(chunk);
+ *   for await (const chunk of spool.wireChunks(ready.msg, ready.prefix)) await written(chunk);
  *   await spool.complete(id, booked) | release(id, to, book) | rewriteRecipients(msg, rcpts)
  *   await spool.close();
  *
@@ -188,6 +188,8 @@ export class SpoolThread {
    * handed over; once the caller has taken it (its write's callback came, and it asks for
    * the next) it goes back with the next request to be filled again, so a body of any size
    * crosses in the same few buffers instead of leaving one behind for the GC per piece.
+   * So the caller must be done with a piece (its socket write's callback came) before it
+   * asks for the next one.
    */
   async *wireChunks(msg: MessageInfo, prefix: Buffer): AsyncGenerator<Buffer> {
     // Numbered here, not in the worker: a restarted worker knows none of the old numbers, so
@@ -198,12 +200,20 @@ export class SpoolThread {
       const ask = (returned: ArrayBuffer | null) =>
         this.#request("bodyNext", [handle, returned], undefined, returned ? [returned] : [])
           .then((chunk) => (chunk === null ? null : asBuffer(chunk as Uint8Array)));
-      let next = ask(null);
+      // The next piece is asked for before this one is handed out; if the thread dies while
+      // the caller writes, that request fails with no one awaiting it yet: it is marked
+      // handled here, and the failure reaches the caller when it asks for the piece.
+      const ahead = (returned: ArrayBuffer | null) => {
+        const request = ask(returned);
+        request.catch(() => undefined);
+        return request;
+      };
+      let next = ahead(null);
       let written: ArrayBuffer | null = null;
       for (;;) {
         const chunk = await next;
         if (chunk === null) return;
-        next = ask(written);
+        next = ahead(written);
         yield chunk;
         // Resumed: the caller is done with this piece (an abandoned body is not resumed, so
         // memory a socket may still hold is never handed back).
@@ -329,7 +339,13 @@ export class SpoolThread {
     const moves = this.#outboxMoves;
     this.#outbox = [];
     this.#outboxMoves = [];
-    this.#worker?.postMessage(batch, moves);
+    try {
+      this.#worker?.postMessage(batch, moves);
+    } catch (err) {
+      // A batch that cannot cross (memory not ours to hand over, a value that cannot be
+      // copied) fails its own requests rather than leaving them waiting for ever.
+      this.#receive(batch.map(({ n }) => ({ n, ok: false as const, error: { name: "MailError", message: `spool thread for ${this.dir}: request not sent: ${(err as Error).message}`, code: "EWORKER" } })));
+    }
   }
 
   #start(): Worker {

@@ -111,3 +111,14 @@ t.test("relaxed headers: unfolding, white space, case; the header block split ac
   t.equal(bodyOnly.bodyHash, sha256("hello\r\n"));
   await t.rejects(hashMessage([Buffer.alloc(2 * 1024 * 1024, "X-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n")]), /header block longer than/);
 });
+
+t.test("hashMessage of a wire form (stuffed, ending CRLF.CRLF): the same hash as of the message; nothing after the end", async (t) => {
+  const raw = Buffer.from("From: a@example.org\nSubject: x\n\n.dot first\nbody\n", "latin1");
+  const wire = Buffer.from("From: a@example.org\r\nSubject: x\r\n\r\n..dot first\r\nbody\r\n.\r\n", "latin1");
+  const fromRaw = await hashMessage([raw]);
+  t.same(await hashMessage([wire], { wire: true }), fromRaw, "un-stuffed, it hashes as the message it carries");
+  t.same(await hashMessage([wire.subarray(0, 30), wire.subarray(30)], { wire: true }), fromRaw, "in two pieces");
+  await t.rejects(hashMessage([Buffer.concat([wire, Buffer.from("MORE\r\n")])], { wire: true }), /bytes after the end/, "bytes after the end, in the same piece");
+  await t.rejects(hashMessage([wire, Buffer.from("MORE\r\n")], { wire: true }), /bytes after the end/, "bytes after the end, in a piece of their own");
+  await t.rejects(hashMessage([wire.subarray(0, -3)], { wire: true }), /has no end/, "no end");
+});

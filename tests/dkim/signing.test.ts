@@ -248,7 +248,6 @@ t.test("signByFrom does not sign a message with two From fields, and says why", 
 /* 50 MB                                                                                 */
 
 t.test("a 50 MB message: signed streaming with flat memory, verified by dkimpy", async (t) => {
-  if (!requireDkimpy(t)) return;
   const SIZE = 50 * 1024 * 1024;
   // 1 MiB of lines with everything that matters: dot lines, bare LF and CR, trailing white
   // space, runs of tabs, 8-bit bytes, empty lines.
@@ -288,6 +287,8 @@ t.test("a 50 MB message: signed streaming with flat memory, verified by dkimpy",
   t.ok(growth < 16, `peak RSS growth while signing 50 MB: ${growth.toFixed(1)} MiB (< 16), in ${Date.now() - started} ms`);
   t.equal(fields.match(/^DKIM-Signature:/gm)?.length, 2);
 
+  await t.test("dkimpy verifies it, and not a copy with one byte changed", async (t) => {
+  if (!requireDkimpy(t)) return;
   const wire = path.join(work, "big.wire");
   const out = createWriteStream(wire);
   const put = (b: Buffer) => new Promise<void>((resolve, reject) => out.write(b, (err) => (err ? reject(err) : resolve())));
@@ -311,6 +312,7 @@ t.test("a 50 MB message: signed streaming with flat memory, verified by dkimpy",
   for (const v of bad) t.notOk(v.ok, `50 MB with one byte changed in the middle: ${v.algorithm} fails (${v.error})`);
   await fs.rm(wire);
   await fs.rm(flippedFile);
+  });
 });
 
 /* ------------------------------------------------------------------------------------ */
