@@ -122,3 +122,21 @@ t.test("hashMessage of a wire form (stuffed, ending CRLF.CRLF): the same hash as
   await t.rejects(hashMessage([wire, Buffer.from("MORE\r\n")], { wire: true }), /bytes after the end/, "bytes after the end, in a piece of their own");
   await t.rejects(hashMessage([wire.subarray(0, -3)], { wire: true }), /has no end/, "no end");
 });
+
+t.test("hashMessage: many dot-first lines (small un-stuffed pieces, gathered) among long ones (under 998 octets: not folded) hash as the body does whole", async (t) => {
+  const lines: string[] = [];
+  for (let i = 0; lines.join("\r\n").length < 60 * 1024; i++) {
+    lines.push(i % 3 === 0 ? `.dot ${i}` : i % 17 === 0 ? "x".repeat(900 + (i % 5) * 20) : i % 11 === 0 ? "." : `line ${i}  with  spaces `);
+  }
+  const body = lines.join("\r\n") + "\r\n";
+  const expected = new BodyHash();
+  expected.push(Buffer.from(body, "latin1"));
+  const want = expected.digest();
+  const raw = Buffer.from(`From: a@example.org\r\nSubject: s\r\n\r\n${body}`, "latin1");
+  const got = await hashMessage([raw]);
+  t.equal(got.bodyHash, want, "from the raw message");
+  t.equal(got.headerBlock.toString(), "From: a@example.org\r\nSubject: s\r\n", "the header block intact");
+  const pieces: Buffer[] = [];
+  for (let at = 0; at < raw.length; at += 997) pieces.push(raw.subarray(at, at + 997));
+  t.equal((await hashMessage(pieces)).bodyHash, want, "from 997-octet pieces");
+});
